@@ -1,0 +1,180 @@
+"""Settings of the service, read from the environment (pydantic-settings).
+
+Every name is the environment variable upper-cased (`redis_port` is `REDIS_PORT`). The
+table is in the README; defaults of the limits come from PROTOCOL.md, "Default limits".
+Durations are whole seconds (`*_s`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+from urllib.parse import quote, urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mqtt_pairing.errors import ConfigError
+
+MIN_SECRET_BYTES = 32
+"""PROTOCOL.md: `PAIRING_SECRET` is at least 32 bytes."""
+
+
+def _default_client_id() -> str:
+    return f"mqtt-pairing-{socket.gethostname()}"[:64]
+
+
+class Settings(BaseSettings):
+    """All settings of `mqtt-pairing serve` and the admin commands.
+
+    Raises:
+        pydantic.ValidationError: on a bad value; use `load_settings` to get a
+            one-line `ConfigError` instead.
+    """
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", env_prefix="")
+
+    # MQTT
+    mqtt_url: str | None = None
+    mqtt_protocol: Literal["5", "3.1.1"] = "5"
+    mqtt_username: str | None = None
+    mqtt_password: SecretStr | None = None
+    mqtt_client_id: str = Field(default_factory=_default_client_id, min_length=1, max_length=64)
+    mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
+    mqtt_session_expiry_s: int = Field(default=60, ge=0, le=86400)
+    mqtt_reconnect_max_s: float = Field(default=30.0, gt=0)
+
+    # Redis
+    redis_url: str | None = None
+    redis_host: str | None = None
+    redis_port: int = 6379
+    redis_password: SecretStr | None = None
+    redis_db: int = Field(default=0, ge=0)
+    redis_cluster_url: str | None = None
+    redis_timeout_s: float = Field(default=2.0, gt=0)
+
+    # Pairing
+    pairing_secret: SecretStr | None = None
+    pairing_topic_prefix: str = "pairing"
+    pairing_key_prefix: str = "pairing"
+    pairing_shared_group: str = "mqtt-pairing"
+    pairing_session_idle_ttl_s: int = Field(default=2_592_000, ge=60)
+    pairing_max_sessions_per_runner: int = Field(default=10, ge=1)
+
+    pairing_code_ttl_s: int = Field(default=600, ge=1)
+    pairing_code_ttl_min_s: int = Field(default=60, ge=1)
+    pairing_code_ttl_max_s: int = Field(default=86_400, ge=1)
+    pairing_code_max_uses: int = Field(default=1, ge=1)
+    pairing_code_max_uses_max: int = Field(default=10, ge=1)
+    pairing_code_tombstone_s: int = Field(default=3600, ge=0)
+
+    pairing_fail_limit: int = Field(default=5, ge=1)
+    pairing_fail_window_s: int = Field(default=60, ge=1)
+    pairing_penalty_s: int = Field(default=300, ge=1)
+    pairing_penalty_max_s: int = Field(default=86_400, ge=1)
+    pairing_penalty_memory_s: int = Field(default=86_400, ge=1)
+    pairing_app_request_limit: int = Field(default=20, ge=1)
+    pairing_app_request_window_s: int = Field(default=60, ge=1)
+    pairing_runner_code_limit: int = Field(default=10, ge=1)
+    pairing_runner_code_window_s: int = Field(default=60, ge=1)
+    pairing_global_fail_limit: int = Field(default=600, ge=1)
+    pairing_global_fail_window_s: int = Field(default=60, ge=1)
+    pairing_global_fail_shards: int = Field(default=1, ge=1, le=1024)
+
+    pairing_dedupe_ttl_s: int = Field(default=600, ge=1)
+    pairing_pending_lease_s: int = Field(default=10, ge=1)
+    pairing_reply_expiry_s: int = Field(default=600, ge=1)
+    pairing_max_inflight: int = Field(default=256, ge=1)
+    pairing_shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+    @field_validator("pairing_topic_prefix", "pairing_key_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not value or any(c in value for c in "+#{}\x00 ") or value.startswith(("/", "$")):
+            raise ValueError(
+                "must be non-empty, without wildcards, braces, spaces or a leading / or $"
+            )
+        if value.endswith("/"):
+            raise ValueError("must not end with /")
+        return value
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> Settings:
+        if self.pairing_code_ttl_min_s > self.pairing_code_ttl_max_s:
+            raise ValueError("PAIRING_CODE_TTL_MIN_S must not exceed PAIRING_CODE_TTL_MAX_S")
+        if self.pairing_code_max_uses > self.pairing_code_max_uses_max:
+            raise ValueError("PAIRING_CODE_MAX_USES must not exceed PAIRING_CODE_MAX_USES_MAX")
+        return self
+
+    @field_validator("pairing_secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"must be at least {MIN_SECRET_BYTES} bytes")
+        return value
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when no `MQTT_URL` is set: `serve` runs the embedded amqtt broker."""
+        return not self.mqtt_url
+
+    @property
+    def external_redis(self) -> bool:
+        """True when any Redis setting points at an external server."""
+        return bool(self.redis_url or self.redis_host or self.redis_cluster_url)
+
+    def resolved_redis_url(self) -> str | None:
+        """The Redis URL to connect to, or None for the in-memory store.
+
+        `REDIS_URL` wins over the `REDIS_HOST` group (DESIGN.md, settings).
+        """
+        if self.redis_url:
+            return self.redis_url
+        if self.redis_host:
+            auth = ""
+            if self.redis_password is not None:
+                auth = ":" + quote(self.redis_password.get_secret_value(), safe="") + "@"
+            return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+        return None
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with any password replaced by `***`, for log lines."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment, with `overrides` (field names) on top.
+
+    Raises:
+        ConfigError: one line naming the first bad setting; the value is never echoed.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors(include_input=False, include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"]).upper()
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if loc == "REDIS_PORT" and err["type"].startswith("int"):
+        if "://" in os.environ.get("REDIS_PORT", ""):
+            return (
+                "REDIS_PORT: must be a port number, not a URL (Kubernetes sets REDIS_PORT"
+                " for a service named redis; set REDIS_URL instead)"
+            )
+        return "REDIS_PORT: must be a port number"
+    if not loc:
+        return f"invalid settings: {msg}"
+    return f"{loc}: {msg}"

@@ -1,0 +1,275 @@
+"""Dispatcher: (identity, op, payload bytes) -> reply and events. No MQTT here.
+
+Order of checks (PROTOCOL.md "Payloads", "App pair"): the payload is parsed and validated
+first (size before parsing; an invalid payload gets INVALID_REQUEST with request_id null
+when it cannot be trusted), then the replay check, ban and limits in the identity's slot,
+then the op. Errors are turned into error replies here and nowhere else: `PairingError`
+into its code, a pydantic `ValidationError` into INVALID_REQUEST.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from mqtt_pairing.config import Settings
+from mqtt_pairing.errors import (
+    InternalError,
+    InvalidRequest,
+    PairingError,
+    PairingErrorCode,
+    SessionNotFound,
+)
+from mqtt_pairing.models import (
+    AppUnpairRequest,
+    CodeRequest,
+    HeartbeatRequest,
+    PairRequest,
+    RunnerUnpairRequest,
+    SimpleRequest,
+    error_reply,
+    ok_reply,
+)
+from mqtt_pairing.payload import extract_request_id, parse_payload
+from mqtt_pairing.services.codes import PairingCodeService
+from mqtt_pairing.services.events import Event
+from mqtt_pairing.services.outcome import Handled
+from mqtt_pairing.services.ratelimit import IDEMPOTENT_OPS, RateLimitService
+from mqtt_pairing.services.sessions import PairingSessionService
+from mqtt_pairing.store.redis_store import Begin, Mismatch, PairingStore, Pending, Replay
+from mqtt_pairing.topics import Identity, Kind, ops_for
+
+log = logging.getLogger(__name__)
+
+_PENDING_POLL_S = 0.05
+
+Handler = Callable[[Identity, Any, Begin | None], Awaitable[Handled]]
+
+
+def payload_hash(obj: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of a request.
+
+    A retry with its keys in another order is the same request.
+    """
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Dispatcher:
+    """Turns one request into a reply and events.
+
+    Args:
+        store: the Redis store.
+        settings: all settings.
+        secret: `PAIRING_SECRET` as bytes.
+
+    Attributes:
+        counters: what happened, by name (e.g. `invalid_request`, `reply.CODE_NOT_FOUND`).
+    """
+
+    def __init__(self, store: PairingStore, settings: Settings, secret: bytes) -> None:
+        self.store = store
+        self.settings = settings
+        self.limits = RateLimitService(store, settings)
+        self.codes = PairingCodeService(store, settings, secret)
+        self.sessions = PairingSessionService(store, settings, self.codes, self.limits)
+        self.counters: Counter[str] = Counter()
+        self._routes: dict[tuple[Kind, str], tuple[type[BaseModel], Handler]] = {
+            (Kind.RUNNER, "code"): (CodeRequest, self._code),
+            (Kind.RUNNER, "cancel-code"): (SimpleRequest, self._cancel_code),
+            (Kind.RUNNER, "sessions"): (SimpleRequest, self._runner_sessions),
+            (Kind.RUNNER, "unpair"): (RunnerUnpairRequest, self._runner_unpair),
+            (Kind.RUNNER, "heartbeat"): (HeartbeatRequest, self._heartbeat),
+            (Kind.APP, "pair"): (PairRequest, self._pair),
+            (Kind.APP, "sessions"): (SimpleRequest, self._app_sessions),
+            (Kind.APP, "unpair"): (AppUnpairRequest, self._app_unpair),
+            (Kind.APP, "status"): (SimpleRequest, self._status),
+        }
+
+    async def handle(self, identity: Identity, op: str, payload: bytes) -> Handled:
+        """Handle one request; never raises for bad input.
+
+        Args:
+            identity: the requester, from the topic (trusted: the broker binds it).
+            op: the op segment of the topic (already matching the op pattern).
+            payload: the raw MQTT payload.
+
+        Returns:
+            The reply (None for a successful heartbeat) and events to publish.
+        """
+        request_id: str | None = None
+        try:
+            obj = parse_payload(payload)
+            request_id = extract_request_id(obj)
+            route = self._routes.get((identity.kind, op))
+            if route is None or op not in ops_for(identity.kind):
+                raise InvalidRequest("unknown op")
+            model, handler = route
+            if request_id is None and not (op == "heartbeat" and "request_id" not in obj):
+                raise InvalidRequest("request_id is missing or invalid")
+            try:
+                req = model.model_validate(obj)
+            except ValidationError:
+                raise InvalidRequest(_validation_message(model)) from None
+            if (identity.kind.value, op) in IDEMPOTENT_OPS:
+                assert request_id is not None  # noqa: S101 - checked above
+                handled = await self._idempotent(identity, op, request_id, obj, req, handler)
+            else:
+                handled = await handler(identity, req, None)
+        except PairingError as exc:
+            handled = Handled(error_reply(request_id, exc.code, exc.message, exc.retry_after_s))
+        except Exception:
+            log.exception("unexpected error handling %s %s/%s", op, identity.kind, identity.id)
+            exc2 = InternalError()
+            handled = Handled(error_reply(request_id, exc2.code, exc2.message))
+        self._count(op, handled)
+        return handled
+
+    def _count(self, op: str, handled: Handled) -> None:
+        reply = handled.reply
+        if reply is None or reply.get("ok"):
+            self.counters[f"ok.{op}"] += 1
+        else:
+            self.counters[f"error.{reply['error']['code']}"] += 1
+
+    async def _idempotent(
+        self,
+        identity: Identity,
+        op: str,
+        request_id: str,
+        obj: dict[str, Any],
+        req: Any,  # noqa: ANN401 - the op's request model
+        handler: Handler,
+    ) -> Handled:
+        phash = payload_hash(obj)
+        deadline = asyncio.get_running_loop().time() + self.settings.pairing_pending_lease_s + 1
+        while True:
+            begun = await self.limits.begin(identity, op, request_id, phash)
+            if isinstance(begun, Replay):
+                return Handled(self._open_replay(identity, op, request_id, begun.reply))
+            if isinstance(begun, Mismatch):
+                raise InvalidRequest("request_id was used with another payload")
+            if isinstance(begun, Begin):
+                break
+            assert isinstance(begun, Pending)  # noqa: S101 - the last variant
+            if asyncio.get_running_loop().time() > deadline:
+                raise InternalError
+            await asyncio.sleep(_PENDING_POLL_S)
+        try:
+            handled = await handler(identity, req, begun)
+        except PairingError as exc:
+            handled = Handled(error_reply(request_id, exc.code, exc.message, exc.retry_after_s))
+        except BaseException:
+            await self._forget(identity, op, request_id)
+            raise
+        reply = handled.reply
+        assert reply is not None  # noqa: S101 - ops with effects always reply
+        remembered = reply["ok"] or PairingErrorCode(reply["error"]["code"]).is_remembered
+        if handled.remember or not remembered or handled.outcome:
+            await self.limits.finish(
+                identity,
+                op,
+                request_id,
+                reply=json.dumps(reply) if remembered and handled.remember else None,
+                outcome=handled.outcome,
+                allowlisted=begun.allowlisted,
+                index_session=handled.index_session,
+                drop_session_id=handled.drop_session_id,
+            )
+        return handled
+
+    async def _forget(self, identity: Identity, op: str, request_id: str) -> None:
+        try:
+            await self.limits.finish(identity, op, request_id, reply=None)
+        except PairingError:
+            log.warning("could not drop the pending mark of a failed request")
+
+    def _open_replay(self, identity: Identity, op: str, request_id: str, stored: str) -> Any:  # noqa: ANN401
+        if identity.kind is Kind.RUNNER and op == "code":
+            stored = self.codes.open_remembered(identity.id, request_id, stored)
+        self.counters["replay"] += 1
+        return json.loads(stored)
+
+    # ---- runner ops -------------------------------------------------------------------
+
+    async def _code(self, identity: Identity, req: CodeRequest, _b: Begin | None) -> Handled:
+        issued = await self.codes.issue(identity.id, req)
+        return Handled(ok_reply(req.request_id, issued.to_wire()), remember=False)
+
+    async def _cancel_code(
+        self, identity: Identity, req: SimpleRequest, _b: Begin | None
+    ) -> Handled:
+        cancelled = await self.codes.cancel(identity.id)
+        return Handled(ok_reply(req.request_id, {"cancelled": cancelled}))
+
+    async def _runner_sessions(
+        self, identity: Identity, req: SimpleRequest, _b: Begin | None
+    ) -> Handled:
+        found = await self.sessions.runner_sessions(identity.id)
+        return Handled(ok_reply(req.request_id, {"sessions": [s.to_wire() for s in found]}))
+
+    async def _runner_unpair(
+        self, identity: Identity, req: RunnerUnpairRequest, _b: Begin | None
+    ) -> Handled:
+        given = [req.session_id is not None, req.app_id is not None, req.all is True]
+        if sum(given) != 1:
+            raise InvalidRequest("give exactly one of session_id, app_id, all: true")
+        closed, evs = await self.sessions.close_for_runner(
+            identity.id, session_id=req.session_id, app_id=req.app_id
+        )
+        if req.session_id is not None and not closed:
+            raise SessionNotFound
+        return Handled(ok_reply(req.request_id, {"closed": len(closed)}), events=evs)
+
+    async def _heartbeat(
+        self, identity: Identity, _req: HeartbeatRequest, _b: Begin | None
+    ) -> Handled:
+        await self.store.heartbeat(identity.id, idle_ttl_s=self.settings.pairing_session_idle_ttl_s)
+        return Handled(None)
+
+    # ---- app ops ----------------------------------------------------------------------
+
+    async def _pair(self, identity: Identity, req: PairRequest, begun: Begin | None) -> Handled:
+        allowlisted = begun.allowlisted if begun is not None else False
+        return await self.sessions.pair(identity.id, req, allowlisted=allowlisted)
+
+    async def _app_sessions(
+        self, identity: Identity, req: SimpleRequest, _b: Begin | None
+    ) -> Handled:
+        found = await self.sessions.app_sessions(identity.id)
+        return Handled(ok_reply(req.request_id, {"sessions": [s.to_wire() for s in found]}))
+
+    async def _app_unpair(
+        self, identity: Identity, req: AppUnpairRequest, _b: Begin | None
+    ) -> Handled:
+        closed, evs = await self.sessions.close_for_app(identity.id, req.session_id)
+        return Handled(ok_reply(req.request_id, {"closed": len(closed)}), events=evs)
+
+    async def _status(self, identity: Identity, req: SimpleRequest, _b: Begin | None) -> Handled:
+        found = await self.sessions.app_sessions(identity.id)
+        online = await self.store.presence([s.runner_id for s in found])
+        runners = [
+            {
+                "runner_id": s.runner_id,
+                "online": online.get(s.runner_id),
+                "session_id": s.session_id,
+            }
+            for s in found
+        ]
+        return Handled(ok_reply(req.request_id, {"paired": bool(found), "runners": runners}))
+
+
+def _validation_message(model: type[BaseModel]) -> str:
+    # pydantic's own messages may quote the input; say only which request was refused.
+    name = model.__name__.removesuffix("Request").lower() or "request"
+    return f"invalid fields in the {name} request"
+
+
+__all__ = ["Dispatcher", "Event", "Handled", "payload_hash"]

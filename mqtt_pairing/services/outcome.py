@@ -1,0 +1,31 @@
+"""What handling one request produced: the reply, the events, and how to finish it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mqtt_pairing.models import PairingSession
+from mqtt_pairing.services.events import Event
+
+
+@dataclass(slots=True)
+class Handled:
+    """The result of one op.
+
+    Attributes:
+        reply: the reply envelope (None: no reply, e.g. a heartbeat).
+        events: events to publish to the parties.
+        outcome: for `pair`, whether it was a failed guess or a success.
+        index_session: a new session to index under the app.
+        drop_session_id: a replaced session to drop from the app's index.
+        remember: whether the dispatcher still has to remember the reply (False when the
+            op already stored it, as `code` does, sealed).
+    """
+
+    reply: dict[str, Any] | None
+    events: list[Event] = field(default_factory=list)
+    outcome: Literal["", "failure", "success"] = ""
+    index_session: PairingSession | None = None
+    drop_session_id: str = ""
+    remember: bool = True

@@ -1,0 +1,132 @@
+"""RateLimitService: idempotency, admin bans, penalties, request rates, failure budget.
+
+The numbers come from settings whose defaults are PROTOCOL.md "Default limits"; the
+enforcement is in the store's Lua scripts (one identity's slot, or a budget shard).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+from mqtt_pairing.config import Settings
+from mqtt_pairing.models import PairingSession
+from mqtt_pairing.store.redis_store import Begin, Mismatch, PairingStore, Pending, Replay
+from mqtt_pairing.topics import Identity, Kind
+
+IDEMPOTENT_OPS = frozenset({("runner", "code"), ("runner", "cancel-code"), ("runner", "unpair")})
+IDEMPOTENT_OPS |= {("app", "pair"), ("app", "unpair")}
+
+
+class RateLimitService:
+    """Limits and idempotency of requests, per PROTOCOL.md.
+
+    Args:
+        store: the Redis store.
+        settings: limits, windows and TTLs (seconds).
+    """
+
+    def __init__(self, store: PairingStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+
+    async def begin(
+        self, identity: Identity, op: str, request_id: str, payload_hash: str
+    ) -> Begin | Replay | Pending | Mismatch:
+        """Replay check, then (for `pair` and `code`) ban, penalty and request rate.
+
+        Raises:
+            Banned: an admin ban is in force.
+            RateLimited: penalty or request rate.
+            StoreUnavailable: Redis is unreachable.
+        """
+        s = self.settings
+        limit, window = 0, 60
+        if identity.kind is Kind.APP and op == "pair":
+            limit, window = s.pairing_app_request_limit, s.pairing_app_request_window_s
+        elif identity.kind is Kind.RUNNER and op == "code":
+            limit, window = s.pairing_runner_code_limit, s.pairing_runner_code_window_s
+        return await self.store.begin_request(
+            identity.kind.value,
+            identity.id,
+            op,
+            request_id,
+            payload_hash,
+            member=uuid.uuid4().hex,
+            lease_s=s.pairing_pending_lease_s,
+            dedupe_ttl_s=s.pairing_dedupe_ttl_s,
+            check_ban=op in ("pair", "code"),
+            check_penalty=op == "pair",
+            request_limit=limit,
+            request_window_s=window,
+        )
+
+    async def finish(
+        self,
+        identity: Identity,
+        op: str,
+        request_id: str,
+        *,
+        reply: str | None,
+        outcome: Literal["", "failure", "success"] = "",
+        allowlisted: bool = False,
+        index_session: PairingSession | None = None,
+        drop_session_id: str = "",
+    ) -> int:
+        """Remember the reply (None: drop the pending mark) and record a guess.
+
+        Returns:
+            The automatic penalty (seconds) that this failure started, or 0.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        s = self.settings
+        penalty_s, _strikes = await self.store.finish_request(
+            identity.kind.value,
+            identity.id,
+            op,
+            request_id,
+            reply=reply,
+            dedupe_ttl_s=s.pairing_dedupe_ttl_s,
+            outcome=outcome,
+            allowlisted=allowlisted,
+            fail_limit=s.pairing_fail_limit,
+            fail_window_s=s.pairing_fail_window_s,
+            penalty_s=s.pairing_penalty_s,
+            penalty_max_s=s.pairing_penalty_max_s,
+            penalty_memory_s=s.pairing_penalty_memory_s,
+            member=uuid.uuid4().hex,
+            index_session=index_session,
+            drop_session_id=drop_session_id,
+            idle_ttl_s=s.pairing_session_idle_ttl_s,
+        )
+        return penalty_s
+
+    def budget_member(self, app_id: str, request_id: str) -> str:
+        """The budget reservation of one pair request (same for its retries)."""
+        return f"{app_id}\n{request_id}"
+
+    async def reserve_budget(self, member: str, *, peek: bool = False) -> None:
+        """Reserve a unit of the global failure budget (or check it, `peek`).
+
+        Raises:
+            RateLimited: the budget is spent.
+            StoreUnavailable: Redis is unreachable.
+        """
+        s = self.settings
+        await self.store.reserve_budget(
+            member,
+            limit=s.pairing_global_fail_limit,
+            window_s=s.pairing_global_fail_window_s,
+            shards=s.pairing_global_fail_shards,
+            peek=peek,
+        )
+
+    async def refund_budget(self, member: str) -> None:
+        """Give back the unit of a guess that succeeded.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        await self.store.refund_budget(member, shards=self.settings.pairing_global_fail_shards)

@@ -1,0 +1,88 @@
+"""Every Redis key template of the service (DESIGN.md, "Redis keys").
+
+Hash tags are `{runner:<id>}`, `{app:<id>}`, `{code:<digest>}`, `{session:<id>}` and
+`{global:<n>}` only, and every Lua script touches keys of one tag, so each script runs on
+one Redis Cluster slot. The tag always comes first after the prefix and kind, so a
+`request_id` (which may hold braces) placed after it cannot move the slot. No key holds a
+live code: `<digest>` is the HMAC digest of the code (see `codes.code_digest`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+MS_PER_S = 1000
+
+
+def hash_tag(key: str) -> str:
+    """The part of `key` that Redis Cluster hashes: the first non-empty `{...}`, or the key."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class KeySchema:
+    """Key templates under one prefix (setting `PAIRING_KEY_PREFIX`, no braces)."""
+
+    prefix: str = "pairing"
+
+    def code(self, digest: str) -> str:
+        """Hash: runner_id, state, max_uses, uses_left, created/expires ms, mask parts."""
+        return f"{self.prefix}:code:{{code:{digest}}}"
+
+    def code_claims(self, digest: str) -> str:
+        """Hash: app_id, a newline and request_id -> session_id, for every use of the code."""
+        return f"{self.prefix}:code:{{code:{digest}}}:claims"
+
+    def runner(self, runner_id: str) -> str:
+        """Hash: active code digest, name, public key, metadata, presence."""
+        return f"{self.prefix}:runner:{{runner:{runner_id}}}"
+
+    def runner_sessions(self, runner_id: str) -> str:
+        """Hash: session_id -> session JSON (active sessions only)."""
+        return f"{self.prefix}:runner:{{runner:{runner_id}}}:sessions"
+
+    def app_sessions(self, app_id: str) -> str:
+        """Hash: session_id -> runner_id (index of the app's sessions)."""
+        return f"{self.prefix}:app:{{app:{app_id}}}:sessions"
+
+    def session(self, session_id: str) -> str:
+        """String: JSON `{"runner_id", "app_id"}`, to find a session by id (revoke)."""
+        return f"{self.prefix}:session:{{session:{session_id}}}"
+
+    def limit(self, kind: str, ident: str) -> str:
+        """Hash: penalty strikes, last penalty and penalty end (ms)."""
+        return f"{self.prefix}:limit:{{{kind}:{ident}}}"
+
+    def limit_failures(self, kind: str, ident: str) -> str:
+        """Sorted set: failed guesses in the sliding window (score: ms)."""
+        return f"{self.prefix}:limit:{{{kind}:{ident}}}:fail"
+
+    def limit_requests(self, kind: str, ident: str) -> str:
+        """Sorted set: requests in the sliding window (score: ms)."""
+        return f"{self.prefix}:limit:{{{kind}:{ident}}}:req"
+
+    def budget(self, shard: int) -> str:
+        """Sorted set: reserved units of the global failure budget (score: ms)."""
+        return f"{self.prefix}:budget:{{global:{shard}}}"
+
+    def ban(self, kind: str, ident: str) -> str:
+        """Hash: reason, by, at_ms, until_ms (no TTL when permanent)."""
+        return f"{self.prefix}:ban:{{{kind}:{ident}}}"
+
+    def allow(self, kind: str, ident: str) -> str:
+        """String: present while the identity is allowlisted (no automatic penalties)."""
+        return f"{self.prefix}:allow:{{{kind}:{ident}}}"
+
+    def dedupe(self, kind: str, ident: str, op: str, request_id: str) -> str:
+        """Hash: payload hash, state (pending/done), lease, remembered reply."""
+        return f"{self.prefix}:dedupe:{{{kind}:{ident}}}:{op}:{request_id}"
+
+    def budget_shard(self, member: str, shards: int) -> int:
+        """The budget shard of a reservation: stable for the same member."""
+        return zlib.crc32(member.encode()) % shards

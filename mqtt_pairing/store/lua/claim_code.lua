@@ -1,0 +1,23 @@
+-- claim_code: take one use of a code for (app_id, request_id). A repeat of the same pair
+-- returns the recorded session_id without a second use (DESIGN.md "A pair across slots" 2).
+-- KEYS[1] - code hash ({code:<digest>})
+-- KEYS[2] - claims hash of the code (same tag)
+-- ARGV[1] - claim field: app_id .. '\n' .. request_id
+-- ARGV[2] - session_id to record for a new claim
+-- returns {'not_found'} | {'expired'} | {'used'}
+--       | {'ok', runner_id, session_id, uses_left, max_uses, repeat (0/1), first, fingerprint}
+local c = redis.call('HMGET', KEYS[1], 'runner_id', 'state', 'uses_left', 'max_uses',
+  'expires_ms', 'first', 'fp')
+if not c[1] then return {'not_found'} end
+local prev = redis.call('HGET', KEYS[2], ARGV[1])
+if prev then return {'ok', c[1], prev, tonumber(c[3]), tonumber(c[4]), 1, c[6], c[7]} end
+if now_ms() >= tonumber(c[5]) then return {'expired'} end
+local left = tonumber(c[3])
+if c[2] ~= 'active' or left <= 0 then return {'used'} end
+left = left - 1
+redis.call('HSET', KEYS[1], 'uses_left', left)
+if left == 0 then redis.call('HSET', KEYS[1], 'state', 'used') end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return {'ok', c[1], ARGV[2], left, tonumber(c[4]), 0, c[6], c[7]}

@@ -1,0 +1,54 @@
+-- open_session: open the session of a claimed use, in the runner's slot (DESIGN.md step 3):
+-- only if the code is still the runner's active code, the runner is not known to be
+-- offline and its session limit allows. An earlier session of the same app is replaced
+-- (and does not count toward the limit). Opening the same session_id again returns it.
+-- KEYS[1] - runner hash ({runner:<id>})
+-- KEYS[2] - runner sessions hash (session_id -> session JSON)
+-- ARGV[1] - code digest
+-- ARGV[2] - session_id
+-- ARGV[3] - runner_id
+-- ARGV[4] - app_id
+-- ARGV[5] - app name ('' none)
+-- ARGV[6] - session idle TTL, ms
+-- ARGV[7] - most active sessions per runner
+-- returns {'ok', session_json, replaced_json or '', runner_name, public_key, metadata_json,
+--          repeat (0/1)} (absent values as '') | {'code_gone'} | {'offline'} | {'limit'}
+local r = redis.call('HMGET', KEYS[1], 'code', 'name', 'public_key', 'metadata',
+  'status', 'status_ms', 'hb_ms')
+local name, pk, md = r[2] or '', r[3] or '', r[4] or ''
+local existing = redis.call('HGET', KEYS[2], ARGV[2])
+if existing then return {'ok', existing, '', name, pk, md, 1} end
+if r[1] ~= ARGV[1] then return {'code_gone'} end
+if r[5] == 'offline' and tonumber(r[6] or '0') >= tonumber(r[7] or '0') then
+  return {'offline'}
+end
+local all = redis.call('HGETALL', KEYS[2])
+local count, replaced_id, replaced = 0, nil, nil
+for i = 1, #all, 2 do
+  local s = cjson.decode(all[i + 1])
+  if s['app_id'] == ARGV[4] then
+    replaced_id, replaced = all[i], s
+  else
+    count = count + 1
+  end
+end
+if count >= tonumber(ARGV[7]) then return {'limit'} end
+local now = now_ms()
+local s = {session_id = ARGV[2], runner_id = ARGV[3], app_id = ARGV[4],
+  created_at_ms = now, last_seen_at_ms = now}
+if name ~= '' then s['runner_name'] = name end
+if ARGV[5] ~= '' then s['app_name'] = ARGV[5] end
+local json = cjson.encode(s)
+redis.call('HSET', KEYS[2], ARGV[2], json)
+local replaced_json = ''
+if replaced_id then
+  redis.call('HDEL', KEYS[2], replaced_id)
+  replaced['state'] = 'closed'
+  replaced['closed_reason'] = 'replaced'
+  replaced['closed_at_ms'] = now
+  replaced_json = cjson.encode(replaced)
+end
+local ttl = tonumber(ARGV[6])
+redis.call('PEXPIRE', KEYS[2], ttl)
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {'ok', json, replaced_json, name, pk, md, 0}

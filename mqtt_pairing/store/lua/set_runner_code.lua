@@ -1,0 +1,28 @@
+-- set_runner_code: make a code the runner's active one (replacing any earlier code), keep
+-- its name, public key and metadata, and remember the sealed reply.
+-- KEYS[1] - runner hash ({runner:<id>})
+-- KEYS[2] - dedupe hash of the request
+-- ARGV[1] - digest of the new code
+-- ARGV[2] - its expiry, ms since the epoch
+-- ARGV[3] - runner idle TTL, ms
+-- ARGV[4] - sealed reply
+-- ARGV[5] - dedupe TTL, ms
+-- ARGV[6] - runner name ('' none)
+-- ARGV[7] - public key ('' none)
+-- ARGV[8] - metadata as JSON ('' none)
+-- returns the digest of the replaced code, or ''
+local old = redis.call('HGET', KEYS[1], 'code') or ''
+redis.call('HSET', KEYS[1], 'code', ARGV[1], 'code_expires_ms', ARGV[2])
+local fields = {'name', 'public_key', 'metadata'}
+for i, f in ipairs(fields) do
+  if ARGV[5 + i] ~= '' then
+    redis.call('HSET', KEYS[1], f, ARGV[5 + i])
+  else
+    redis.call('HDEL', KEYS[1], f)
+  end
+end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('HSET', KEYS[2], 'st', 'done', 'reply', ARGV[4])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[5]))
+if old == ARGV[1] then return '' end
+return old
