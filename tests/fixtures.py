@@ -1,0 +1,489 @@
+"""Servers for tests: real redis-server and mosquitto subprocesses, and fakeredis over TCP.
+
+Every server here binds 127.0.0.1 on a free port (never the machine's 6379 or 1883), keeps
+its files in its own temporary directory and is stopped by the fixture that started it.
+The fixtures themselves live in `tests/conftest.py`; this module holds the machinery so that
+tests and benchmarks can import it (`from tests.fixtures import free_port`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, Protocol, TypeVar
+
+import fakeredis
+import paho.mqtt.client as mqtt
+import pytest
+import redis
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MOSQUITTO_TEST_CONF = REPO_ROOT / "broker-config" / "mosquitto-test.conf"
+
+LOOPBACK = "127.0.0.1"
+# Redis Cluster uses port + 10000 for its bus, so every port handed out stays below this.
+MAX_PORT = 55536
+# Never hand out the ports of services that may already run on the machine.
+_RESERVED_PORTS = frozenset({1883, 1884, 1885, 6379, 8083, 8883})
+
+# Set by .ci/run: servers record their PIDs there so that a killed pytest leaks none.
+PIDDIR_ENV = "MQTT_PAIRING_TEST_PIDDIR"
+
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 10.0
+_POLL_INTERVAL_S = 0.02
+# Directories searched after PATH: Debian installs mosquitto in /usr/sbin, which is not on
+# every user's PATH.
+_SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+_APT_HINT = "apt-get install -y redis-server mosquitto mosquitto-clients"
+
+
+def require_binary(name: str) -> str:
+    """Return the path of an executable, or fail (CI) / skip (elsewhere) the test.
+
+    With `CI=true` a missing server binary is an error: the suite must not pass by skipping
+    what it was meant to test.
+    """
+    path = shutil.which(name) or shutil.which(name, path=os.pathsep.join(_SBIN_DIRS))
+    if path is not None:
+        return path
+    reason = f"`{name}` not found on PATH or in {', '.join(_SBIN_DIRS)} (install: {_APT_HINT})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip", pytrace=False)
+    pytest.skip(reason)
+
+
+def free_port(host: str = LOOPBACK, *, with_cluster_bus: bool = False) -> int:
+    """Return a TCP port that was free on `host` a moment ago, below `MAX_PORT`.
+
+    No port is handed out twice in one test session. With `with_cluster_bus`, port + 10000
+    (the Redis Cluster bus) was free too.
+    """
+    for _ in range(500):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        if port >= MAX_PORT or port in _RESERVED_PORTS or port in _handed_out:
+            continue
+        if with_cluster_bus and not _bindable(host, port + 10000):
+            continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port below {MAX_PORT} found")
+
+
+_handed_out: set[int] = set()
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_is_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    """Say whether a TCP connection to (host, port) succeeds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class _ServerProcess:
+    """A server subprocess with a log file, restartable on the same port."""
+
+    name = "server"
+
+    def __init__(self, binary: str, host: str, port: int, directory: Path) -> None:
+        self.binary = binary
+        self.host = host
+        self.port = port
+        self.directory = directory
+        self.log_path = directory / f"{self.name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    # -- to override ---------------------------------------------------------------
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def is_ready(self) -> bool:
+        raise NotImplementedError
+
+    # -- lifecycle -----------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Start the server (no-op if running) and wait until it answers."""
+        if self.running:
+            return
+        if port_is_open(self.host, self.port):
+            # Someone else holds the port: waiting for "ready" would talk to them.
+            raise RuntimeError(f"{self.name}: port {self.host}:{self.port} is already in use")
+        self._close_log()
+        self._log_file = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            cwd=self.directory,
+            start_new_session=True,  # a Ctrl-C in pytest must not reach it first
+        )
+        self._record_pid()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                self._reap()
+                raise RuntimeError(
+                    f"{self.name} on port {self.port} exited with {code} while starting:\n"
+                    f"{_tail(self.log_path)}"
+                )
+            if self.is_ready():
+                return
+            time.sleep(_POLL_INTERVAL_S)
+        self.stop()
+        raise RuntimeError(
+            f"{self.name} on port {self.port} not ready after {timeout_s:.0f} s:\n"
+            f"{_tail(self.log_path)}"
+        )
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop gracefully (SIGTERM), killing after `timeout_s`. Idempotent."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout_s)
+        self._reap()
+
+    def kill(self) -> None:
+        """Kill at once (SIGKILL): a crash, nothing is saved on the way out."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=STOP_TIMEOUT_S)
+        self._reap()
+
+    def restart(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Stop gracefully and start again on the same port with the same files."""
+        self.stop()
+        self._wait_port_released()
+        self.start(timeout_s=timeout_s)
+
+    def _wait_port_released(self) -> None:
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while port_is_open(self.host, self.port) and time.monotonic() < deadline:
+            time.sleep(_POLL_INTERVAL_S)
+
+    def _reap(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+        if self.process is not None and self.process.returncode is not None:
+            self._pid_file(self.process.pid).unlink(missing_ok=True)
+        self._close_log()
+
+    def _pid_file(self, pid: int) -> Path:
+        return Path(os.environ.get(PIDDIR_ENV) or self.directory) / f"{self.name}-{pid}.pid"
+
+    def _record_pid(self) -> None:
+        """Leave "PID START_TIME" where `.ci/run` looks for servers a killed pytest left behind.
+
+        The start time (field 22 of /proc/PID/stat) guards against a reused PID.
+        """
+        if self.process is None or not os.environ.get(PIDDIR_ENV):
+            return
+        pid = self.process.pid
+        try:
+            start_time = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            start_time = "?"
+        self._pid_file(pid).write_text(f"{pid} {start_time}\n")
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<{type(self).__name__} {self.host}:{self.port} {state}>"
+
+
+class RedisServer(_ServerProcess):
+    """A real `redis-server`, no persistence, in its own directory.
+
+    Attributes: `host`, `port`, `url` (`redis://127.0.0.1:PORT/0`), `process`, `directory`,
+    `log_path`; `start()`, `stop()`, `kill()`, `restart()` keep the port.
+    """
+
+    name = "redis-server"
+
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        host: str = LOOPBACK,
+        port: int | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        super().__init__(binary, host, port or free_port(host), directory)
+        self.extra_args = list(extra_args or [])
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.directory),
+            *self.extra_args,
+        ]
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A sync redis-py client for this server; the caller closes it."""
+        kwargs.setdefault("socket_timeout", 5)
+        return redis.Redis(host=self.host, port=self.port, **kwargs)
+
+    def is_ready(self) -> bool:
+        try:
+            with self.client(socket_timeout=0.5, socket_connect_timeout=0.5) as client:
+                return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    def flushall(self) -> None:
+        with self.client() as client:
+            client.flushall()
+
+
+class MosquittoBroker(_ServerProcess):
+    """A real `mosquitto` with a config rendered from `broker-config/mosquitto-test.conf`.
+
+    Attributes: `host`, `port`, `url` (`mqtt://127.0.0.1:PORT`), `config_path`,
+    `persistence_dir`, `log_path`, `process`; `start()`, `stop()` (graceful: the session
+    database is saved), `kill()` (crash), `restart()` keep the port and the persistence dir.
+    """
+
+    name = "mosquitto"
+
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        host: str = LOOPBACK,
+        port: int | None = None,
+        template: Path = MOSQUITTO_TEST_CONF,
+        extra_config: str = "",
+    ) -> None:
+        super().__init__(binary, host, port or free_port(host), directory)
+        self.persistence_dir = directory / "data"
+        self.persistence_dir.mkdir(exist_ok=True)
+        self.config_path = directory / "mosquitto.conf"
+        self.config_path.write_text(
+            render_mosquitto_config(
+                template,
+                host=self.host,
+                port=self.port,
+                data_dir=self.persistence_dir,
+                log_file=self.log_path,
+            )
+            + extra_config
+        )
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [self.binary, "-c", str(self.config_path)]
+
+    def is_ready(self) -> bool:
+        return port_is_open(self.host, self.port) and mqtt_can_connect(self.host, self.port)
+
+
+def render_mosquitto_config(
+    template: Path, *, host: str, port: int, data_dir: Path, log_file: Path
+) -> str:
+    """Fill the `{{...}}` placeholders of a mosquitto config template."""
+    text = template.read_text()
+    values = {
+        "{{HOST}}": host,
+        "{{PORT}}": str(port),
+        "{{DATA_DIR}}": str(data_dir),
+        "{{LOG_FILE}}": str(log_file),
+        "{{USER}}": getpass.getuser(),
+    }
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    if "{{" in text:
+        raise ValueError(f"unknown placeholder left in {template}")
+    return text
+
+
+def mqtt_can_connect(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    """Say whether an MQTT 3.1.1 CONNECT to (host, port) is accepted (paho, no thread)."""
+    accepted: list[bool] = []
+
+    def on_connect(
+        _client: mqtt.Client,
+        _userdata: object,
+        _flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        accepted.append(not reason_code.is_failure)
+
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"probe-{uuid.uuid4().hex[:12]}",
+        protocol=mqtt.MQTTv311,
+    )
+    client.on_connect = on_connect
+    try:
+        client.connect(host, port, keepalive=10)
+        deadline = time.monotonic() + timeout_s
+        while not accepted and time.monotonic() < deadline:
+            if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                break
+        return bool(accepted and accepted[0])
+    except OSError:
+        return False
+    finally:
+        if client.is_connected():
+            client.disconnect()
+        # paho closes its socket on disconnect or error; make sure it is gone either way.
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
+
+
+class FakeRedisServer:
+    """fakeredis served over TCP (`fakeredis.TcpFakeServer`) from a thread.
+
+    Attributes: `host`, `port`, `url`, `server` (the `TcpFakeServer`); `start()`, `stop()`.
+    It runs Lua with lupa, not Redis's Lua 5.1, and has no INFO.
+    """
+
+    def __init__(self, host: str = LOOPBACK, port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.server: fakeredis.TcpFakeServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        if self.running:
+            return
+        self.server = fakeredis.TcpFakeServer((self.host, self.port), server_type="redis")
+        self._thread = threading.Thread(
+            target=self.server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"fakeredis-{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with redis.Redis(host=self.host, port=self.port, socket_timeout=1) as client:
+                    if client.ping():
+                        return
+            except redis.RedisError:
+                time.sleep(_POLL_INTERVAL_S)
+        self.stop()
+        raise RuntimeError(f"fakeredis on port {self.port} not ready after {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        """Stop serving, close the listening socket and join the connection threads."""
+        if self.server is None:
+            return
+        # shutdown() sets the flag the connection handlers poll, then stops serve_forever;
+        # server_close() joins the (non-daemon) handler threads.
+        self.server.shutdown()
+        self.server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_TIMEOUT_S)
+        self.server = None
+        self._thread = None
+
+    def flushall(self) -> None:
+        with redis.Redis(host=self.host, port=self.port, socket_timeout=5) as client:
+            client.flushall()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<FakeRedisServer {self.host}:{self.port} {state}>"
+
+
+class _Startable(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+ServerT = TypeVar("ServerT", bound=_Startable)
+
+
+def start_with_retries(factory: Callable[[], ServerT], attempts: int = 3) -> ServerT:
+    """Create and start a server, picking a new free port if the first one got taken."""
+    last_error: RuntimeError | None = None
+    for _ in range(attempts):
+        server = factory()
+        try:
+            server.start()
+        except RuntimeError as error:
+            server.stop()
+            last_error = error
+            continue
+        return server
+    assert last_error is not None
+    raise last_error
