@@ -37,7 +37,7 @@ from mqtt_pairing.models import (
     error_reply,
     ok_reply,
 )
-from mqtt_pairing.payload import extract_request_id, parse_payload
+from mqtt_pairing.payload import InvalidPayload, extract_request_id, parse_payload
 from mqtt_pairing.services.codes import PairingCodeService
 from mqtt_pairing.services.events import Event
 from mqtt_pairing.services.outcome import Handled
@@ -106,7 +106,11 @@ class Dispatcher:
         """
         request_id: str | None = None
         try:
-            obj = parse_payload(payload)
+            try:
+                obj = parse_payload(payload)
+            except InvalidPayload as exc:
+                request_id = exc.request_id
+                raise
             request_id = extract_request_id(obj)
             route = self._routes.get((identity.kind, op))
             if route is None or op not in ops_for(identity.kind):

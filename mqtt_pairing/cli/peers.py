@@ -1,0 +1,208 @@
+"""Simulated peers for trying the service by hand: `runner` and `app ...`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import aiomqtt
+import segno
+import typer
+
+from mqtt_pairing.cli.common import fail, peer_address
+from mqtt_pairing.client import AppClient, PairingClient, ReplyError, RunnerClient
+from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.topics import is_valid_id
+
+app_cli = typer.Typer(help="A simulated app: pair with a code, list and close sessions.")
+
+MqttUrl = Annotated[
+    str | None,
+    typer.Option("--mqtt-url", help="Broker URL (default: $MQTT_URL or mqtt://127.0.0.1:1883)."),
+]
+Prefix = Annotated[str, typer.Option("--prefix", help="Topic prefix (PAIRING_TOPIC_PREFIX).")]
+Protocol = Annotated[
+    str, typer.Option("--protocol", help="MQTT version: 5, 3.1.1, or auto (5, else 3.1.1).")
+]
+AppId = Annotated[str, typer.Option("--id", help="The app's id.")]
+
+
+def _check_id(value: str) -> str:
+    if not is_valid_id(value):
+        fail("--id: 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit", 2)
+    return value
+
+
+async def _connect(
+    client_type: type[RunnerClient] | type[AppClient],
+    ident: str,
+    address: BrokerAddress,
+    prefix: str,
+    protocol: str,
+    **kwargs: Any,  # noqa: ANN401
+) -> PairingClient:
+    versions: list[Literal["5", "3.1.1"]]
+    versions = ["5", "3.1.1"] if protocol == "auto" else [protocol]  # type: ignore[list-item]
+    last: Exception | None = None
+    for version in versions:
+        client = client_type(ident, address, prefix=prefix, protocol=version, **kwargs)
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            last = exc
+            continue
+        return client
+    return fail(f"cannot connect to the broker at {address.host}:{address.port}: {last}")
+
+
+def _print_json(value: object) -> None:
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def runner(
+    runner_id: Annotated[str, typer.Option("--id", help="The runner's id.")],
+    name: Annotated[str | None, typer.Option("--name", help="runner_name to show apps.")] = None,
+    ttl_s: Annotated[int | None, typer.Option("--ttl", help="Code TTL, seconds.")] = None,
+    max_uses: Annotated[int | None, typer.Option("--max-uses", help="Uses per code.")] = None,
+    once: Annotated[bool, typer.Option("--once", help="Exit after the first pairing.")] = False,
+    qr: Annotated[bool, typer.Option("--qr/--no-qr", help="Print a terminal QR code.")] = True,
+    mqtt_url: MqttUrl = None,
+    prefix: Prefix = "pairing",
+    protocol: Protocol = "auto",
+) -> None:
+    """Run a simulated runner: print a pairing code (and QR code), then session events.
+
+    The code is renewed when it expires. For example:
+
+        mqtt-pairing runner --id build-01 --name "Build box"
+    """
+    _check_id(runner_id)
+    asyncio.run(_runner(runner_id, name, ttl_s, max_uses, once, qr, mqtt_url, prefix, protocol))
+
+
+async def _runner(
+    runner_id: str,
+    name: str | None,
+    ttl_s: int | None,
+    max_uses: int | None,
+    once: bool,
+    qr: bool,
+    mqtt_url: str | None,
+    prefix: str,
+    protocol: str,
+) -> None:
+    address = peer_address(mqtt_url)
+    client = await _connect(RunnerClient, runner_id, address, prefix, protocol)
+    assert isinstance(client, RunnerClient)  # noqa: S101
+    fields: dict[str, Any] = {}
+    if name:
+        fields["runner_name"] = name
+    if ttl_s is not None:
+        fields["ttl_s"] = ttl_s
+    if max_uses is not None:
+        fields["max_uses"] = max_uses
+    try:
+        while True:
+            try:
+                result = await client.request_code(**fields)
+            except ReplyError as exc:
+                fail(str(exc))
+            except TimeoutError:
+                fail("no reply from the service (is `mqtt-pairing serve` running on this broker?)")
+            typer.echo(f"pairing code: {result['code']}  (expires {result['expires_at']})")
+            typer.echo(f"pairing uri:  {result['pairing_uri']}")
+            if qr:
+                segno.make(result["pairing_uri"], error="m").terminal(compact=True)
+            expires = datetime.fromisoformat(result["expires_at"].replace("Z", "+00:00"))
+            wait_s = max(1.0, (expires - datetime.now(UTC)).total_seconds())
+            deadline = asyncio.get_running_loop().time() + wait_s
+            while (left := deadline - asyncio.get_running_loop().time()) > 0:
+                try:
+                    event = await client.next_event(timeout_s=left)
+                except TimeoutError:
+                    break
+                _print_json(event)
+                if once and event.get("event") == "session.opened":
+                    return
+            typer.echo("code expired; asking for a new one")
+    finally:
+        with contextlib.suppress(Exception):
+            await client.__aexit__(None, None, None)
+
+
+@app_cli.command("pair")
+def app_pair(
+    code: Annotated[str, typer.Argument(help="The code the runner shows, e.g. 7KQ-M2X-9PZ.")],
+    app_id: AppId,
+    name: Annotated[str | None, typer.Option("--name", help="app_name to show.")] = None,
+    mqtt_url: MqttUrl = None,
+    prefix: Prefix = "pairing",
+    protocol: Protocol = "auto",
+) -> None:
+    """Pair with a runner's code and print the session (exit 1 with the error code).
+
+    For example:
+
+        mqtt-pairing app pair 7KQ-M2X-9PZ --id phone-1 --name "My phone"
+    """
+    _check_id(app_id)
+    fields = {"app_name": name} if name else {}
+    asyncio.run(_app_call(app_id, "pair", {"code": code, **fields}, mqtt_url, prefix, protocol))
+
+
+@app_cli.command("sessions")
+def app_sessions(
+    app_id: AppId, mqtt_url: MqttUrl = None, prefix: Prefix = "pairing", protocol: Protocol = "auto"
+) -> None:
+    """List the app's active sessions."""
+    _check_id(app_id)
+    asyncio.run(_app_call(app_id, "sessions", {}, mqtt_url, prefix, protocol))
+
+
+@app_cli.command("unpair")
+def app_unpair(
+    session_id: Annotated[str, typer.Argument(help="The session to close.")],
+    app_id: AppId,
+    mqtt_url: MqttUrl = None,
+    prefix: Prefix = "pairing",
+    protocol: Protocol = "auto",
+) -> None:
+    """Close one of the app's sessions."""
+    _check_id(app_id)
+    asyncio.run(_app_call(app_id, "unpair", {"session_id": session_id}, mqtt_url, prefix, protocol))
+
+
+@app_cli.command("status")
+def app_status(
+    app_id: AppId, mqtt_url: MqttUrl = None, prefix: Prefix = "pairing", protocol: Protocol = "auto"
+) -> None:
+    """Show the app's paired runners and whether they are online."""
+    _check_id(app_id)
+    asyncio.run(_app_call(app_id, "status", {}, mqtt_url, prefix, protocol))
+
+
+async def _app_call(
+    app_id: str,
+    op: str,
+    body: dict[str, Any],
+    mqtt_url: str | None,
+    prefix: str,
+    protocol: str,
+) -> None:
+    address = peer_address(mqtt_url)
+    client = await _connect(AppClient, app_id, address, prefix, protocol)
+    try:
+        try:
+            result = await client.call(op, body)
+        except ReplyError as exc:
+            retry = f" (retry after {exc.retry_after_s} s)" if exc.retry_after_s else ""
+            fail(f"{exc.code}: {exc.message}{retry}")
+        except TimeoutError:
+            fail("no reply from the service (is `mqtt-pairing serve` running?)")
+        _print_json(result)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.__aexit__(None, None, None)

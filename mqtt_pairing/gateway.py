@@ -1,0 +1,311 @@
+"""PairingGateway: the MQTT side of the service (aiomqtt). Only this module knows MQTT.
+
+Delivery (DESIGN.md "Delivery" and "Verified facts"): the connection uses clean start
+off, a stable client id and (MQTT 5) a Session Expiry Interval, so requests published
+while the service is away are kept by the broker; incoming QoS 1 messages are
+acknowledged manually after their reply is published; TCP_NODELAY is set on the socket;
+aiomqtt does not reconnect by itself, so `run` reconnects with capped exponential backoff
+and jitter around one reused `Client`. In-flight requests are bounded
+(`PAIRING_MAX_INFLIGHT`); bad messages are counted and dropped without stopping the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import socket
+import ssl
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from mqtt_pairing.config import Settings, redact_url
+from mqtt_pairing.dispatcher import Dispatcher
+from mqtt_pairing.errors import ConfigError
+from mqtt_pairing.services.events import Event
+from mqtt_pairing.topics import Identity, Kind, RequestTopic, TopicDrop, TopicScheme
+
+log = logging.getLogger(__name__)
+
+NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+_BACKOFF_FIRST_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    """Where and how to connect: parsed from `MQTT_URL` (mqtt, mqtts, ws, wss)."""
+
+    host: str
+    port: int
+    transport: Literal["tcp", "websockets"] = "tcp"
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    websocket_path: str | None = None
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, username: str | None = None, password: str | None = None
+    ) -> BrokerAddress:
+        """Parse an MQTT URL; `MQTT_USERNAME`/`MQTT_PASSWORD` fill what the URL lacks.
+
+        Raises:
+            ConfigError: unknown scheme or missing host (the URL is redacted).
+        """
+        parts = urlsplit(url)
+        defaults = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883, "ws": 80, "wss": 443}
+        if parts.scheme not in defaults or not parts.hostname:
+            raise ConfigError(
+                "MQTT_URL: expected mqtt://, mqtts://, ws:// or wss://host[:port]"
+                f" ({redact_url(url)})"
+            )
+        try:
+            port = parts.port or defaults[parts.scheme]
+        except ValueError:
+            raise ConfigError("MQTT_URL: invalid port") from None
+        ws = parts.scheme in ("ws", "wss")
+        return cls(
+            host=parts.hostname,
+            port=port,
+            transport="websockets" if ws else "tcp",
+            tls=parts.scheme in ("mqtts", "ssl", "wss"),
+            username=unquote(parts.username) if parts.username else username,
+            password=unquote(parts.password) if parts.password else password,
+            websocket_path=(parts.path or "/mqtt") if ws else None,
+        )
+
+
+def _reply_properties(correlation: bytes | None, expiry_s: int) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.MessageExpiryInterval = expiry_s
+    if correlation is not None:
+        props.CorrelationData = correlation
+    return props
+
+
+class PairingGateway:
+    """Subscribes to requests, hands them to the dispatcher, publishes replies and events.
+
+    Args:
+        settings: all settings (client id, keepalive, session expiry, share group, ...).
+        dispatcher: turns requests into replies and events.
+        address: the broker to connect to.
+        protocol: "5" or "3.1.1" (the embedded amqtt broker speaks 3.1.1 only).
+        share_group: shared-subscription group; "" subscribes without `$share`.
+
+    Attributes:
+        counters: dropped topics and publish failures, by name.
+        connected: set while a broker connection is up (readiness).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        address: BrokerAddress,
+        *,
+        protocol: Literal["5", "3.1.1"] = "5",
+        share_group: str = "",
+    ) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.address = address
+        self.protocol = protocol
+        self.share_group = share_group
+        self.scheme = TopicScheme(settings.pairing_topic_prefix)
+        self.counters: Counter[str] = Counter()
+        self.connected = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._inflight = asyncio.Semaphore(settings.pairing_max_inflight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.client = self._make_client()
+
+    @property
+    def v5(self) -> bool:
+        """True when the connection speaks MQTT 5."""
+        return self.protocol == "5"
+
+    def _make_client(self) -> aiomqtt.Client:
+        s = self.settings
+        a = self.address
+        kwargs: dict[str, Any] = {}
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = s.mqtt_session_expiry_s
+            kwargs.update(protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props)
+        else:
+            kwargs.update(protocol=aiomqtt.ProtocolVersion.V311, clean_session=False)
+        if a.tls:
+            kwargs["tls_context"] = ssl.create_default_context()
+        client = aiomqtt.Client(
+            a.host,
+            a.port,
+            username=a.username,
+            password=a.password,
+            identifier=s.mqtt_client_id,
+            transport=a.transport,
+            websocket_path=a.websocket_path,
+            keepalive=s.mqtt_keepalive_s,
+            socket_options=[NODELAY],
+            max_queued_incoming_messages=s.pairing_max_inflight * 4,
+            timeout=10,
+            **kwargs,
+        )
+        # Acknowledge a request only after its reply is out (paho 2 manual ack).
+        client._client.manual_ack_set(True)  # not exposed by aiomqtt 2.5
+        return client
+
+    def stop(self) -> None:
+        """Ask `run` to stop: no new requests; in-flight ones finish within the grace."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Connect, subscribe and serve until `stop`; reconnect on a lost connection.
+
+        Never returns because of a broker error; returns after `stop`, when in-flight
+        requests are done (bounded by `PAIRING_SHUTDOWN_GRACE_S`).
+        """
+        backoff = _BACKOFF_FIRST_S
+        while not self._stopping.is_set():
+            try:
+                async with self.client:
+                    await self._subscribe()
+                    self.connected.set()
+                    backoff = _BACKOFF_FIRST_S
+                    log.info(
+                        "connected to the broker at %s:%d (MQTT %s, client id %s)",
+                        self.address.host,
+                        self.address.port,
+                        self.protocol,
+                        self.settings.mqtt_client_id,
+                    )
+                    await self._serve()
+                    await self._drain()
+            except aiomqtt.MqttError as exc:
+                self.connected.clear()
+                if self._stopping.is_set():
+                    break
+                delay = min(backoff, self.settings.mqtt_reconnect_max_s)
+                delay *= random.uniform(0.5, 1.0)
+                log.warning("broker connection lost (%s); retrying in %.1f s", exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                backoff = min(backoff * 2, self.settings.mqtt_reconnect_max_s)
+        self.connected.clear()
+        await self._drain()
+
+    async def _subscribe(self) -> None:
+        for kind in Kind:
+            topic = self.scheme.request_filter(kind, self.share_group)
+            await self.client.subscribe(topic, qos=1)
+
+    async def _serve(self) -> None:
+        messages = self.client.messages
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                nxt = asyncio.ensure_future(anext(messages))
+                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await nxt
+                    return
+                message = nxt.result()
+                await self._inflight.acquire()
+                task = asyncio.create_task(self._process(message))
+                self._tasks.add(task)
+                task.add_done_callback(self._task_done)
+        finally:
+            stop.cancel()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._inflight.release()
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        _done, pending = await asyncio.wait(
+            set(self._tasks), timeout=self.settings.pairing_shutdown_grace_s
+        )
+        for task in pending:
+            task.cancel()
+
+    def _ack(self, message: aiomqtt.Message) -> None:
+        if message.qos > 0:
+            with contextlib.suppress(Exception):
+                self.client._client.ack(message.mid, message.qos)
+
+    async def _process(self, message: aiomqtt.Message) -> None:
+        try:
+            await self._process_inner(message)
+        except aiomqtt.MqttError as exc:
+            self.counters["publish_failed"] += 1
+            log.warning("could not publish a reply: %s", exc)
+        except Exception:
+            # Last line of defence: one bad message never stops the service.
+            self.counters["internal_error"] += 1
+            log.exception("unexpected error processing a message")
+        else:
+            self._ack(message)
+
+    async def _process_inner(self, message: aiomqtt.Message) -> None:
+        parsed = self.scheme.parse_request(message.topic.value)
+        if isinstance(parsed, TopicDrop):
+            self.counters[f"dropped.{parsed.reason}"] += 1
+            self._ack(message)
+            return
+        assert isinstance(parsed, RequestTopic)  # noqa: S101
+        payload = message.payload
+        if isinstance(payload, str):
+            payload = payload.encode()
+        elif not isinstance(payload, bytes | bytearray):
+            payload = b"" if payload is None else str(payload).encode()
+        handled = await self.dispatcher.handle(parsed.identity, parsed.op, bytes(payload))
+        if handled.reply is not None:
+            await self._reply(message, parsed, handled.reply)
+        await self.publish_events(handled.events)
+
+    async def _reply(
+        self, message: aiomqtt.Message, req: RequestTopic, reply: dict[str, Any]
+    ) -> None:
+        topic = self.scheme.reply_topic(req.identity, req.op)
+        props = None
+        if self.v5:
+            incoming = message.properties
+            response_topic = getattr(incoming, "ResponseTopic", None) if incoming else None
+            correlation = getattr(incoming, "CorrelationData", None) if incoming else None
+            if self.scheme.accept_response_topic(req.identity, response_topic):
+                assert response_topic is not None  # noqa: S101
+                topic = response_topic
+            elif response_topic is not None:
+                self.counters["response_topic_refused"] += 1
+            expiry = self.settings.pairing_reply_expiry_s
+            if req.op == "code" and reply.get("ok"):
+                expiry = int(reply["result"]["ttl_s"])
+            props = _reply_properties(correlation, expiry)
+        body = json.dumps(reply, separators=(",", ":")).encode()
+        await self.client.publish(topic, body, qos=1, properties=props)
+
+    async def publish_events(self, events: list[Event]) -> None:
+        """Publish events at QoS 1 on the parties' events topics.
+
+        Raises:
+            aiomqtt.MqttError: the broker connection failed.
+        """
+        for event in events:
+            topic = self.scheme.events_topic(Identity(event.kind, event.id))
+            props = (
+                _reply_properties(None, self.settings.pairing_reply_expiry_s) if self.v5 else None
+            )
+            body = json.dumps(event.payload, separators=(",", ":")).encode()
+            await self.client.publish(topic, body, qos=1, properties=props)

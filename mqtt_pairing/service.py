@@ -1,0 +1,177 @@
+"""Assembling and running the service: settings -> store, broker, gateway.
+
+`run_service` is what `mqtt-pairing serve` runs. Startup failures (a bad setting, the
+listen port taken, Redis unreachable) raise `ConfigError` with one line; the broker being
+unreachable is not a startup failure: the gateway keeps retrying with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from amqtt.broker import Broker
+
+from mqtt_pairing.broker import InMemoryRedis, parse_listen, start_embedded_broker
+from mqtt_pairing.config import Settings, redact_url
+from mqtt_pairing.dispatcher import Dispatcher
+from mqtt_pairing.errors import ConfigError, StoreUnavailable
+from mqtt_pairing.gateway import BrokerAddress, PairingGateway
+from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:1883"
+
+
+def resolve_secret(settings: Settings) -> tuple[bytes, bool]:
+    """`PAIRING_SECRET` as bytes, or a fresh one in embedded mode.
+
+    Returns:
+        (secret, generated).
+
+    Raises:
+        ConfigError: Redis is external and no secret is set (PROTOCOL.md: all instances
+            must share it; the service refuses to start without it).
+    """
+    if settings.pairing_secret is not None:
+        return settings.pairing_secret.get_secret_value().encode(), False
+    if settings.external_redis:
+        raise ConfigError(
+            "PAIRING_SECRET: required with an external Redis (at least 32 bytes, the same "
+            "on every instance); make one with: openssl rand -base64 48"
+        )
+    return secrets.token_bytes(32), True
+
+
+@dataclass
+class Service:
+    """A running service: what `stop` and `close` act on."""
+
+    settings: Settings
+    store: PairingStore
+    gateway: PairingGateway
+    redis_url: str
+    broker: Broker | None = None
+    memory: InMemoryRedis | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Stop taking requests; `run` returns when in-flight ones are done."""
+        self.gateway.stop()
+
+    async def run(self) -> None:
+        """Serve until `stop`."""
+        await self.gateway.run()
+
+    async def close(self) -> None:
+        """Release the store, the embedded broker and the in-memory store."""
+        with contextlib.suppress(Exception):
+            await self.store.aclose()
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                await self.broker.shutdown()
+        if self.memory is not None:
+            self.memory.stop()
+
+
+async def build_service(
+    settings: Settings,
+    *,
+    listen: str = DEFAULT_LISTEN,
+    broker_config: Path | None = None,
+) -> Service:
+    """Set up the store and broker connection as the settings say.
+
+    Raises:
+        ConfigError: a bad setting, the listen address taken, or Redis unreachable.
+    """
+    secret, generated = resolve_secret(settings)
+    memory: InMemoryRedis | None = None
+    url = settings.resolved_redis_url()
+    if settings.redis_cluster_url:
+        raise ConfigError("REDIS_CLUSTER_URL: Redis Cluster is not supported yet; use REDIS_URL")
+    if url is None:
+        memory = InMemoryRedis()
+        memory.start()
+        url = memory.url
+    store = PairingStore(
+        connect_redis(url, timeout_s=settings.redis_timeout_s),
+        KeySchema(settings.pairing_key_prefix),
+    )
+    try:
+        await store.ping()
+    except StoreUnavailable:
+        await store.aclose()
+        if memory is not None:
+            memory.stop()
+        raise ConfigError(f"Redis is unreachable at {redact_url(url)}") from None
+
+    broker: Broker | None = None
+    protocol: Literal["5", "3.1.1"] = settings.mqtt_protocol
+    share_group = settings.pairing_shared_group
+    if settings.embedded_broker:
+        if "pairing_shared_group" in settings.model_fields_set and share_group:
+            raise ConfigError(
+                "PAIRING_SHARED_GROUP: the embedded broker has no shared subscriptions; "
+                "set MQTT_URL to use one"
+            )
+        host, port = parse_listen(listen)
+        try:
+            broker = await start_embedded_broker(host, port, broker_config)
+        except ConfigError:
+            await store.aclose()
+            if memory is not None:
+                memory.stop()
+            raise
+        address = BrokerAddress(host="127.0.0.1" if host in ("0.0.0.0", "::") else host, port=port)  # noqa: S104
+        protocol, share_group = "3.1.1", ""
+        log.info("embedded MQTT broker (amqtt, MQTT 3.1.1) listening on %s:%d", host, port)
+    else:
+        assert settings.mqtt_url is not None  # noqa: S101 - not embedded
+        address = BrokerAddress.from_url(
+            settings.mqtt_url,
+            username=settings.mqtt_username,
+            password=settings.mqtt_password.get_secret_value() if settings.mqtt_password else None,
+        )
+        log.info("MQTT broker: %s", redact_url(settings.mqtt_url))
+    if memory is not None:
+        log.info("in-memory store (fakeredis); for admin commands: REDIS_URL=%s", url)
+    else:
+        log.info("Redis: %s", redact_url(url))
+    if generated:
+        log.info("generated a pairing secret for this process (embedded mode)")
+    dispatcher = Dispatcher(store, settings, secret)
+    gateway = PairingGateway(
+        settings, dispatcher, address, protocol=protocol, share_group=share_group
+    )
+    return Service(settings, store, gateway, url, broker=broker, memory=memory)
+
+
+async def run_service(
+    settings: Settings, *, listen: str = DEFAULT_LISTEN, broker_config: Path | None = None
+) -> int:
+    """Run until SIGTERM or SIGINT; returns the exit code (0 after a clean stop).
+
+    Raises:
+        ConfigError: startup failed (one line).
+    """
+    service = await build_service(settings, listen=listen, broker_config=broker_config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.stop)
+    log.info("mqtt-pairing serving (topic prefix %r)", settings.pairing_topic_prefix)
+    try:
+        await service.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await service.close()
+    log.info("mqtt-pairing stopped")
+    return 0
