@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     pairing_reply_expiry_s: int = Field(default=600, ge=1)
     pairing_max_inflight: int = Field(default=256, ge=1)
     pairing_shutdown_grace_s: float = Field(default=10.0, ge=0)
+    pairing_heartbeat_online_s: int = Field(default=30, ge=1)
+    pairing_sweep_interval_s: float = Field(default=0.5, gt=0)
+    pairing_outbox_lease_s: float = Field(default=5.0, gt=0)
+    pairing_index_shards: int = Field(default=1, ge=1, le=1024)
+    pairing_history_max_len: int = Field(default=1_000_000, ge=100)
+    pairing_history_identity_max_len: int = Field(default=10_000, ge=10)
+    pairing_history_retention_s: int = Field(default=30 * 86_400, ge=60)
 
     @field_validator("pairing_topic_prefix", "pairing_key_prefix")
     @classmethod

@@ -31,6 +31,7 @@ from mqtt_pairing.models import (
     AppUnpairRequest,
     CodeRequest,
     HeartbeatRequest,
+    PairingHistoryEntry,
     PairRequest,
     RunnerUnpairRequest,
     SimpleRequest,
@@ -40,6 +41,7 @@ from mqtt_pairing.models import (
 from mqtt_pairing.payload import InvalidPayload, extract_request_id, parse_payload
 from mqtt_pairing.services.codes import PairingCodeService
 from mqtt_pairing.services.events import Event
+from mqtt_pairing.services.history import PairingHistoryService
 from mqtt_pairing.services.outcome import Handled
 from mqtt_pairing.services.ratelimit import IDEMPOTENT_OPS, RateLimitService
 from mqtt_pairing.services.sessions import PairingSessionService
@@ -80,6 +82,7 @@ class Dispatcher:
         self.limits = RateLimitService(store, settings)
         self.codes = PairingCodeService(store, settings, secret)
         self.sessions = PairingSessionService(store, settings, self.codes, self.limits)
+        self.history = PairingHistoryService(store, settings)
         self.counters: Counter[str] = Counter()
         self._routes: dict[tuple[Kind, str], tuple[type[BaseModel], Handler]] = {
             (Kind.RUNNER, "code"): (CodeRequest, self._code),
@@ -177,7 +180,7 @@ class Dispatcher:
         assert reply is not None  # noqa: S101 - ops with effects always reply
         remembered = reply["ok"] or PairingErrorCode(reply["error"]["code"]).is_remembered
         if handled.remember or not remembered or handled.outcome:
-            await self.limits.finish(
+            penalty_s = await self.limits.finish(
                 identity,
                 op,
                 request_id,
@@ -187,6 +190,15 @@ class Dispatcher:
                 index_session=handled.index_session,
                 drop_session_id=handled.drop_session_id,
             )
+            if penalty_s:
+                handled.history.append(
+                    PairingHistoryEntry(
+                        event="penalty",
+                        at_ms=0,
+                        app_id=identity.id,
+                        detail=f"retry_after_s={penalty_s}",
+                    )
+                )
         return handled
 
     async def _forget(self, identity: Identity, op: str, request_id: str) -> None:
@@ -204,14 +216,26 @@ class Dispatcher:
     # ---- runner ops -------------------------------------------------------------------
 
     async def _code(self, identity: Identity, req: CodeRequest, _b: Begin | None) -> Handled:
-        issued = await self.codes.issue(identity.id, req)
-        return Handled(ok_reply(req.request_id, issued.to_wire()), remember=False)
+        issued, masked = await self.codes.issue(identity.id, req)
+        record = PairingHistoryEntry(
+            event="code.issued",
+            at_ms=issued.expires_at_ms - issued.ttl_s * 1000,
+            runner_id=identity.id,
+            code_mask=masked,
+            detail=f"ttl_s={issued.ttl_s} max_uses={issued.max_uses}",
+        )
+        return Handled(ok_reply(req.request_id, issued.to_wire()), remember=False, history=[record])
 
     async def _cancel_code(
         self, identity: Identity, req: SimpleRequest, _b: Begin | None
     ) -> Handled:
         cancelled = await self.codes.cancel(identity.id)
-        return Handled(ok_reply(req.request_id, {"cancelled": cancelled}))
+        history = []
+        if cancelled:
+            history.append(
+                PairingHistoryEntry(event="code.cancelled", at_ms=0, runner_id=identity.id)
+            )
+        return Handled(ok_reply(req.request_id, {"cancelled": cancelled}), history=history)
 
     async def _runner_sessions(
         self, identity: Identity, req: SimpleRequest, _b: Begin | None
@@ -225,18 +249,46 @@ class Dispatcher:
         given = [req.session_id is not None, req.app_id is not None, req.all is True]
         if sum(given) != 1:
             raise InvalidRequest("give exactly one of session_id, app_id, all: true")
-        closed, evs = await self.sessions.close_for_runner(
+        closed, outbox = await self.sessions.close_for_runner(
             identity.id, session_id=req.session_id, app_id=req.app_id
         )
         if req.session_id is not None and not closed:
             raise SessionNotFound
-        return Handled(ok_reply(req.request_id, {"closed": len(closed)}), events=evs)
+        return Handled(ok_reply(req.request_id, {"closed": len(closed)}), outbox=outbox)
 
     async def _heartbeat(
         self, identity: Identity, _req: HeartbeatRequest, _b: Begin | None
     ) -> Handled:
-        await self.store.heartbeat(identity.id, idle_ttl_s=self.settings.pairing_session_idle_ttl_s)
-        return Handled(None)
+        outbox = await self.store.heartbeat(
+            identity.id,
+            idle_ttl_s=self.settings.pairing_session_idle_ttl_s,
+            heartbeat_online_s=self.settings.pairing_heartbeat_online_s,
+        )
+        return Handled(None, outbox=outbox)
+
+    async def handle_status(self, runner_id: str, payload: bytes, *, retained: bool) -> Handled:
+        """Record a runner's status message (`P/runners/{id}/status`); never raises.
+
+        A payload that is not `{"state": "online"|"offline"}` is counted and ignored (no
+        reply: the status topic has no reply topic).
+        """
+        try:
+            obj = parse_payload(payload)
+            state = obj.get("state")
+            if state not in ("online", "offline"):
+                raise InvalidRequest("state must be online or offline")
+            outbox = await self.store.record_status(
+                runner_id,
+                state,
+                retained=retained,
+                heartbeat_online_s=self.settings.pairing_heartbeat_online_s,
+                idle_ttl_s=self.settings.pairing_session_idle_ttl_s,
+            )
+        except PairingError as exc:
+            self.counters[f"status.{exc.code}"] += 1
+            return Handled(None)
+        self.counters["status"] += 1
+        return Handled(None, outbox=outbox)
 
     # ---- app ops ----------------------------------------------------------------------
 
@@ -253,8 +305,8 @@ class Dispatcher:
     async def _app_unpair(
         self, identity: Identity, req: AppUnpairRequest, _b: Begin | None
     ) -> Handled:
-        closed, evs = await self.sessions.close_for_app(identity.id, req.session_id)
-        return Handled(ok_reply(req.request_id, {"closed": len(closed)}), events=evs)
+        closed, outbox = await self.sessions.close_for_app(identity.id, req.session_id)
+        return Handled(ok_reply(req.request_id, {"closed": len(closed)}), outbox=outbox)
 
     async def _status(self, identity: Identity, req: SimpleRequest, _b: Begin | None) -> Handled:
         found = await self.sessions.app_sessions(identity.id)

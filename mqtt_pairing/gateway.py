@@ -29,14 +29,17 @@ from paho.mqtt.properties import Properties
 
 from mqtt_pairing.config import Settings, redact_url
 from mqtt_pairing.dispatcher import Dispatcher
-from mqtt_pairing.errors import ConfigError
+from mqtt_pairing.errors import ConfigError, PairingError
 from mqtt_pairing.services.events import Event
+from mqtt_pairing.services.outbox import OutboxRelay
 from mqtt_pairing.topics import Identity, Kind, RequestTopic, TopicDrop, TopicScheme
 
 log = logging.getLogger(__name__)
 
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 _BACKOFF_FIRST_S = 0.2
+_STATUS_QUEUE_MAX = 10_000
+_STATUS_WORKERS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +129,13 @@ class PairingGateway:
         self._stopping = asyncio.Event()
         self._inflight = asyncio.Semaphore(settings.pairing_max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Status messages have their own bounded queue and workers, so that a flood of
+        # them never delays requests; what does not fit is shed and counted.
+        self._status_queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(_STATUS_QUEUE_MAX)
         self.client = self._make_client()
+        self.relay = OutboxRelay(
+            dispatcher.store, settings, self.publish_events, dispatcher.history
+        )
 
     @property
     def v5(self) -> bool:
@@ -173,6 +182,18 @@ class PairingGateway:
         Never returns because of a broker error; returns after `stop`, when in-flight
         requests are done (bounded by `PAIRING_SHUTDOWN_GRACE_S`).
         """
+        background = [
+            asyncio.create_task(self.relay.run(self.connected, self._stopping)),
+            *(asyncio.create_task(self._status_worker()) for _ in range(_STATUS_WORKERS)),
+        ]
+        try:
+            await self._connection_loop()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+
+    async def _connection_loop(self) -> None:
         backoff = _BACKOFF_FIRST_S
         while not self._stopping.is_set():
             try:
@@ -206,6 +227,8 @@ class PairingGateway:
         for kind in Kind:
             topic = self.scheme.request_filter(kind, self.share_group)
             await self.client.subscribe(topic, qos=1)
+        # Without $share: shared subscriptions get no retained messages (DESIGN.md).
+        await self.client.subscribe(self.scheme.status_filter(), qos=1)
 
     async def _serve(self) -> None:
         messages = self.client.messages
@@ -220,6 +243,13 @@ class PairingGateway:
                         await nxt
                     return
                 message = nxt.result()
+                if self.scheme.parse_status(message.topic.value) is not None:
+                    try:
+                        self._status_queue.put_nowait(message)
+                    except asyncio.QueueFull:
+                        self.counters["status_shed"] += 1
+                        self._ack(message)
+                    continue
                 await self._inflight.acquire()
                 task = asyncio.create_task(self._process(message))
                 self._tasks.add(task)
@@ -240,6 +270,11 @@ class PairingGateway:
         for task in pending:
             task.cancel()
 
+    async def _status_worker(self) -> None:
+        while True:
+            message = await self._status_queue.get()
+            await self._process(message)
+
     def _ack(self, message: aiomqtt.Message) -> None:
         if message.qos > 0:
             with contextlib.suppress(Exception):
@@ -259,21 +294,32 @@ class PairingGateway:
             self._ack(message)
 
     async def _process_inner(self, message: aiomqtt.Message) -> None:
-        parsed = self.scheme.parse_request(message.topic.value)
-        if isinstance(parsed, TopicDrop):
-            self.counters[f"dropped.{parsed.reason}"] += 1
-            self._ack(message)
-            return
-        assert isinstance(parsed, RequestTopic)  # noqa: S101
         payload = message.payload
         if isinstance(payload, str):
             payload = payload.encode()
         elif not isinstance(payload, bytes | bytearray):
             payload = b"" if payload is None else str(payload).encode()
-        handled = await self.dispatcher.handle(parsed.identity, parsed.op, bytes(payload))
-        if handled.reply is not None:
-            await self._reply(message, parsed, handled.reply)
-        await self.publish_events(handled.events)
+        topic = message.topic.value
+        runner_id = self.scheme.parse_status(topic)
+        if runner_id is not None:
+            handled = await self.dispatcher.handle_status(
+                runner_id, bytes(payload), retained=bool(message.retain)
+            )
+        else:
+            parsed = self.scheme.parse_request(topic)
+            if isinstance(parsed, TopicDrop):
+                self.counters[f"dropped.{parsed.reason}"] += 1
+                return
+            handled = await self.dispatcher.handle(parsed.identity, parsed.op, bytes(payload))
+            if handled.reply is not None:
+                await self._reply(message, parsed, handled.reply)
+        if handled.outbox:
+            try:
+                await self.relay.deliver(handled.outbox)
+            except PairingError as exc:
+                # The entries stay in the outbox; the sweep publishes them.
+                log.warning("events left for the outbox sweep: %s", exc.message)
+        await self.dispatcher.history.record(handled.history)
 
     async def _reply(
         self, message: aiomqtt.Message, req: RequestTopic, reply: dict[str, Any]

@@ -69,11 +69,14 @@ class PairingCodeService:
         """What a sealed `code` reply is bound to: it opens only for the same request."""
         return f"code\n{runner_id}\n{request_id}"
 
-    async def issue(self, runner_id: str, req: CodeRequest) -> IssuedCode:
+    async def issue(self, runner_id: str, req: CodeRequest) -> tuple[IssuedCode, str]:
         """Draw a new code, store its digest and make it the runner's active code.
 
         The previous code of the runner is replaced at once (it answers
         CODE_ALREADY_USED from then on). The reply is remembered sealed.
+
+        Returns:
+            The issued code and its masked form (for logs and history).
 
         Raises:
             StoreUnavailable: Redis is unreachable.
@@ -122,14 +125,11 @@ class PairingCodeService:
         )
         if old is not None:
             await self.store.end_code(old, runner_id, "replaced")
+        masked = mask_code(code[0], digest)
         log.info(
-            "code issued runner=%s code=%s ttl_s=%d max_uses=%d",
-            runner_id,
-            mask_code(code[0], digest),
-            ttl_s,
-            max_uses,
+            "code issued runner=%s code=%s ttl_s=%d max_uses=%d", runner_id, masked, ttl_s, max_uses
         )
-        return issued
+        return issued, masked
 
     def open_remembered(self, runner_id: str, request_id: str, sealed: str) -> str:
         """Open a remembered, sealed `code` reply.

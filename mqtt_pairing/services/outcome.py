@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mqtt_pairing.models import PairingSession
+from mqtt_pairing.models import PairingHistoryEntry, PairingSession
 from mqtt_pairing.services.events import Event
+from mqtt_pairing.services.outbox import render
+from mqtt_pairing.store.redis_store import OutboxEntry
 
 
 @dataclass(slots=True)
@@ -15,7 +17,8 @@ class Handled:
 
     Attributes:
         reply: the reply envelope (None: no reply, e.g. a heartbeat).
-        events: events to publish to the parties.
+        outbox: outbox entries the op's scripts wrote, to publish and then delete.
+        history: audit records to append.
         outcome: for `pair`, whether it was a failed guess or a success.
         index_session: a new session to index under the app.
         drop_session_id: a replaced session to drop from the app's index.
@@ -24,8 +27,14 @@ class Handled:
     """
 
     reply: dict[str, Any] | None
-    events: list[Event] = field(default_factory=list)
+    outbox: list[OutboxEntry] = field(default_factory=list)
+    history: list[PairingHistoryEntry] = field(default_factory=list)
     outcome: Literal["", "failure", "success"] = ""
     index_session: PairingSession | None = None
     drop_session_id: str = ""
     remember: bool = True
+
+    @property
+    def events(self) -> list[Event]:
+        """The wire events of the outbox entries."""
+        return [event for entry in self.outbox for event in render(entry)]

@@ -22,12 +22,18 @@ from mqtt_pairing.errors import (
     SessionLimitReached,
     SessionNotFound,
 )
-from mqtt_pairing.models import ClosedReason, PairingSession, PairRequest, error_reply, ok_reply
-from mqtt_pairing.services import events
+from mqtt_pairing.models import (
+    ClosedReason,
+    PairingHistoryEntry,
+    PairingSession,
+    PairRequest,
+    error_reply,
+    ok_reply,
+)
 from mqtt_pairing.services.codes import PairingCodeService
 from mqtt_pairing.services.outcome import Handled
 from mqtt_pairing.services.ratelimit import RateLimitService
-from mqtt_pairing.store.redis_store import PairingStore
+from mqtt_pairing.store.redis_store import OutboxEntry, PairingStore
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +93,13 @@ class PairingSessionService:
         try:
             claim = await self.store.claim_code(digest, app_id, rid, new_session_id())
         except (CodeNotFound, CodeExpired, CodeAlreadyUsed) as exc:
-            log.info("pair failed app=%s code=%s error=%s", app_id, "?", exc.code)
-            return Handled(_error(rid, exc), outcome="failure")
+            guessed = mask_code(code[0], digest)
+            log.info("pair failed app=%s code=%s error=%s", app_id, guessed, exc.code)
+            return Handled(
+                _error(rid, exc),
+                outcome="failure",
+                history=[_failed(app_id, None, guessed, exc)],
+            )
         masked = mask_code(claim.first_char, digest)
         s = self.settings
         try:
@@ -100,32 +111,30 @@ class PairingSessionService:
                 app_name=req.app_name,
                 idle_ttl_s=s.pairing_session_idle_ttl_s,
                 max_sessions=s.pairing_max_sessions_per_runner,
+                uses_left=claim.uses_left,
+                app_public_key=req.public_key,
+                app_metadata=req.metadata,
             )
         except (CodeAlreadyUsed, RunnerOffline, SessionLimitReached) as exc:
             await self.store.unclaim_code(digest, app_id, rid)
             log.info("pair refused app=%s code=%s error=%s", app_id, masked, exc.code)
+            history = [_failed(app_id, claim.runner_id, masked, exc)]
             if isinstance(exc, CodeAlreadyUsed):
-                return Handled(_error(rid, exc), outcome="failure")
+                return Handled(_error(rid, exc), outcome="failure", history=history)
             await self.limits.refund_budget(member)
             if isinstance(exc, RunnerOffline):
                 raise
-            return Handled(_error(rid, exc))
+            return Handled(_error(rid, exc), history=history)
         session = opened.session
         await self.store.index_session(session, idle_ttl_s=s.pairing_session_idle_ttl_s)
+        await self.store.schedule_expiry(
+            session, idle_ttl_s=s.pairing_session_idle_ttl_s, shards=s.pairing_index_shards
+        )
         await self.limits.refund_budget(member)
-        out = events.session_opened(
-            session, app_public_key=req.public_key, app_metadata=req.metadata
-        )
-        out.append(
-            events.code_used(
-                session.runner_id, session.session_id, claim.uses_left, session.created_at_ms
-            )
-        )
         drop = ""
         if opened.replaced is not None:
             drop = opened.replaced.session_id
             await self.store.drop_session_indexes([opened.replaced])
-            out.extend(events.session_closed(opened.replaced))
         log.info(
             "paired app=%s runner=%s session=%s code=%s",
             app_id,
@@ -138,9 +147,20 @@ class PairingSessionService:
             "runner_public_key": opened.runner_public_key,
             "runner_metadata": opened.runner_metadata,
         }
+        history = [
+            PairingHistoryEntry(
+                event="pair.succeeded",
+                at_ms=session.created_at_ms,
+                runner_id=session.runner_id,
+                app_id=app_id,
+                session_id=session.session_id,
+                code_mask=masked,
+            )
+        ]
         return Handled(
             ok_reply(rid, result),
-            events=out,
+            outbox=opened.outbox,
+            history=history,
             outcome="success",
             index_session=session,
             drop_session_id=drop,
@@ -173,20 +193,19 @@ class PairingSessionService:
         session_id: str | None = None,
         app_id: str | None = None,
         reason: ClosedReason = ClosedReason.UNPAIRED_BY_RUNNER,
-    ) -> tuple[list[PairingSession], list[events.Event]]:
+    ) -> tuple[list[PairingSession], list[OutboxEntry]]:
         """Close one session, those with one app, or all of a runner's sessions.
 
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        closed = await self.store.close_sessions(
+        return await self.store.close_sessions(
             runner_id, session_id=session_id, app_id=app_id, reason=reason
         )
-        return closed, self._closed_events(closed)
 
     async def close_for_app(
         self, app_id: str, session_id: str
-    ) -> tuple[list[PairingSession], list[events.Event]]:
+    ) -> tuple[list[PairingSession], list[OutboxEntry]]:
         """Close one of the app's own sessions.
 
         Raises:
@@ -199,7 +218,7 @@ class PairingSessionService:
             if found is None or found[1] != app_id:
                 raise SessionNotFound
             runner_id = found[0]
-        closed = await self.store.close_sessions(
+        closed, outbox = await self.store.close_sessions(
             runner_id,
             session_id=session_id,
             owner_app_id=app_id,
@@ -207,10 +226,17 @@ class PairingSessionService:
         )
         if not closed:
             raise SessionNotFound
-        return closed, self._closed_events(closed)
+        return closed, outbox
 
-    def _closed_events(self, closed: list[PairingSession]) -> list[events.Event]:
-        out: list[events.Event] = []
-        for s in closed:
-            out.extend(events.session_closed(s))
-        return out
+
+def _failed(
+    app_id: str, runner_id: str | None, masked: str, exc: PairingError
+) -> PairingHistoryEntry:
+    return PairingHistoryEntry(
+        event="pair.failed",
+        at_ms=0,
+        app_id=app_id,
+        runner_id=runner_id,
+        code_mask=masked,
+        error_code=exc.code,
+    )

@@ -83,6 +83,30 @@ class KeySchema:
         """Hash: payload hash, state (pending/done), lease, remembered reply."""
         return f"{self.prefix}:dedupe:{{{kind}:{ident}}}:{op}:{request_id}"
 
+    def outbox(self, runner_id: str) -> str:
+        """Stream: events written by the runner-slot scripts, until published."""
+        return f"{self.prefix}:outbox:{{runner:{runner_id}}}"
+
+    def outbox_due(self, shard: int) -> str:
+        """Sorted set: runner_id -> when its outbox should be drained (ms; a lease)."""
+        return f"{self.prefix}:outbox-due:{{global:{shard}}}"
+
+    def expiry(self, shard: int) -> str:
+        """Sorted set: runner_id, newline, session_id -> idle deadline (ms), for the sweep."""
+        return f"{self.prefix}:expiry:{{global:{shard}}}"
+
+    def history_global(self, shard: int) -> str:
+        """Stream: the audit history of all identities (trimmed by count and age)."""
+        return f"{self.prefix}:history:{{global:{shard}}}"
+
+    def history(self, kind: str, ident: str) -> str:
+        """Stream: the audit history of one runner or app (expires when idle)."""
+        return f"{self.prefix}:history:{{{kind}:{ident}}}"
+
+    def shard_of(self, member: str, shards: int) -> int:
+        """The shard of a member of a sharded global key: stable, CRC32 based."""
+        return zlib.crc32(member.encode()) % shards
+
     def budget_shard(self, member: str, shards: int) -> int:
         """The budget shard of a reservation: stable for the same member."""
         return zlib.crc32(member.encode()) % shards

@@ -34,7 +34,7 @@ from mqtt_pairing.errors import (
     SessionLimitReached,
     StoreUnavailable,
 )
-from mqtt_pairing.models import ClosedReason, PairingSession
+from mqtt_pairing.models import ClosedReason, PairingHistoryEntry, PairingSession
 from mqtt_pairing.store.keys import MS_PER_S, KeySchema
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,12 @@ SCRIPT_NAMES = (
     "touch_sessions",
     "set_ban",
     "heartbeat",
+    "record_status",
+    "expire_session",
+    "ack_outbox",
+    "mark_due",
+    "claim_due",
+    "append_history",
 )
 UNAVAILABLE_RETRY_S = 2
 """`retry_after_s` of a SERVICE_UNAVAILABLE reply."""
@@ -128,6 +134,48 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One event waiting in a runner's outbox (see `services.outbox.render`).
+
+    Attributes:
+        stream_id: the entry's id in the runner's outbox stream.
+        runner_id: whose outbox it is in.
+        type: the event: session.opened, session.closed, code.used, runner.online, ...
+        session: the session it is about (internal JSON form), or None.
+        extra: further fields (e.g. uses_left, app_public_key, the sessions to notify).
+        at_ms: when it happened, ms (Redis time).
+    """
+
+    stream_id: str
+    runner_id: str
+    type: str
+    session: PairingSession | None
+    extra: dict[str, Any]
+    at_ms: int
+
+
+def parse_outbox(runner_id: str, raw: Sequence[Any]) -> list[OutboxEntry]:
+    """Entries as XRANGE returns them (`[[id, [field, value, ...]], ...]`)."""
+    out: list[OutboxEntry] = []
+    for stream_id, fields in raw:
+        if isinstance(fields, dict):
+            data = fields
+        else:
+            data = dict(zip(fields[::2], fields[1::2], strict=True))
+        out.append(
+            OutboxEntry(
+                stream_id=str(stream_id),
+                runner_id=runner_id,
+                type=str(data.get("t", "")),
+                session=_session(data["s"]) if data.get("s") else None,
+                extra=json.loads(data.get("x") or "{}"),
+                at_ms=int(data.get("at") or 0),
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
 class OpenedSession:
     """A session opened (or found again) in the runner's slot."""
 
@@ -137,6 +185,7 @@ class OpenedSession:
     runner_public_key: str | None
     runner_metadata: dict[str, Any] | None
     repeat: bool
+    outbox: list[OutboxEntry]
 
 
 def _session(raw: str) -> PairingSession:
@@ -495,6 +544,9 @@ class PairingStore:
         app_name: str | None,
         idle_ttl_s: int,
         max_sessions: int,
+        uses_left: int = 0,
+        app_public_key: str | None = None,
+        app_metadata: dict[str, Any] | None = None,
     ) -> OpenedSession:
         """Open the session of a claimed use in the runner's slot.
 
@@ -506,7 +558,11 @@ class PairingStore:
         """
         res = await self._run(
             "open_session",
-            [self.keys.runner(runner_id), self.keys.runner_sessions(runner_id)],
+            [
+                self.keys.runner(runner_id),
+                self.keys.runner_sessions(runner_id),
+                self.keys.outbox(runner_id),
+            ],
             [
                 digest,
                 session_id,
@@ -515,6 +571,8 @@ class PairingStore:
                 app_name or "",
                 idle_ttl_s * MS_PER_S,
                 max_sessions,
+                json.dumps({"app_public_key": app_public_key, "app_metadata": app_metadata}),
+                uses_left,
             ],
         )
         status = res[0]
@@ -526,6 +584,7 @@ class PairingStore:
                 runner_public_key=res[4] or None,
                 runner_metadata=json.loads(res[5]) if res[5] else None,
                 repeat=bool(int(res[6])),
+                outbox=parse_outbox(runner_id, res[7]),
             )
         if status == "offline":
             raise RunnerOffline
@@ -541,7 +600,7 @@ class PairingStore:
         app_id: str | None = None,
         owner_app_id: str | None = None,
         reason: ClosedReason,
-    ) -> list[PairingSession]:
+    ) -> tuple[list[PairingSession], list[OutboxEntry]]:
         """Close one session, all sessions with one app, or all sessions of a runner.
 
         Afterwards the app indexes and by-id lookups of the closed sessions are dropped
@@ -556,7 +615,8 @@ class PairingStore:
             reason: the closed_reason.
 
         Returns:
-            The closed sessions (state closed, closed_reason set).
+            The closed sessions (state closed, closed_reason set), and the runner's outbox
+            (which now holds their session.closed events).
 
         Raises:
             StoreUnavailable: Redis is unreachable.
@@ -569,12 +629,12 @@ class PairingStore:
             mode, value = "all", ""
         res = await self._run(
             "close_sessions",
-            [self.keys.runner_sessions(runner_id)],
+            [self.keys.runner_sessions(runner_id), self.keys.outbox(runner_id)],
             [mode, value, owner_app_id or "", reason.value],
         )
-        closed = [_session(raw) for raw in res]
+        closed = [_session(raw) for raw in res[0]]
         await self.drop_session_indexes(closed)
-        return closed
+        return closed, parse_outbox(runner_id, res[1])
 
     async def drop_session_indexes(self, sessions: Sequence[PairingSession]) -> None:
         """Remove closed sessions from their apps' indexes and the by-id lookup.
@@ -661,18 +721,57 @@ class PairingStore:
 
     # ---- presence -----------------------------------------------------------------------
 
-    async def heartbeat(self, runner_id: str, *, idle_ttl_s: int) -> int:
-        """Record a runner heartbeat and refresh its sessions; returns how many.
+    async def heartbeat(
+        self, runner_id: str, *, idle_ttl_s: int, heartbeat_online_s: int
+    ) -> list[OutboxEntry]:
+        """Record a runner heartbeat and refresh its sessions.
+
+        Returns:
+            The runner's outbox if the heartbeat announced a change (offline to online),
+            else an empty list.
 
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
         res = await self._run(
             "heartbeat",
-            [self.keys.runner(runner_id), self.keys.runner_sessions(runner_id)],
-            [idle_ttl_s * MS_PER_S],
+            [
+                self.keys.runner(runner_id),
+                self.keys.runner_sessions(runner_id),
+                self.keys.outbox(runner_id),
+            ],
+            [idle_ttl_s * MS_PER_S, heartbeat_online_s * MS_PER_S],
         )
-        return int(res)
+        return parse_outbox(runner_id, res[1])
+
+    async def record_status(
+        self,
+        runner_id: str,
+        state: Literal["online", "offline"],
+        *,
+        retained: bool,
+        heartbeat_online_s: int,
+        idle_ttl_s: int,
+    ) -> list[OutboxEntry]:
+        """Record a runner's status message; announce a change between online and offline.
+
+        Returns:
+            The runner's outbox if presence changed (runner.online/offline written),
+            else an empty list.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        res = await self._run(
+            "record_status",
+            [
+                self.keys.runner(runner_id),
+                self.keys.runner_sessions(runner_id),
+                self.keys.outbox(runner_id),
+            ],
+            [state, int(retained), heartbeat_online_s * MS_PER_S, idle_ttl_s * MS_PER_S],
+        )
+        return parse_outbox(runner_id, res[1])
 
     async def presence(
         self, runner_ids: Sequence[str], *, heartbeat_online_s: int = 30
@@ -701,6 +800,173 @@ class PairingStore:
                 heartbeat_online_ms=heartbeat_online_s * MS_PER_S,
             )
         return out
+
+    # ---- outbox and expiry sweep --------------------------------------------------------
+
+    async def read_outbox(self, runner_id: str) -> list[OutboxEntry]:
+        """What a runner's outbox holds (oldest first, up to 200).
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        raw: Any = await self._guard(
+            self.client.xrange(self.keys.outbox(runner_id), "-", "+", count=200)
+        )
+        return parse_outbox(runner_id, raw or [])
+
+    async def ack_outbox(self, runner_id: str, stream_ids: Sequence[str], *, shards: int) -> int:
+        """Delete published entries; when the outbox is empty, drop its due mark.
+
+        Returns:
+            Entries left in the outbox.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        left = int(await self._run("ack_outbox", [self.keys.outbox(runner_id)], list(stream_ids)))
+        if left == 0:
+            due = self.keys.outbox_due(self.keys.shard_of(runner_id, shards))
+            await self._guard(self.client.zrem(due, runner_id))
+        return left
+
+    async def mark_outbox_due(self, runner_id: str, *, delay_s: float, shards: int) -> None:
+        """Note that a runner's outbox must be drained `delay_s` seconds from now at the latest.
+
+        The delay is a lease for the instance that publishes it right away; others pass 0.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        key = self.keys.outbox_due(self.keys.shard_of(runner_id, shards))
+        await self._run("mark_due", [key], [runner_id, int(delay_s * MS_PER_S), "", 0])
+
+    async def claim_due_outboxes(self, shard: int, *, limit: int, lease_s: float) -> list[str]:
+        """Runner ids whose outbox is due in one shard, leased to the caller.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        res = await self._run(
+            "claim_due", [self.keys.outbox_due(shard)], [limit, int(lease_s * MS_PER_S)]
+        )
+        return [str(m) for m in res]
+
+    async def scan_outboxes(self) -> list[str]:
+        """Runner ids of every non-empty outbox (SCAN; for recovery at start).
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        marker = self.keys.outbox("\x00")
+        head, tail = marker.split("\x00")
+        found: list[str] = []
+        async for key in self.client.scan_iter(match=f"{head}*{tail}", count=1000):
+            found.append(str(key)[len(head) : len(str(key)) - len(tail)])
+        return found
+
+    async def schedule_expiry(
+        self, session: PairingSession, *, idle_ttl_s: int, shards: int
+    ) -> None:
+        """Put a session in the expiry sets with its idle deadline.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        member = f"{session.runner_id}\n{session.session_id}"
+        key = self.keys.expiry(self.keys.shard_of(session.session_id, shards))
+        deadline = session.last_seen_at_ms + idle_ttl_s * MS_PER_S
+        await self._run("mark_due", [key], [member, 0, deadline, 1])
+
+    async def claim_due_expiries(
+        self, shard: int, *, limit: int, lease_s: float
+    ) -> list[tuple[str, str]]:
+        """(runner_id, session_id) of sessions whose idle deadline passed, leased.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        res = await self._run(
+            "claim_due", [self.keys.expiry(shard)], [limit, int(lease_s * MS_PER_S)]
+        )
+        pairs: list[tuple[str, str]] = []
+        for member in res:
+            runner_id, _, session_id = str(member).partition("\n")
+            pairs.append((runner_id, session_id))
+        return pairs
+
+    async def expire_session(
+        self, runner_id: str, session_id: str, *, idle_ttl_s: int, shards: int
+    ) -> tuple[PairingSession | None, list[OutboxEntry]]:
+        """Close a session idle for `idle_ttl_s`, or move its expiry entry to its deadline.
+
+        Returns:
+            (the closed session or None, the runner's outbox).
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        res = await self._run(
+            "expire_session",
+            [self.keys.runner_sessions(runner_id), self.keys.outbox(runner_id)],
+            [session_id, idle_ttl_s * MS_PER_S],
+        )
+        key = self.keys.expiry(self.keys.shard_of(session_id, shards))
+        member = f"{runner_id}\n{session_id}"
+        if res[0] == "alive":
+            await self._run("mark_due", [key], [member, 0, int(res[1]), 1])
+            return None, []
+        await self._guard(self.client.zrem(key, member))
+        if res[0] == "gone":
+            return None, []
+        closed = _session(res[1])
+        await self.drop_session_indexes([closed])
+        return closed, parse_outbox(runner_id, res[2])
+
+    # ---- history ----------------------------------------------------------------------
+
+    async def append_history(
+        self,
+        entries: Sequence[PairingHistoryEntry],
+        *,
+        max_len: int,
+        identity_max_len: int,
+        retention_s: int,
+        shards: int,
+    ) -> None:
+        """Append records to the global history and to each identity's history.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        if not entries:
+            return
+        script = self._scripts["append_history"]
+        pipe = self.client.pipeline(transaction=False)
+        retention_ms = retention_s * MS_PER_S
+        for entry in entries:
+            fields: list[str | int] = []
+            for name, value in entry.model_dump(exclude={"at_ms"}, exclude_none=True).items():
+                fields += [name, str(value)]
+            anchor = entry.app_id or entry.runner_id or entry.event
+            shard = self.keys.shard_of(anchor, shards)
+            await script(
+                keys=[self.keys.history_global(shard)],
+                args=[max_len, retention_ms, 0, *fields],
+                client=pipe,
+            )
+            if entry.runner_id:
+                await script(
+                    keys=[self.keys.history("runner", entry.runner_id)],
+                    args=[identity_max_len, retention_ms, 1, *fields],
+                    client=pipe,
+                )
+            if entry.app_id:
+                await script(
+                    keys=[self.keys.history("app", entry.app_id)],
+                    args=[identity_max_len, retention_ms, 1, *fields],
+                    client=pipe,
+                )
+        await self._guard(pipe.execute())
 
     # ---- bans and allowlist -----------------------------------------------------------
 

@@ -3,3 +3,44 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+
+-- The outbox of a runner's slot (DESIGN.md "Delivery"): events written by the script that
+-- changes state; entries are t (event type), s (session JSON, internal form), x (extra
+-- JSON) and at (ms). Published and deleted (ack_outbox) by whichever instance drains it.
+local function outbox_add(key, kind, session_json, extra_json, at)
+  redis.call('XADD', key, '*', 't', kind, 's', session_json, 'x', extra_json, 'at', at)
+end
+
+local function outbox_all(key)
+  return redis.call('XRANGE', key, '-', '+', 'COUNT', 200)
+end
+
+-- Presence by PROTOCOL.md "Presence": 'offline' | 'online' | 'unknown'.
+local function presence_of(status, status_ms, hb_ms, now, hb_window_ms)
+  status_ms = tonumber(status_ms or '0')
+  hb_ms = tonumber(hb_ms or '0')
+  if status == 'offline' and status_ms >= hb_ms then return 'offline' end
+  if status == 'online' then return 'online' end
+  if hb_ms > 0 and now - hb_ms < hb_window_ms then return 'online' end
+  return 'unknown'
+end
+
+-- Tell the runner's paired apps about a change between online and offline, once: the
+-- last announced state is kept in the runner hash; changes to or from unknown say
+-- nothing, and the first known state is only recorded.
+local function announce(runner_key, sessions_key, outbox_key, presence, now)
+  if presence == 'unknown' then return end
+  local last = redis.call('HGET', runner_key, 'announced')
+  if last == presence then return end
+  redis.call('HSET', runner_key, 'announced', presence)
+  if not last then return end
+  local pv = redis.call('HINCRBY', runner_key, 'pv', 1)
+  local targets = {}
+  for _, json in ipairs(redis.call('HVALS', sessions_key)) do
+    local s = cjson.decode(json)
+    targets[#targets + 1] = {s['session_id'], s['app_id']}
+  end
+  if #targets == 0 then return end
+  outbox_add(outbox_key, 'runner.' .. presence, '',
+    cjson.encode({pv = pv, sessions = targets}), now)
+end

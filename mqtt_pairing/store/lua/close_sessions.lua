@@ -1,10 +1,11 @@
 -- close_sessions: close sessions of one runner and return them, closed.
 -- KEYS[1] - runner sessions hash ({runner:<id>})
+-- KEYS[2] - runner outbox stream (same tag): session.closed for each closed session
 -- ARGV[1] - 'session' | 'app' | 'all'
 -- ARGV[2] - the session_id or app_id ('' for all)
 -- ARGV[3] - app_id the session must belong to ('' any): an app may close only its own
 -- ARGV[4] - closed_reason
--- returns a list of session JSON (state 'closed', closed_reason and closed_at_ms set)
+-- returns {closed session JSON list (state 'closed', closed_reason, closed_at_ms), outbox}
 local closed = {}
 local now = now_ms()
 local function close(id, json)
@@ -14,7 +15,9 @@ local function close(id, json)
   s['state'] = 'closed'
   s['closed_reason'] = ARGV[4]
   s['closed_at_ms'] = now
-  closed[#closed + 1] = cjson.encode(s)
+  local json_closed = cjson.encode(s)
+  closed[#closed + 1] = json_closed
+  outbox_add(KEYS[2], 'session.closed', json_closed, '{}', now)
 end
 if ARGV[1] == 'session' then
   local json = redis.call('HGET', KEYS[1], ARGV[2])
@@ -27,4 +30,5 @@ else
     end
   end
 end
-return closed
+if #closed == 0 then return {closed, {}} end
+return {closed, outbox_all(KEYS[2])}

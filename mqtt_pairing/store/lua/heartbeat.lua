@@ -1,9 +1,12 @@
 -- heartbeat: a runner's heartbeat; refreshes its presence and the last_seen_at of its
--- sessions (PROTOCOL.md "Session object"), without a dedupe key.
+-- sessions (PROTOCOL.md "Session object"), without a dedupe key, and announces a change
+-- from offline to online to its paired apps.
 -- KEYS[1] - runner hash ({runner:<id>})
 -- KEYS[2] - runner sessions hash (same tag)
+-- KEYS[3] - runner outbox stream (same tag)
 -- ARGV[1] - session idle TTL, ms
--- returns the number of sessions refreshed
+-- ARGV[2] - how long a heartbeat makes a runner online, ms
+-- returns {sessions refreshed, outbox entries (empty if nothing was announced)}
 local now = now_ms()
 local ttl = tonumber(ARGV[1])
 redis.call('HSET', KEYS[1], 'hb_ms', now)
@@ -15,4 +18,8 @@ for i = 1, #all, 2 do
   redis.call('HSET', KEYS[2], all[i], cjson.encode(s))
 end
 if #all > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-return #all / 2
+local r = redis.call('HMGET', KEYS[1], 'status', 'status_ms', 'hb_ms')
+local before = redis.call('XLEN', KEYS[3])
+announce(KEYS[1], KEYS[2], KEYS[3], presence_of(r[1], r[2], r[3], now, tonumber(ARGV[2])), now)
+if redis.call('XLEN', KEYS[3]) == before then return {math.floor(#all / 2), {}} end
+return {math.floor(#all / 2), outbox_all(KEYS[3])}

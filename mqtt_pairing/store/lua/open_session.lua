@@ -4,6 +4,7 @@
 -- (and does not count toward the limit). Opening the same session_id again returns it.
 -- KEYS[1] - runner hash ({runner:<id>})
 -- KEYS[2] - runner sessions hash (session_id -> session JSON)
+-- KEYS[3] - runner outbox stream (same tag)
 -- ARGV[1] - code digest
 -- ARGV[2] - session_id
 -- ARGV[3] - runner_id
@@ -11,17 +12,23 @@
 -- ARGV[5] - app name ('' none)
 -- ARGV[6] - session idle TTL, ms
 -- ARGV[7] - most active sessions per runner
+-- ARGV[8] - JSON {app_public_key, app_metadata} for the session.opened event
+-- ARGV[9] - uses left on the code after this use (for the code.used event)
 -- returns {'ok', session_json, replaced_json or '', runner_name, public_key, metadata_json,
---          repeat (0/1)} (absent values as '') | {'code_gone'} | {'offline'} | {'limit'}
+--          repeat (0/1), outbox entries} (absent values as '')
+--       | {'code_gone'} | {'offline'} | {'limit'}
+-- Writes session.opened, code.used and (for a replaced session) session.closed to the
+-- outbox; a repeat writes nothing new but returns what the outbox still holds.
 local r = redis.call('HMGET', KEYS[1], 'code', 'name', 'public_key', 'metadata',
   'status', 'status_ms', 'hb_ms')
 local name, pk, md = r[2] or '', r[3] or '', r[4] or ''
 local existing = redis.call('HGET', KEYS[2], ARGV[2])
-if existing then return {'ok', existing, '', name, pk, md, 1} end
+if existing then return {'ok', existing, '', name, pk, md, 1, outbox_all(KEYS[3])} end
 if r[1] ~= ARGV[1] then return {'code_gone'} end
 if r[5] == 'offline' and tonumber(r[6] or '0') >= tonumber(r[7] or '0') then
   return {'offline'}
 end
+local now = now_ms()
 local all = redis.call('HGETALL', KEYS[2])
 local count, replaced_id, replaced = 0, nil, nil
 for i = 1, #all, 2 do
@@ -33,13 +40,14 @@ for i = 1, #all, 2 do
   end
 end
 if count >= tonumber(ARGV[7]) then return {'limit'} end
-local now = now_ms()
 local s = {session_id = ARGV[2], runner_id = ARGV[3], app_id = ARGV[4],
   created_at_ms = now, last_seen_at_ms = now}
 if name ~= '' then s['runner_name'] = name end
 if ARGV[5] ~= '' then s['app_name'] = ARGV[5] end
 local json = cjson.encode(s)
 redis.call('HSET', KEYS[2], ARGV[2], json)
+outbox_add(KEYS[3], 'session.opened', json, ARGV[8], now)
+outbox_add(KEYS[3], 'code.used', json, cjson.encode({uses_left = tonumber(ARGV[9])}), now)
 local replaced_json = ''
 if replaced_id then
   redis.call('HDEL', KEYS[2], replaced_id)
@@ -47,8 +55,9 @@ if replaced_id then
   replaced['closed_reason'] = 'replaced'
   replaced['closed_at_ms'] = now
   replaced_json = cjson.encode(replaced)
+  outbox_add(KEYS[3], 'session.closed', replaced_json, '{}', now)
 end
 local ttl = tonumber(ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[1], ttl)
-return {'ok', json, replaced_json, name, pk, md, 0}
+return {'ok', json, replaced_json, name, pk, md, 0, outbox_all(KEYS[3])}

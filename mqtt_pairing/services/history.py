@@ -1,0 +1,64 @@
+"""PairingHistoryService: the audit trail (DESIGN.md "Redis keys": history streams).
+
+Records go to a global stream (`history:{global:<n>}`) and to the stream of each identity
+involved (`history:{runner:<id>}`, `history:{app:<id>}`), so queries by runner or app read
+only that identity's stream. Streams are trimmed by count (`PAIRING_HISTORY_MAX_LEN`,
+`PAIRING_HISTORY_IDENTITY_MAX_LEN`) and age (`PAIRING_HISTORY_RETENTION_S`), and an
+identity's stream expires when idle for the retention. Codes appear only masked
+(PROTOCOL.md "Codes"). Recording is best effort: a failure is logged, never raised, since
+the change it describes has already happened.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from mqtt_pairing.config import Settings
+from mqtt_pairing.errors import PairingError
+from mqtt_pairing.models import PairingHistoryEntry
+from mqtt_pairing.store.redis_store import PairingStore
+
+log = logging.getLogger(__name__)
+
+HISTORY_EVENTS = (
+    "code.issued",
+    "code.cancelled",
+    "pair.succeeded",
+    "pair.failed",
+    "penalty",
+    "ban.added",
+    "ban.removed",
+    "session.opened",
+    "session.closed",
+)
+"""Every kind of history record."""
+
+
+class PairingHistoryService:
+    """Appends audit records.
+
+    Args:
+        store: the Redis store.
+        settings: history retention (count and age).
+    """
+
+    def __init__(self, store: PairingStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+
+    async def record(self, entries: Sequence[PairingHistoryEntry]) -> None:
+        """Append records; logs and swallows store errors (best effort)."""
+        if not entries:
+            return
+        s = self.settings
+        try:
+            await self.store.append_history(
+                entries,
+                max_len=s.pairing_history_max_len,
+                identity_max_len=s.pairing_history_identity_max_len,
+                retention_s=s.pairing_history_retention_s,
+                shards=s.pairing_index_shards,
+            )
+        except PairingError as exc:
+            log.warning("history not recorded: %s", exc.message)

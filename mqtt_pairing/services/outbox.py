@@ -1,0 +1,205 @@
+"""The outbox relay: publishes the events that state-changing scripts wrote.
+
+DESIGN.md "Delivery": a crash between a change and its publish loses nothing.
+
+Every event starts as an entry in the runner's outbox stream, written by the same Lua
+script that changed the state. The instance that ran the script publishes the entries
+right away and deletes them (`ack_outbox`); meanwhile a due mark with a lease
+(`outbox-due:{global:<n>}`) says "drain this outbox by then". If the instance dies first,
+the mark comes due and any instance's sweep claims it, publishes and deletes the entries.
+At start, a SCAN finds outboxes whose mark was never written (a crash between the script
+and the mark). An event can thus be published twice, never lost; its `event_id` is
+deterministic, so clients drop the copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from mqtt_pairing.config import Settings
+from mqtt_pairing.errors import PairingError
+from mqtt_pairing.models import PairingHistoryEntry, format_ts
+from mqtt_pairing.services import events
+from mqtt_pairing.services.events import Event, event_id
+from mqtt_pairing.services.history import PairingHistoryService
+from mqtt_pairing.store.redis_store import OutboxEntry, PairingStore
+from mqtt_pairing.topics import Kind
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[list[Event]], Awaitable[None]]
+
+_CLAIM_BATCH = 100
+
+
+def render(entry: OutboxEntry) -> list[Event]:
+    """The wire events of one outbox entry (PROTOCOL.md payloads)."""
+    s = entry.session
+    if entry.type == "session.opened" and s is not None:
+        return events.session_opened(
+            s,
+            app_public_key=entry.extra.get("app_public_key"),
+            app_metadata=entry.extra.get("app_metadata"),
+        )
+    if entry.type == "session.closed" and s is not None:
+        return events.session_closed(s)
+    if entry.type == "code.used" and s is not None:
+        uses_left = int(entry.extra["uses_left"])
+        return [events.code_used(s.runner_id, s.session_id, uses_left, s.created_at_ms)]
+    if entry.type in ("runner.online", "runner.offline"):
+        pv = str(entry.extra.get("pv"))
+        out: list[Event] = []
+        for session_id, app_id in entry.extra.get("sessions", []):
+            payload = {
+                "event": entry.type,
+                "event_id": event_id(entry.runner_id, "presence", pv, session_id),
+                "at": format_ts(entry.at_ms),
+                "runner_id": entry.runner_id,
+                "session_id": session_id,
+            }
+            out.append(Event(Kind.APP, str(app_id), payload))
+        return out
+    log.warning("unknown outbox entry type %r dropped", entry.type)
+    return []
+
+
+class OutboxRelay:
+    """Publishes outbox entries and sweeps due outboxes and session expiries.
+
+    Args:
+        store: the Redis store.
+        settings: lease, sweep interval, shards, idle TTL.
+        publish: sends events to the broker (raises on a lost connection).
+    """
+
+    def __init__(
+        self,
+        store: PairingStore,
+        settings: Settings,
+        publish: Publish,
+        history: PairingHistoryService | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.publish = publish
+        self.history = history
+
+    async def _record(self, entries: Sequence[OutboxEntry]) -> None:
+        if self.history is None:
+            return
+        records = []
+        for entry in entries:
+            s = entry.session
+            if s is None or entry.type not in ("session.opened", "session.closed"):
+                continue
+            reason = s.closed_reason.value if s.closed_reason else None
+            records.append(
+                PairingHistoryEntry(
+                    event=entry.type,
+                    at_ms=entry.at_ms,
+                    runner_id=s.runner_id,
+                    app_id=s.app_id,
+                    session_id=s.session_id,
+                    detail=f"closed_reason={reason}" if reason else None,
+                )
+            )
+        await self.history.record(records)
+
+    @property
+    def _shards(self) -> int:
+        return self.settings.pairing_index_shards
+
+    async def deliver(self, entries: Sequence[OutboxEntry]) -> None:
+        """Publish entries right after the script that wrote them, then delete them.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable (the entries stay for the sweep).
+            aiomqtt.MqttError: publishing failed (likewise).
+        """
+        by_runner: dict[str, list[OutboxEntry]] = {}
+        for entry in entries:
+            by_runner.setdefault(entry.runner_id, []).append(entry)
+        for runner_id, items in by_runner.items():
+            mark = self.store.mark_outbox_due(
+                runner_id, delay_s=self.settings.pairing_outbox_lease_s, shards=self._shards
+            )
+            rendered = [e for item in items for e in render(item)]
+            await asyncio.gather(mark, self.publish(rendered))
+            await self.store.ack_outbox(
+                runner_id, [i.stream_id for i in items], shards=self._shards
+            )
+            await self._record(items)
+
+    async def drain(self, runner_id: str) -> int:
+        """Publish and delete everything in one runner's outbox; returns how many entries.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+            aiomqtt.MqttError: publishing failed.
+        """
+        entries = await self.store.read_outbox(runner_id)
+        if entries:
+            await self.publish([e for entry in entries for e in render(entry)])
+        await self.store.ack_outbox(runner_id, [e.stream_id for e in entries], shards=self._shards)
+        return len(entries)
+
+    async def recover(self) -> int:
+        """At start: drain every non-empty outbox (found by SCAN); returns how many.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+            aiomqtt.MqttError: publishing failed.
+        """
+        runners = await self.store.scan_outboxes()
+        for runner_id in runners:
+            await self.drain(runner_id)
+        if runners:
+            log.info("recovered the outboxes of %d runner(s)", len(runners))
+        return len(runners)
+
+    async def sweep_once(self) -> None:
+        """Drain due outboxes and expire idle sessions, in every shard.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+            aiomqtt.MqttError: publishing failed.
+        """
+        s = self.settings
+        lease = s.pairing_outbox_lease_s
+        for shard in range(self._shards):
+            for runner_id in await self.store.claim_due_outboxes(
+                shard, limit=_CLAIM_BATCH, lease_s=lease
+            ):
+                await self.drain(runner_id)
+            for runner_id, session_id in await self.store.claim_due_expiries(
+                shard, limit=_CLAIM_BATCH, lease_s=lease
+            ):
+                closed, outbox = await self.store.expire_session(
+                    runner_id,
+                    session_id,
+                    idle_ttl_s=s.pairing_session_idle_ttl_s,
+                    shards=self._shards,
+                )
+                if closed is not None:
+                    log.info("session expired runner=%s session=%s", runner_id, session_id)
+                    await self.deliver(outbox)
+
+    async def run(self, connected: asyncio.Event, stopping: asyncio.Event) -> None:
+        """Sweep every `PAIRING_SWEEP_INTERVAL_S` while connected, until `stopping`."""
+        recovered = False
+        while not stopping.is_set():
+            try:
+                await connected.wait()
+                if not recovered:
+                    await self.recover()
+                    recovered = True
+                await self.sweep_once()
+            except PairingError as exc:
+                log.warning("outbox sweep: %s", exc.message)
+            except Exception as exc:  # a lost broker connection, mostly
+                log.warning("outbox sweep failed: %s", type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.settings.pairing_sweep_interval_s)

@@ -1,0 +1,17 @@
+-- mark_due: put a member in a due set ({global:<n>}) to be handled after `delay` ms,
+-- keeping an earlier due time if it has one (outbox marks, session expiry deadlines).
+-- KEYS[1] - due sorted set
+-- ARGV[1] - member
+-- ARGV[2] - delay, ms (0: due now); ignored when ARGV[3] is given
+-- ARGV[3] - absolute due time, ms ('' none)
+-- ARGV[4] - '1' to replace the due time even if later
+-- returns the due time, ms
+local now = now_ms()
+local due = now + tonumber(ARGV[2])
+if ARGV[3] ~= '' then due = tonumber(ARGV[3]) end
+local cur = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if ARGV[4] == '1' or not cur or due < tonumber(cur) then
+  redis.call('ZADD', KEYS[1], due, ARGV[1])
+  return due
+end
+return tonumber(cur)

@@ -1,0 +1,22 @@
+-- record_status: a runner's retained status message (or its Last Will). Every instance
+-- sees every status message (no $share, so retained ones are replayed); this script
+-- decides whether presence changed, so apps hear of a change once (PROTOCOL.md).
+-- KEYS[1] - runner hash ({runner:<id>})
+-- KEYS[2] - runner sessions hash (same tag)
+-- KEYS[3] - runner outbox stream (same tag)
+-- ARGV[1] - state: 'online' | 'offline'
+-- ARGV[2] - '1' if the broker replayed it as retained (on subscribe)
+-- ARGV[3] - how long a heartbeat makes a runner online, ms
+-- ARGV[4] - runner idle TTL, ms
+-- returns {changed (0/1), outbox entries}
+local now = now_ms()
+local r = redis.call('HMGET', KEYS[1], 'status', 'status_ms', 'hb_ms')
+-- A replayed retained status that matches what is recorded changes nothing (and must
+-- not make an old status newer than a later heartbeat).
+if ARGV[2] == '1' and r[1] == ARGV[1] then return {0, {}} end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'status_ms', now)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
+local before = redis.call('XLEN', KEYS[3])
+announce(KEYS[1], KEYS[2], KEYS[3], presence_of(ARGV[1], now, r[3], now, tonumber(ARGV[3])), now)
+if redis.call('XLEN', KEYS[3]) == before then return {0, {}} end
+return {1, outbox_all(KEYS[3])}
