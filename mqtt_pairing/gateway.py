@@ -30,6 +30,7 @@ from paho.mqtt.properties import Properties
 from mqtt_pairing.config import Settings, redact_url
 from mqtt_pairing.dispatcher import Dispatcher
 from mqtt_pairing.errors import ConfigError, PairingError
+from mqtt_pairing.faults import fault_point
 from mqtt_pairing.services.events import Event
 from mqtt_pairing.services.outbox import OutboxRelay
 from mqtt_pairing.topics import Identity, Kind, RequestTopic, TopicDrop, TopicScheme
@@ -314,6 +315,7 @@ class PairingGateway:
             if handled.reply is not None:
                 await self._reply(message, parsed, handled.reply)
         if handled.outbox:
+            fault_point("before_publish_events")
             try:
                 await self.relay.deliver(handled.outbox)
             except PairingError as exc:

@@ -22,6 +22,7 @@ from mqtt_pairing.errors import (
     SessionLimitReached,
     SessionNotFound,
 )
+from mqtt_pairing.faults import fault_point
 from mqtt_pairing.models import (
     ClosedReason,
     PairingHistoryEntry,
@@ -100,6 +101,7 @@ class PairingSessionService:
                 outcome="failure",
                 history=[_failed(app_id, None, guessed, exc)],
             )
+        fault_point("after_claim")
         masked = mask_code(claim.first_char, digest)
         s = self.settings
         try:

@@ -9,6 +9,7 @@ timeouts become `StoreUnavailable`, anything else `InternalError`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Sequence
@@ -64,6 +65,10 @@ SCRIPT_NAMES = (
     "claim_due",
     "append_history",
 )
+CLAIM_IN_FLIGHT_S = 2.0
+"""How long a claimed use may still be given back by the pair that holds it (its session
+refused); a claim on a used-up code waits that long at most before CODE_ALREADY_USED."""
+_CLAIM_RETRY_S = 0.02
 UNAVAILABLE_RETRY_S = 2
 """`retry_after_s` of a SERVICE_UNAVAILABLE reply."""
 
@@ -497,11 +502,16 @@ class PairingStore:
             CodeNotFound, CodeExpired, CodeAlreadyUsed: the lookup failed.
             StoreUnavailable: Redis is unreachable.
         """
-        res = await self._run(
-            "claim_code",
-            [self.keys.code(digest), self.keys.code_claims(digest)],
-            [f"{app_id}\n{request_id}", session_id],
-        )
+        deadline = asyncio.get_running_loop().time() + CLAIM_IN_FLIGHT_S
+        while True:
+            res = await self._run(
+                "claim_code",
+                [self.keys.code(digest), self.keys.code_claims(digest)],
+                [f"{app_id}\n{request_id}", session_id, int(CLAIM_IN_FLIGHT_S * MS_PER_S)],
+            )
+            if res[0] != "busy" or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(_CLAIM_RETRY_S)
         status = res[0]
         if status == "ok":
             return Claim(
@@ -515,7 +525,7 @@ class PairingStore:
             )
         if status == "expired":
             raise CodeExpired
-        if status == "used":
+        if status in ("used", "busy"):
             raise CodeAlreadyUsed
         raise CodeNotFound
 

@@ -4,20 +4,37 @@
 -- KEYS[2] - claims hash of the code (same tag)
 -- ARGV[1] - claim field: app_id .. '\n' .. request_id
 -- ARGV[2] - session_id to record for a new claim
--- returns {'not_found'} | {'expired'} | {'used'}
+-- ARGV[3] - in-flight window, ms: a use claimed this recently may still be given back
+-- returns {'not_found'} | {'expired'} | {'used'} | {'busy'} (used up, but a recent claim
+--         may still be given back: ask again shortly)
 --       | {'ok', runner_id, session_id, uses_left, max_uses, repeat (0/1), first, fingerprint}
 local c = redis.call('HMGET', KEYS[1], 'runner_id', 'state', 'uses_left', 'max_uses',
   'expires_ms', 'first', 'fp')
 if not c[1] then return {'not_found'} end
+-- claims: field -> session_id .. '\t' .. claimed_ms
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
-if prev then return {'ok', c[1], prev, tonumber(c[3]), tonumber(c[4]), 1, c[6], c[7]} end
-if now_ms() >= tonumber(c[5]) then return {'expired'} end
+if prev then
+  local sid = string.match(prev, '^([^\t]*)')
+  return {'ok', c[1], sid, tonumber(c[3]), tonumber(c[4]), 1, c[6], c[7]}
+end
+local now = now_ms()
+if now >= tonumber(c[5]) then return {'expired'} end
 local left = tonumber(c[3])
+if c[2] == 'used' and left <= 0 then
+  -- As if the pairs ran one after another: a claim in flight may still be given back
+  -- (its session refused), so the outcome for this one is not known yet.
+  local recent = now - tonumber(ARGV[3])
+  local claims = redis.call('HVALS', KEYS[2])
+  for _, v in ipairs(claims) do
+    local at = tonumber(string.match(v, '\t(%d+)$') or '0')
+    if at > recent then return {'busy'} end
+  end
+end
 if c[2] ~= 'active' or left <= 0 then return {'used'} end
 left = left - 1
 redis.call('HSET', KEYS[1], 'uses_left', left)
 if left == 0 then redis.call('HSET', KEYS[1], 'state', 'used') end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '\t' .. now)
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return {'ok', c[1], ARGV[2], left, tonumber(c[4]), 0, c[6], c[7]}
