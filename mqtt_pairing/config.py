@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = None
     redis_db: int = Field(default=0, ge=0)
     redis_cluster_url: str | None = None
-    redis_timeout_s: float = Field(default=2.0, gt=0)
+    redis_timeout_s: float = Field(default=1.0, gt=0)
 
     # Pairing
     pairing_secret: SecretStr | None = None
@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     pairing_reply_expiry_s: int = Field(default=600, ge=1)
     pairing_max_inflight: int = Field(default=256, ge=1)
     pairing_shutdown_grace_s: float = Field(default=10.0, ge=0)
+    pairing_health_listen: str | None = None
     pairing_heartbeat_online_s: int = Field(default=30, ge=1)
     pairing_sweep_interval_s: float = Field(default=0.5, gt=0)
     pairing_outbox_lease_s: float = Field(default=5.0, gt=0)

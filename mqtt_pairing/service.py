@@ -21,8 +21,9 @@ from amqtt.broker import Broker
 from mqtt_pairing.broker import InMemoryRedis, parse_listen, start_embedded_broker
 from mqtt_pairing.config import Settings, redact_url
 from mqtt_pairing.dispatcher import Dispatcher
-from mqtt_pairing.errors import ConfigError, StoreUnavailable
+from mqtt_pairing.errors import ConfigError, PairingError, StoreUnavailable
 from mqtt_pairing.gateway import BrokerAddress, PairingGateway
+from mqtt_pairing.health import HealthServer
 from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Service:
     redis_url: str
     broker: Broker | None = None
     memory: InMemoryRedis | None = None
+    health: HealthServer | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def stop(self) -> None:
@@ -70,8 +72,20 @@ class Service:
         """Serve until `stop`."""
         await self.gateway.run()
 
+    async def ready(self) -> tuple[bool, str]:
+        """Readiness: the broker connection is up and Redis answers PING."""
+        if not self.gateway.connected.is_set():
+            return False, "broker not connected"
+        try:
+            await self.store.ping()
+        except PairingError:
+            return False, "redis unreachable"
+        return True, "ok"
+
     async def close(self) -> None:
         """Release the store, the embedded broker and the in-memory store."""
+        if self.health is not None:
+            await self.health.close()
         with contextlib.suppress(Exception):
             await self.store.aclose()
         if self.broker is not None:
@@ -81,22 +95,12 @@ class Service:
             self.memory.stop()
 
 
-async def build_service(
-    settings: Settings,
-    *,
-    listen: str = DEFAULT_LISTEN,
-    broker_config: Path | None = None,
-) -> Service:
-    """Set up the store and broker connection as the settings say.
-
-    Raises:
-        ConfigError: a bad setting, the listen address taken, or Redis unreachable.
-    """
-    secret, generated = resolve_secret(settings)
-    memory: InMemoryRedis | None = None
-    url = settings.resolved_redis_url()
+async def _open_store(settings: Settings) -> tuple[PairingStore, str, InMemoryRedis | None]:
+    """The store: external Redis, or the in-memory store on a local port."""
     if settings.redis_cluster_url:
         raise ConfigError("REDIS_CLUSTER_URL: Redis Cluster is not supported yet; use REDIS_URL")
+    memory: InMemoryRedis | None = None
+    url = settings.resolved_redis_url()
     if url is None:
         memory = InMemoryRedis()
         memory.start()
@@ -112,46 +116,82 @@ async def build_service(
         if memory is not None:
             memory.stop()
         raise ConfigError(f"Redis is unreachable at {redact_url(url)}") from None
-
-    broker: Broker | None = None
-    protocol: Literal["5", "3.1.1"] = settings.mqtt_protocol
-    share_group = settings.pairing_shared_group
-    if settings.embedded_broker:
-        if "pairing_shared_group" in settings.model_fields_set and share_group:
-            raise ConfigError(
-                "PAIRING_SHARED_GROUP: the embedded broker has no shared subscriptions; "
-                "set MQTT_URL to use one"
-            )
-        host, port = parse_listen(listen)
-        try:
-            broker = await start_embedded_broker(host, port, broker_config)
-        except ConfigError:
-            await store.aclose()
-            if memory is not None:
-                memory.stop()
-            raise
-        address = BrokerAddress(host="127.0.0.1" if host in ("0.0.0.0", "::") else host, port=port)  # noqa: S104
-        protocol, share_group = "3.1.1", ""
-        log.info("embedded MQTT broker (amqtt, MQTT 3.1.1) listening on %s:%d", host, port)
-    else:
-        assert settings.mqtt_url is not None  # noqa: S101 - not embedded
-        address = BrokerAddress.from_url(
-            settings.mqtt_url,
-            username=settings.mqtt_username,
-            password=settings.mqtt_password.get_secret_value() if settings.mqtt_password else None,
-        )
-        log.info("MQTT broker: %s", redact_url(settings.mqtt_url))
     if memory is not None:
         log.info("in-memory store (fakeredis); for admin commands: REDIS_URL=%s", url)
     else:
         log.info("Redis: %s", redact_url(url))
+    return store, url, memory
+
+
+async def _attach_broker(
+    settings: Settings, listen: str, broker_config: Path | None
+) -> tuple[BrokerAddress, Literal["5", "3.1.1"], str, Broker | None]:
+    """(address, protocol, share group, embedded broker or None)."""
+    if not settings.embedded_broker:
+        assert settings.mqtt_url is not None  # noqa: S101 - not embedded
+        password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
+        address = BrokerAddress.from_url(
+            settings.mqtt_url, username=settings.mqtt_username, password=password
+        )
+        log.info("MQTT broker: %s", redact_url(settings.mqtt_url))
+        return address, settings.mqtt_protocol, settings.pairing_shared_group, None
+    host, port = parse_listen(listen)
+    broker = await start_embedded_broker(host, port, broker_config)
+    log.info("embedded MQTT broker (amqtt, MQTT 3.1.1) listening on %s:%d", host, port)
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 - a wildcard bind
+    return BrokerAddress(host=local, port=port), "3.1.1", "", broker
+
+
+async def build_service(
+    settings: Settings,
+    *,
+    listen: str = DEFAULT_LISTEN,
+    broker_config: Path | None = None,
+) -> Service:
+    """Set up the store and broker connection as the settings say.
+
+    Raises:
+        ConfigError: a bad setting, the listen address taken, or Redis unreachable.
+    """
+    secret, generated = resolve_secret(settings)
+    if (
+        settings.embedded_broker
+        and "pairing_shared_group" in settings.model_fields_set
+        and settings.pairing_shared_group
+    ):
+        raise ConfigError(
+            "PAIRING_SHARED_GROUP: the embedded broker has no shared subscriptions; "
+            "set MQTT_URL to use one"
+        )
+    store, url, memory = await _open_store(settings)
+    try:
+        address, protocol, share_group, broker = await _attach_broker(
+            settings, listen, broker_config
+        )
+    except ConfigError:
+        await store.aclose()
+        if memory is not None:
+            memory.stop()
+        raise
     if generated:
         log.info("generated a pairing secret for this process (embedded mode)")
     dispatcher = Dispatcher(store, settings, secret)
     gateway = PairingGateway(
         settings, dispatcher, address, protocol=protocol, share_group=share_group
     )
-    return Service(settings, store, gateway, url, broker=broker, memory=memory)
+    service = Service(settings, store, gateway, url, broker=broker, memory=memory)
+    if settings.pairing_health_listen:
+        health_host, health_port = parse_listen(settings.pairing_health_listen)
+        service.health = HealthServer(health_host, health_port, service.ready)
+        try:
+            await service.health.start()
+        except OSError as exc:
+            await service.close()
+            raise ConfigError(
+                f"PAIRING_HEALTH_LISTEN: cannot listen on {health_host}:{health_port} "
+                f"({exc.strerror or exc})"
+            ) from None
+    return service
 
 
 async def run_service(
