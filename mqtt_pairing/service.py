@@ -97,16 +97,16 @@ class Service:
 
 async def _open_store(settings: Settings) -> tuple[PairingStore, str, InMemoryRedis | None]:
     """The store: external Redis, or the in-memory store on a local port."""
-    if settings.redis_cluster_url:
-        raise ConfigError("REDIS_CLUSTER_URL: Redis Cluster is not supported yet; use REDIS_URL")
     memory: InMemoryRedis | None = None
-    url = settings.resolved_redis_url()
+    url = settings.redis_cluster_url or settings.resolved_redis_url()
     if url is None:
         memory = InMemoryRedis()
         memory.start()
         url = memory.url
     store = PairingStore(
-        connect_redis(url, timeout_s=settings.redis_timeout_s),
+        connect_redis(
+            url, timeout_s=settings.redis_timeout_s, cluster=bool(settings.redis_cluster_url)
+        ),
         KeySchema(settings.pairing_key_prefix),
     )
     try:

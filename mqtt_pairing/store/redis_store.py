@@ -15,12 +15,19 @@ import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterError,
+    ReadOnlyError,
+    RedisError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mqtt_pairing import policy
@@ -65,6 +72,17 @@ SCRIPT_NAMES = (
     "claim_due",
     "append_history",
 )
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterError,  # CLUSTERDOWN, MASTERDOWN
+    TryAgainError,  # a slot moving during resharding
+    ReadOnlyError,  # a replica being promoted
+    SlotNotCoveredError,  # a master down and no replica took over yet
+)
+"""Errors that mean "Redis is not there right now": SERVICE_UNAVAILABLE, retry later."""
+
 CLAIM_IN_FLIGHT_S = 2.0
 """How long a claimed use may still be given back by the pair that holds it (its session
 refused); a claim on a used-up code waits that long at most before CODE_ALREADY_USED."""
@@ -79,13 +97,24 @@ def load_script_source(name: str) -> str:
     return (lua / "_prelude.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
 
 
-def connect_redis(url: str, *, timeout_s: float = 2.0) -> aioredis.Redis:
+def connect_redis(url: str, *, timeout_s: float = 1.0, cluster: bool = False) -> aioredis.Redis:
     """A redis-py asyncio client for `url` with timeouts on connect and on every command.
 
     Args:
         url: `redis://` or `rediss://` URL (with password and db as usual).
         timeout_s: socket connect and read timeout, seconds.
+        cluster: use `RedisCluster` (any node of the cluster as `url`). It runs EVALSHA on
+            the node that owns the keys' slot, which is why every script keeps to one
+            hash tag; it shares the command API, hence the return type.
     """
+    if cluster:
+        client = RedisCluster.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+        )
+        return cast(aioredis.Redis, client)
     return aioredis.Redis.from_url(
         url,
         decode_responses=True,
@@ -219,7 +248,7 @@ class PairingStore:
     async def _guard(self, awaitable: Awaitable[T]) -> T:
         try:
             return await awaitable
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except _UNAVAILABLE as exc:
             log.warning("redis unreachable: %s", type(exc).__name__)
             raise StoreUnavailable(retry_after_s=UNAVAILABLE_RETRY_S) from None
         except RedisError as exc:
@@ -340,7 +369,9 @@ class PairingStore:
                 k.dedupe(kind, ident, op, request_id),
                 k.limit(kind, ident),
                 k.limit_failures(kind, ident),
-                k.app_sessions(ident),
+                # Only an app has a session index; a runner passes a key of its own tag
+                # that the script leaves alone (it writes the index only for a session).
+                k.app_sessions(ident) if kind == "app" else k.limit(kind, ident),
             ],
             [
                 "forget" if reply is None else "remember",
@@ -793,15 +824,14 @@ class PairingStore:
         """
         if not runner_ids:
             return {}
+        secs, micros = await self._guard(self.client.time())
+        now = int(secs) * MS_PER_S + int(micros) // MS_PER_S
         pipe = self.client.pipeline(transaction=False)
-        pipe.time()
         for runner_id in runner_ids:
             pipe.hmget(self.keys.runner(runner_id), ["status", "status_ms", "hb_ms"])
         res = await self._guard(pipe.execute())
-        secs, micros = res[0]
-        now = int(secs) * MS_PER_S + int(micros) // MS_PER_S
         out: dict[str, bool | None] = {}
-        for runner_id, (status, status_ms, hb_ms) in zip(runner_ids, res[1:], strict=True):
+        for runner_id, (status, status_ms, hb_ms) in zip(runner_ids, res, strict=True):
             out[runner_id] = policy.presence(
                 status,
                 int(status_ms or 0),
@@ -950,8 +980,7 @@ class PairingStore:
         """
         if not entries:
             return
-        script = self._scripts["append_history"]
-        pipe = self.client.pipeline(transaction=False)
+        calls: list[tuple[str, list[str | int]]] = []
         retention_ms = retention_s * MS_PER_S
         for entry in entries:
             fields: list[str | int] = []
@@ -959,23 +988,30 @@ class PairingStore:
                 fields += [name, str(value)]
             anchor = entry.app_id or entry.runner_id or entry.event
             shard = self.keys.shard_of(anchor, shards)
-            await script(
-                keys=[self.keys.history_global(shard)],
-                args=[max_len, retention_ms, 0, *fields],
-                client=pipe,
-            )
+            calls.append((self.keys.history_global(shard), [max_len, retention_ms, 0, *fields]))
             if entry.runner_id:
-                await script(
-                    keys=[self.keys.history("runner", entry.runner_id)],
-                    args=[identity_max_len, retention_ms, 1, *fields],
-                    client=pipe,
-                )
+                key = self.keys.history("runner", entry.runner_id)
+                calls.append((key, [identity_max_len, retention_ms, 1, *fields]))
             if entry.app_id:
-                await script(
-                    keys=[self.keys.history("app", entry.app_id)],
-                    args=[identity_max_len, retention_ms, 1, *fields],
-                    client=pipe,
-                )
+                key = self.keys.history("app", entry.app_id)
+                calls.append((key, [identity_max_len, retention_ms, 1, *fields]))
+        await self._run_many("append_history", calls)
+
+    async def _run_many(self, name: str, calls: Sequence[tuple[str, Sequence[str | int]]]) -> None:
+        """Run one script over many single-key calls.
+
+        One pipeline on a single Redis; concurrent calls on a cluster, whose pipelines
+        refuse EVALSHA.
+        """
+        script = self._scripts[name]
+        if isinstance(self.client, RedisCluster):
+            await asyncio.gather(
+                *(self._guard(script(keys=[key], args=list(args))) for key, args in calls)
+            )
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key, args in calls:
+            await script(keys=[key], args=list(args), client=pipe)
         await self._guard(pipe.execute())
 
     # ---- bans and allowlist -----------------------------------------------------------
