@@ -50,9 +50,13 @@ from mqtt_pairing.topics import Identity, Kind, ops_for
 
 log = logging.getLogger(__name__)
 
+_WRAPPED = IDEMPOTENT_OPS - {("app", "pair")}
+"""Ops whose idempotency the dispatcher handles; `pair` batches it with its own steps."""
+
 _PENDING_POLL_S = 0.05
 
-Handler = Callable[[Identity, Any, Begin | None], Awaitable[Handled]]
+Handler = Callable[[Identity, Any, Begin | None, str], Awaitable[Handled]]
+"""An op: (requester, request model, what the app slot said, payload hash) -> Handled."""
 
 
 def payload_hash(obj: dict[str, Any]) -> str:
@@ -81,8 +85,10 @@ class Dispatcher:
         self.settings = settings
         self.limits = RateLimitService(store, settings)
         self.codes = PairingCodeService(store, settings, secret)
-        self.sessions = PairingSessionService(store, settings, self.codes, self.limits)
         self.history = PairingHistoryService(store, settings)
+        self.sessions = PairingSessionService(
+            store, settings, self.codes, self.limits, self.history
+        )
         self.counters: Counter[str] = Counter()
         self._routes: dict[tuple[Kind, str], tuple[type[BaseModel], Handler]] = {
             (Kind.RUNNER, "code"): (CodeRequest, self._code),
@@ -125,11 +131,12 @@ class Dispatcher:
                 req = model.model_validate(obj)
             except ValidationError:
                 raise InvalidRequest(_validation_message(model)) from None
-            if (identity.kind.value, op) in IDEMPOTENT_OPS:
+            phash = payload_hash(obj)
+            if (identity.kind.value, op) in _WRAPPED:
                 assert request_id is not None  # noqa: S101 - checked above
-                handled = await self._idempotent(identity, op, request_id, obj, req, handler)
+                handled = await self._idempotent(identity, op, request_id, phash, req, handler)
             else:
-                handled = await handler(identity, req, None)
+                handled = await handler(identity, req, None, phash)
         except PairingError as exc:
             handled = Handled(error_reply(request_id, exc.code, exc.message, exc.retry_after_s))
         except Exception:
@@ -151,11 +158,10 @@ class Dispatcher:
         identity: Identity,
         op: str,
         request_id: str,
-        obj: dict[str, Any],
+        phash: str,
         req: Any,  # noqa: ANN401 - the op's request model
         handler: Handler,
     ) -> Handled:
-        phash = payload_hash(obj)
         deadline = asyncio.get_running_loop().time() + self.settings.pairing_pending_lease_s + 1
         while True:
             begun = await self.limits.begin(identity, op, request_id, phash)
@@ -170,7 +176,7 @@ class Dispatcher:
                 raise InternalError
             await asyncio.sleep(_PENDING_POLL_S)
         try:
-            handled = await handler(identity, req, begun)
+            handled = await handler(identity, req, begun, phash)
         except PairingError as exc:
             handled = Handled(error_reply(request_id, exc.code, exc.message, exc.retry_after_s))
         except BaseException:
@@ -215,7 +221,9 @@ class Dispatcher:
 
     # ---- runner ops -------------------------------------------------------------------
 
-    async def _code(self, identity: Identity, req: CodeRequest, _b: Begin | None) -> Handled:
+    async def _code(
+        self, identity: Identity, req: CodeRequest, _b: Begin | None, _phash: str
+    ) -> Handled:
         issued, masked = await self.codes.issue(identity.id, req)
         record = PairingHistoryEntry(
             event="code.issued",
@@ -227,7 +235,11 @@ class Dispatcher:
         return Handled(ok_reply(req.request_id, issued.to_wire()), remember=False, history=[record])
 
     async def _cancel_code(
-        self, identity: Identity, req: SimpleRequest, _b: Begin | None
+        self,
+        identity: Identity,
+        req: SimpleRequest,
+        _b: Begin | None,
+        _phash: str,
     ) -> Handled:
         cancelled = await self.codes.cancel(identity.id)
         history = []
@@ -238,13 +250,21 @@ class Dispatcher:
         return Handled(ok_reply(req.request_id, {"cancelled": cancelled}), history=history)
 
     async def _runner_sessions(
-        self, identity: Identity, req: SimpleRequest, _b: Begin | None
+        self,
+        identity: Identity,
+        req: SimpleRequest,
+        _b: Begin | None,
+        _phash: str,
     ) -> Handled:
         found = await self.sessions.runner_sessions(identity.id)
         return Handled(ok_reply(req.request_id, {"sessions": [s.to_wire() for s in found]}))
 
     async def _runner_unpair(
-        self, identity: Identity, req: RunnerUnpairRequest, _b: Begin | None
+        self,
+        identity: Identity,
+        req: RunnerUnpairRequest,
+        _b: Begin | None,
+        _phash: str,
     ) -> Handled:
         given = [req.session_id is not None, req.app_id is not None, req.all is True]
         if sum(given) != 1:
@@ -257,7 +277,11 @@ class Dispatcher:
         return Handled(ok_reply(req.request_id, {"closed": len(closed)}), outbox=outbox)
 
     async def _heartbeat(
-        self, identity: Identity, _req: HeartbeatRequest, _b: Begin | None
+        self,
+        identity: Identity,
+        _req: HeartbeatRequest,
+        _b: Begin | None,
+        _phash: str,
     ) -> Handled:
         outbox = await self.store.heartbeat(
             identity.id,
@@ -292,23 +316,34 @@ class Dispatcher:
 
     # ---- app ops ----------------------------------------------------------------------
 
-    async def _pair(self, identity: Identity, req: PairRequest, begun: Begin | None) -> Handled:
-        allowlisted = begun.allowlisted if begun is not None else False
-        return await self.sessions.pair(identity.id, req, allowlisted=allowlisted)
+    async def _pair(
+        self, identity: Identity, req: PairRequest, _b: Begin | None, phash: str
+    ) -> Handled:
+        return await self.sessions.pair(identity.id, req, phash)
 
     async def _app_sessions(
-        self, identity: Identity, req: SimpleRequest, _b: Begin | None
+        self,
+        identity: Identity,
+        req: SimpleRequest,
+        _b: Begin | None,
+        _phash: str,
     ) -> Handled:
         found = await self.sessions.app_sessions(identity.id)
         return Handled(ok_reply(req.request_id, {"sessions": [s.to_wire() for s in found]}))
 
     async def _app_unpair(
-        self, identity: Identity, req: AppUnpairRequest, _b: Begin | None
+        self,
+        identity: Identity,
+        req: AppUnpairRequest,
+        _b: Begin | None,
+        _phash: str,
     ) -> Handled:
         closed, outbox = await self.sessions.close_for_app(identity.id, req.session_id)
         return Handled(ok_reply(req.request_id, {"closed": len(closed)}), outbox=outbox)
 
-    async def _status(self, identity: Identity, req: SimpleRequest, _b: Begin | None) -> Handled:
+    async def _status(
+        self, identity: Identity, req: SimpleRequest, _b: Begin | None, _phash: str
+    ) -> Handled:
         found = await self.sessions.app_sessions(identity.id)
         online = await self.store.presence([s.runner_id for s in found])
         runners = [

@@ -317,7 +317,7 @@ class PairingGateway:
         if handled.outbox:
             fault_point("before_publish_events")
             try:
-                await self.relay.deliver(handled.outbox)
+                await self.relay.deliver(handled.outbox, marked=handled.outbox_marked)
             except PairingError as exc:
                 # The entries stay in the outbox; the sweep publishes them.
                 log.warning("events left for the outbox sweep: %s", exc.message)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from mqtt_pairing.config import Settings
 from mqtt_pairing.errors import PairingError
 from mqtt_pairing.models import PairingHistoryEntry
-from mqtt_pairing.store.redis_store import PairingStore
+from mqtt_pairing.store.redis_store import Call, PairingStore
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +47,22 @@ class PairingHistoryService:
         self.store = store
         self.settings = settings
 
+    def calls(self, entries: Sequence[PairingHistoryEntry]) -> list[Call]:
+        """The store calls that append `entries`, to batch with other steps."""
+        s = self.settings
+        return self.store.history_calls(
+            entries,
+            max_len=s.pairing_history_max_len,
+            identity_max_len=s.pairing_history_identity_max_len,
+            retention_s=s.pairing_history_retention_s,
+            shards=s.pairing_index_shards,
+        )
+
     async def record(self, entries: Sequence[PairingHistoryEntry]) -> None:
         """Append records; logs and swallows store errors (best effort)."""
         if not entries:
             return
-        s = self.settings
         try:
-            await self.store.append_history(
-                entries,
-                max_len=s.pairing_history_max_len,
-                identity_max_len=s.pairing_history_identity_max_len,
-                retention_s=s.pairing_history_retention_s,
-                shards=s.pairing_index_shards,
-            )
+            await self.store.batch(self.calls(entries))
         except PairingError as exc:
             log.warning("history not recorded: %s", exc.message)

@@ -112,8 +112,11 @@ class OutboxRelay:
     def _shards(self) -> int:
         return self.settings.pairing_index_shards
 
-    async def deliver(self, entries: Sequence[OutboxEntry]) -> None:
+    async def deliver(self, entries: Sequence[OutboxEntry], *, marked: bool = False) -> None:
         """Publish entries right after the script that wrote them, then delete them.
+
+        Unless `marked` (the caller wrote it in a batch already), the outbox's due mark is
+        written with a lease while the events are published.
 
         Raises:
             StoreUnavailable: Redis is unreachable (the entries stay for the sweep).
@@ -123,11 +126,14 @@ class OutboxRelay:
         for entry in entries:
             by_runner.setdefault(entry.runner_id, []).append(entry)
         for runner_id, items in by_runner.items():
-            mark = self.store.mark_outbox_due(
-                runner_id, delay_s=self.settings.pairing_outbox_lease_s, shards=self._shards
-            )
             rendered = [e for item in items for e in render(item)]
-            await asyncio.gather(mark, self.publish(rendered))
+            if marked:
+                await self.publish(rendered)
+            else:
+                mark = self.store.mark_outbox_due(
+                    runner_id, delay_s=self.settings.pairing_outbox_lease_s, shards=self._shards
+                )
+                await asyncio.gather(mark, self.publish(rendered))
             await self.store.ack_outbox(
                 runner_id, [i.stream_id for i in items], shards=self._shards
             )

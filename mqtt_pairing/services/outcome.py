@@ -23,7 +23,8 @@ class Handled:
         index_session: a new session to index under the app.
         drop_session_id: a replaced session to drop from the app's index.
         remember: whether the dispatcher still has to remember the reply (False when the
-            op already stored it, as `code` does, sealed).
+            op already stored it, as `code` does, sealed, and `pair`).
+        outbox_marked: the outbox's due mark is already written (with the lease).
     """
 
     reply: dict[str, Any] | None
@@ -33,6 +34,7 @@ class Handled:
     index_session: PairingSession | None = None
     drop_session_id: str = ""
     remember: bool = True
+    outbox_marked: bool = False
 
     @property
     def events(self) -> list[Event]:

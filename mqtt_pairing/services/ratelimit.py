@@ -11,7 +11,15 @@ from typing import Literal
 
 from mqtt_pairing.config import Settings
 from mqtt_pairing.models import PairingSession
-from mqtt_pairing.store.redis_store import Begin, Mismatch, PairingStore, Pending, Replay
+from mqtt_pairing.store.redis_store import (
+    Begin,
+    Mismatch,
+    PairingStore,
+    Pending,
+    RawCall,
+    Replay,
+    ScriptCall,
+)
 from mqtt_pairing.topics import Identity, Kind
 
 IDEMPOTENT_OPS = frozenset({("runner", "code"), ("runner", "cancel-code"), ("runner", "unpair")})
@@ -30,15 +38,12 @@ class RateLimitService:
         self.store = store
         self.settings = settings
 
-    async def begin(
+    def begin_call(
         self, identity: Identity, op: str, request_id: str, payload_hash: str
-    ) -> Begin | Replay | Pending | Mismatch:
-        """Replay check, then (for `pair` and `code`) ban, penalty and request rate.
+    ) -> ScriptCall:
+        """The `begin_request` call for an op.
 
-        Raises:
-            Banned: an admin ban is in force.
-            RateLimited: penalty or request rate.
-            StoreUnavailable: Redis is unreachable.
+        Replay check, then (for `pair` and `code`) ban, penalty and request rate.
         """
         s = self.settings
         limit, window = 0, 60
@@ -46,7 +51,7 @@ class RateLimitService:
             limit, window = s.pairing_app_request_limit, s.pairing_app_request_window_s
         elif identity.kind is Kind.RUNNER and op == "code":
             limit, window = s.pairing_runner_code_limit, s.pairing_runner_code_window_s
-        return await self.store.begin_request(
+        return self.store.begin_call(
             identity.kind.value,
             identity.id,
             op,
@@ -59,6 +64,56 @@ class RateLimitService:
             check_penalty=op == "pair",
             request_limit=limit,
             request_window_s=window,
+        )
+
+    async def begin(
+        self, identity: Identity, op: str, request_id: str, payload_hash: str
+    ) -> Begin | Replay | Pending | Mismatch:
+        """Replay check, then (for `pair` and `code`) ban, penalty and request rate.
+
+        Raises:
+            Banned: an admin ban is in force.
+            RateLimited: penalty or request rate.
+            StoreUnavailable: Redis is unreachable.
+        """
+        call = self.begin_call(identity, op, request_id, payload_hash)
+        return self.store.parse_begin(await self.store.call(call))
+
+    def finish_call(
+        self,
+        identity: Identity,
+        op: str,
+        request_id: str,
+        *,
+        reply: str | None,
+        outcome: Literal["", "failure", "success"] = "",
+        allowlisted: bool = False,
+        index_session: PairingSession | None = None,
+        drop_session_id: str = "",
+    ) -> ScriptCall:
+        """The `finish_request` call: remember the reply and record a guess.
+
+        A `reply` of None drops the pending mark; the result goes to `store.parse_finish`.
+        """
+        s = self.settings
+        return self.store.finish_call(
+            identity.kind.value,
+            identity.id,
+            op,
+            request_id,
+            reply=reply,
+            dedupe_ttl_s=s.pairing_dedupe_ttl_s,
+            outcome=outcome,
+            allowlisted=allowlisted,
+            fail_limit=s.pairing_fail_limit,
+            fail_window_s=s.pairing_fail_window_s,
+            penalty_s=s.pairing_penalty_s,
+            penalty_max_s=s.pairing_penalty_max_s,
+            penalty_memory_s=s.pairing_penalty_memory_s,
+            member=uuid.uuid4().hex,
+            index_session=index_session,
+            drop_session_id=drop_session_id,
+            idle_ttl_s=s.pairing_session_idle_ttl_s,
         )
 
     async def finish(
@@ -81,41 +136,27 @@ class RateLimitService:
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        s = self.settings
-        penalty_s, _strikes = await self.store.finish_request(
-            identity.kind.value,
-            identity.id,
+        call = self.finish_call(
+            identity,
             op,
             request_id,
             reply=reply,
-            dedupe_ttl_s=s.pairing_dedupe_ttl_s,
             outcome=outcome,
             allowlisted=allowlisted,
-            fail_limit=s.pairing_fail_limit,
-            fail_window_s=s.pairing_fail_window_s,
-            penalty_s=s.pairing_penalty_s,
-            penalty_max_s=s.pairing_penalty_max_s,
-            penalty_memory_s=s.pairing_penalty_memory_s,
-            member=uuid.uuid4().hex,
             index_session=index_session,
             drop_session_id=drop_session_id,
-            idle_ttl_s=s.pairing_session_idle_ttl_s,
         )
+        penalty_s, _strikes = self.store.parse_finish(await self.store.call(call))
         return penalty_s
 
     def budget_member(self, app_id: str, request_id: str) -> str:
         """The budget reservation of one pair request (same for its retries)."""
         return f"{app_id}\n{request_id}"
 
-    async def reserve_budget(self, member: str, *, peek: bool = False) -> None:
-        """Reserve a unit of the global failure budget (or check it, `peek`).
-
-        Raises:
-            RateLimited: the budget is spent.
-            StoreUnavailable: Redis is unreachable.
-        """
+    def budget_call(self, member: str, *, peek: bool = False) -> ScriptCall:
+        """The call that reserves a unit of the global failure budget (or checks it)."""
         s = self.settings
-        await self.store.reserve_budget(
+        return self.store.budget_call(
             member,
             limit=s.pairing_global_fail_limit,
             window_s=s.pairing_global_fail_window_s,
@@ -123,10 +164,26 @@ class RateLimitService:
             peek=peek,
         )
 
+    def refund_call(self, member: str) -> RawCall:
+        """The call that gives back the unit of a guess that succeeded."""
+        return self.store.refund_call(member, shards=self.settings.pairing_global_fail_shards)
+
+    async def reserve_budget(self, member: str, *, peek: bool = False) -> bool:
+        """Reserve a unit of the global failure budget (or check it, `peek`).
+
+        Returns:
+            True if this call reserved the unit.
+
+        Raises:
+            RateLimited: the budget is spent.
+            StoreUnavailable: Redis is unreachable.
+        """
+        return self.store.parse_budget(await self.store.call(self.budget_call(member, peek=peek)))
+
     async def refund_budget(self, member: str) -> None:
         """Give back the unit of a guess that succeeded.
 
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        await self.store.refund_budget(member, shards=self.settings.pairing_global_fail_shards)
+        await self.store.call(self.refund_call(member))

@@ -7,8 +7,12 @@ this service runs the budget, code, runner and by-id steps in between.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import uuid
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from mqtt_pairing.codes import mask_code, normalise_code
 from mqtt_pairing.config import Settings
@@ -16,7 +20,9 @@ from mqtt_pairing.errors import (
     CodeAlreadyUsed,
     CodeExpired,
     CodeNotFound,
+    InternalError,
     InvalidCodeFormat,
+    InvalidRequest,
     PairingError,
     RunnerOffline,
     SessionLimitReached,
@@ -32,11 +38,25 @@ from mqtt_pairing.models import (
     ok_reply,
 )
 from mqtt_pairing.services.codes import PairingCodeService
+from mqtt_pairing.services.history import PairingHistoryService
 from mqtt_pairing.services.outcome import Handled
 from mqtt_pairing.services.ratelimit import RateLimitService
-from mqtt_pairing.store.redis_store import OutboxEntry, PairingStore
+from mqtt_pairing.store.redis_store import (
+    Begin,
+    Call,
+    Claim,
+    ClaimBusy,
+    Mismatch,
+    OutboxEntry,
+    PairingStore,
+    Pending,
+    Replay,
+)
+from mqtt_pairing.topics import Identity, Kind
 
 log = logging.getLogger(__name__)
+
+_PENDING_POLL_S = 0.05
 
 
 def new_session_id() -> str:
@@ -64,46 +84,117 @@ class PairingSessionService:
         settings: Settings,
         codes: PairingCodeService,
         limits: RateLimitService,
+        history: PairingHistoryService,
     ) -> None:
         self.store = store
         self.settings = settings
         self.codes = codes
         self.limits = limits
+        self.history = history
 
-    async def pair(self, app_id: str, req: PairRequest, *, allowlisted: bool) -> Handled:
-        """Steps 2-4 of a pair, after the app slot let it through.
+    async def pair(self, app_id: str, req: PairRequest, payload_hash: str) -> Handled:
+        """A whole `pair`, in three Redis round trips when it succeeds, two when it fails.
+
+        DESIGN.md "A pair across slots", with the independent steps batched:
+        1. app slot (replay, ban, limits, pending mark) + budget shard (reserve a unit) +
+           code slot (claim a use), in one batch. The claim is speculative: when the app
+           slot or the budget refuses, its outcome is never told and the use is given back.
+        2. runner slot: open the session (outbox: session.opened, code.used).
+        3. app slot (remember the reply, index the session, clear the failure window) +
+           session lookup + expiry set + budget refund + outbox due mark, in one batch.
+        A failed guess ends with step 1 and a batch remembering it (and the penalty).
+        Every step is idempotent for the same (app_id, request_id): a retry or redelivery
+        after a crash ends with the same session_id.
 
         Returns:
-            A `Handled` whose reply is the result or a remembered error; failed guesses
-            carry outcome "failure" so the app slot counts them.
+            The reply, with `remember` False: this method finishes the request itself.
 
         Raises:
-            RateLimited: the global failure budget is spent (not remembered).
+            Banned, RateLimited: refused before the lookup (not remembered).
             RunnerOffline: the runner is known to be offline (not remembered).
+            InvalidRequest: the request_id was used with another payload.
             StoreUnavailable: Redis is unreachable.
         """
+        identity = Identity(Kind.APP, app_id)
         rid = req.request_id
         member = self.limits.budget_member(app_id, rid)
         try:
-            code = normalise_code(req.code)
-        except InvalidCodeFormat as exc:
-            await self.limits.reserve_budget(member, peek=True)
-            return Handled(_error(rid, exc))
-        await self.limits.reserve_budget(member)
-        digest = self.codes.digest(code)
+            code: str | None = normalise_code(req.code)
+        except InvalidCodeFormat:
+            code = None
+        digest = self.codes.digest(code) if code is not None else ""
+        calls: list[Call] = [
+            self.limits.begin_call(identity, "pair", rid, payload_hash),
+            self.limits.budget_call(member, peek=code is None),
+        ]
+        if code is not None:
+            calls.append(self.store.claim_call(digest, app_id, rid, new_session_id()))
+        res = await self.store.batch(calls)
+        claim_new = False
+        claim: Claim | None = None
+        claim_error: PairingError | None = None
+        if code is not None:
+            try:
+                claim = self.store.parse_claim(res[2])
+                claim_new = not claim.repeat
+            except (PairingError, ClaimBusy) as exc:
+                claim_error = exc if isinstance(exc, PairingError) else None
         try:
-            claim = await self.store.claim_code(digest, app_id, rid, new_session_id())
-        except (CodeNotFound, CodeExpired, CodeAlreadyUsed) as exc:
+            begun = self.store.parse_begin(res[0])
+        except PairingError:
+            await self._give_back(digest, identity, rid, claim_new, budget=None)
+            raise
+        if isinstance(begun, Pending):
+            # Another copy is in progress; the speculative steps were its own (same
+            # app_id and request_id), so nothing is given back. Wait for its reply.
+            return await self._await_copy(identity, req, payload_hash)
+        try:
+            budget_new = self.store.parse_budget(res[1])
+        except PairingError:
+            budget_new = None
+            if isinstance(begun, Begin):
+                await self._give_back(digest, identity, rid, claim_new, budget=None, forget=True)
+                raise
+        if not isinstance(begun, Begin):
+            await self._give_back(
+                digest, identity, rid, claim_new, budget=member if budget_new else None
+            )
+            if isinstance(begun, Replay):
+                return Handled(json.loads(begun.reply), remember=False)
+            raise InvalidRequest("request_id was used with another payload")
+        if code is None:
+            return await self._finish(identity, rid, _error(rid, InvalidCodeFormat()))
+        if claim is None and claim_error is None:  # busy: a claim in flight decides
+            try:
+                claim = await self.store.claim_code(digest, app_id, rid, new_session_id())
+            except (CodeNotFound, CodeExpired, CodeAlreadyUsed) as exc:
+                claim_error = exc
+        if claim is None:
+            assert claim_error is not None  # noqa: S101
             guessed = mask_code(code[0], digest)
-            log.info("pair failed app=%s code=%s error=%s", app_id, guessed, exc.code)
-            return Handled(
-                _error(rid, exc),
+            log.info("pair failed app=%s code=%s error=%s", app_id, guessed, claim_error.code)
+            return await self._finish(
+                identity,
+                rid,
+                _error(rid, claim_error),
                 outcome="failure",
-                history=[_failed(app_id, None, guessed, exc)],
+                allowlisted=begun.allowlisted,
+                history=[_failed(app_id, None, guessed, claim_error)],
             )
         fault_point("after_claim")
+        return await self._open(identity, req, begun, digest, claim, member)
+
+    async def _open(
+        self,
+        identity: Identity,
+        req: PairRequest,
+        begun: Begin,
+        digest: str,
+        claim: Claim,
+        member: str,
+    ) -> Handled:
+        app_id, rid, s = identity.id, req.request_id, self.settings
         masked = mask_code(claim.first_char, digest)
-        s = self.settings
         try:
             opened = await self.store.open_session(
                 digest=digest,
@@ -118,37 +209,35 @@ class PairingSessionService:
                 app_metadata=req.metadata,
             )
         except (CodeAlreadyUsed, RunnerOffline, SessionLimitReached) as exc:
-            await self.store.unclaim_code(digest, app_id, rid)
             log.info("pair refused app=%s code=%s error=%s", app_id, masked, exc.code)
             history = [_failed(app_id, claim.runner_id, masked, exc)]
-            if isinstance(exc, CodeAlreadyUsed):
-                return Handled(_error(rid, exc), outcome="failure", history=history)
-            await self.limits.refund_budget(member)
+            undo: list[Call] = [self.store.unclaim_call(digest, app_id, rid)]
+            if not isinstance(exc, CodeAlreadyUsed):
+                undo.append(self.limits.refund_call(member))  # the right code: no failure
             if isinstance(exc, RunnerOffline):
+                await self.store.batch(
+                    [*undo, self.limits.finish_call(identity, "pair", rid, reply=None)]
+                )
+                await self.history.record(history)
                 raise
-            return Handled(_error(rid, exc), history=history)
+            outcome: Literal["", "failure"] = "failure" if isinstance(exc, CodeAlreadyUsed) else ""
+            return await self._finish(
+                identity,
+                rid,
+                _error(rid, exc),
+                outcome=outcome,
+                allowlisted=begun.allowlisted,
+                history=history,
+                before=undo,
+            )
         session = opened.session
-        await self.store.index_session(session, idle_ttl_s=s.pairing_session_idle_ttl_s)
-        await self.store.schedule_expiry(
-            session, idle_ttl_s=s.pairing_session_idle_ttl_s, shards=s.pairing_index_shards
-        )
-        await self.limits.refund_budget(member)
-        drop = ""
-        if opened.replaced is not None:
-            drop = opened.replaced.session_id
-            await self.store.drop_session_indexes([opened.replaced])
-        log.info(
-            "paired app=%s runner=%s session=%s code=%s",
-            app_id,
-            session.runner_id,
-            session.session_id,
-            masked,
-        )
+        drop = opened.replaced.session_id if opened.replaced is not None else ""
         result = {
             "session": session.to_wire(),
             "runner_public_key": opened.runner_public_key,
             "runner_metadata": opened.runner_metadata,
         }
+        reply = ok_reply(rid, result)
         history = [
             PairingHistoryEntry(
                 event="pair.succeeded",
@@ -159,14 +248,116 @@ class PairingSessionService:
                 code_mask=masked,
             )
         ]
-        return Handled(
-            ok_reply(rid, result),
-            outbox=opened.outbox,
-            history=history,
+        shards = s.pairing_index_shards
+        after: list[Call] = [
+            self.store.index_call(session, idle_ttl_s=s.pairing_session_idle_ttl_s),
+            self.store.expiry_call(session, idle_ttl_s=s.pairing_session_idle_ttl_s, shards=shards),
+            self.limits.refund_call(member),
+            self.store.outbox_due_call(
+                session.runner_id, delay_s=s.pairing_outbox_lease_s, shards=shards
+            ),
+        ]
+        if opened.replaced is not None:
+            after.extend(self.store.drop_index_calls([opened.replaced]))
+        log.info(
+            "paired app=%s runner=%s session=%s code=%s",
+            app_id,
+            session.runner_id,
+            session.session_id,
+            masked,
+        )
+        handled = await self._finish(
+            identity,
+            rid,
+            reply,
             outcome="success",
+            allowlisted=begun.allowlisted,
+            history=history,
             index_session=session,
             drop_session_id=drop,
+            after=after,
         )
+        handled.outbox = opened.outbox
+        handled.outbox_marked = True
+        return handled
+
+    async def _finish(
+        self,
+        identity: Identity,
+        rid: str,
+        reply: dict[str, Any],
+        *,
+        outcome: Literal["", "failure", "success"] = "",
+        allowlisted: bool = False,
+        history: list[PairingHistoryEntry] | None = None,
+        index_session: PairingSession | None = None,
+        drop_session_id: str = "",
+        before: Sequence[Call] = (),
+        after: Sequence[Call] = (),
+    ) -> Handled:
+        """Remember the reply (with the guess's outcome) in one batch with other steps."""
+        records = list(history or [])
+        finish = self.limits.finish_call(
+            identity,
+            "pair",
+            rid,
+            reply=json.dumps(reply),
+            outcome=outcome,
+            allowlisted=allowlisted,
+            index_session=index_session,
+            drop_session_id=drop_session_id,
+        )
+        res = await self.store.batch([*before, finish, *after, *self.history.calls(records)])
+        penalty_s, _strikes = self.store.parse_finish(res[len(before)])
+        if penalty_s:
+            records = [
+                PairingHistoryEntry(
+                    event="penalty",
+                    at_ms=0,
+                    app_id=identity.id,
+                    detail=f"retry_after_s={penalty_s}",
+                )
+            ]
+            await self.history.record(records)
+        return Handled(reply, remember=False)
+
+    async def _give_back(
+        self,
+        digest: str,
+        identity: Identity,
+        rid: str,
+        claim_new: bool,
+        *,
+        budget: str | None,
+        forget: bool = False,
+    ) -> None:
+        """Undo the speculative steps of a refused request (it learns nothing of them)."""
+        undo: list[Call] = []
+        if claim_new:
+            undo.append(self.store.unclaim_call(digest, identity.id, rid))
+        if budget is not None:
+            undo.append(self.limits.refund_call(budget))
+        if forget:
+            undo.append(self.limits.finish_call(identity, "pair", rid, reply=None))
+        await self.store.batch(undo)
+
+    async def _await_copy(self, identity: Identity, req: PairRequest, payload_hash: str) -> Handled:
+        """Wait for a copy of this request in progress; take over if it died."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.pairing_pending_lease_s + 1
+        while loop.time() < deadline:
+            await asyncio.sleep(_PENDING_POLL_S)
+            begun = await self.limits.begin(identity, "pair", req.request_id, payload_hash)
+            if isinstance(begun, Replay):
+                return Handled(json.loads(begun.reply), remember=False)
+            if isinstance(begun, Mismatch):
+                raise InvalidRequest("request_id was used with another payload")
+            if isinstance(begun, Begin):
+                # The first copy died: its pending mark lapsed and this one owns it now.
+                # The steps are idempotent, so running them again ends the same way.
+                await self.limits.finish(identity, "pair", req.request_id, reply=None)
+                return await self.pair(identity.id, req, payload_hash)
+        raise InternalError
 
     async def runner_sessions(self, runner_id: str) -> list[PairingSession]:
         """Active sessions of a runner (refreshing their last_seen_at).

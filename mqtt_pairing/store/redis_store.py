@@ -22,6 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterError,
+    NoScriptError,
     ReadOnlyError,
     RedisError,
     SlotNotCoveredError,
@@ -83,6 +84,11 @@ _UNAVAILABLE = (
 )
 """Errors that mean "Redis is not there right now": SERVICE_UNAVAILABLE, retry later."""
 
+INDEX_TTL_MARGIN_S = 86_400
+"""An app's session index and a session's by-id lookup live this much longer than the
+idle TTL, so that the expiry sweep (which refreshes them when runner traffic kept the
+session alive) always finds them."""
+
 CLAIM_IN_FLIGHT_S = 2.0
 """How long a claimed use may still be given back by the pair that holds it (its session
 refused); a claim on a used-up code waits that long at most before CODE_ALREADY_USED."""
@@ -122,6 +128,10 @@ def connect_redis(url: str, *, timeout_s: float = 1.0, cluster: bool = False) ->
         socket_connect_timeout=timeout_s,
         health_check_interval=30,
     )
+
+
+def _call_name(call: ScriptCall | RawCall) -> str:
+    return call.name if isinstance(call, ScriptCall) else str(call.args[0])
 
 
 def _ceil_s(ms: int) -> int:
@@ -222,6 +232,29 @@ class OpenedSession:
     outbox: list[OutboxEntry]
 
 
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    """One Lua script call: the script's name, its KEYS and its ARGV."""
+
+    name: str
+    keys: tuple[str, ...]
+    args: tuple[str | int | float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RawCall:
+    """One plain Redis command (its first argument after the name is its key)."""
+
+    args: tuple[str | int | float, ...]
+
+
+Call = ScriptCall | RawCall
+
+
+class ClaimBusy(Exception):
+    """The code is used up but a recent claim may still be given back: ask again."""
+
+
 def _session(raw: str) -> PairingSession:
     return PairingSession.model_validate_json(raw)
 
@@ -259,6 +292,50 @@ class PairingStore:
         script = self._scripts[name]
         return await self._guard(script(keys=list(keys), args=list(args)))
 
+    async def call(self, call: Call) -> Any:  # noqa: ANN401
+        """Run one call in its own round trip.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+            InternalError: Redis refused the call.
+        """
+        if isinstance(call, ScriptCall):
+            return await self._run(call.name, call.keys, call.args)
+        return await self._guard(self.client.execute_command(*call.args))  # type: ignore[no-untyped-call]
+
+    async def batch(self, calls: Sequence[Call]) -> list[Any]:
+        """Run calls in one round trip.
+
+        On a single Redis: one pipeline, in order, scripts by EVALSHA (reloaded after
+        NOSCRIPT). On a cluster: concurrent calls (its pipelines refuse EVALSHA, and calls
+        on different slots have no order anyway).
+
+        Returns:
+            The results in call order.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+            InternalError: Redis refused one of the calls.
+        """
+        if not calls:
+            return []
+        if isinstance(self.client, RedisCluster):
+            return list(await asyncio.gather(*(self.call(c) for c in calls)))
+        pipe = self.client.pipeline(transaction=False)
+        for c in calls:
+            if isinstance(c, ScriptCall):
+                pipe.evalsha(self._scripts[c.name].sha, len(c.keys), *c.keys, *c.args)
+            else:
+                pipe.execute_command(*c.args)
+        results: list[Any] = await self._guard(pipe.execute(raise_on_error=False))
+        for i, res in enumerate(results):
+            if isinstance(res, NoScriptError):
+                results[i] = await self.call(calls[i])  # loads the script, runs it once
+            elif isinstance(res, RedisError):
+                log.error("redis refused %s: %s", _call_name(calls[i]), type(res).__name__)
+                raise InternalError
+        return results
+
     async def ping(self) -> bool:
         """True when Redis answers PING.
 
@@ -276,6 +353,27 @@ class PairingStore:
         op: str,
         request_id: str,
         payload_hash: str,
+        **options: Any,  # noqa: ANN401 - as begin_call
+    ) -> Begin | Replay | Pending | Mismatch:
+        """Replay check, admin ban, penalty and request rate, then the pending mark.
+
+        Keyword arguments as `begin_call`.
+
+        Raises:
+            Banned: an admin ban is in force (`retry_after_s` unless permanent).
+            RateLimited: a penalty or the request rate (`retry_after_s` set).
+            StoreUnavailable: Redis is unreachable.
+        """
+        call = self.begin_call(kind, ident, op, request_id, payload_hash, **options)
+        return self.parse_begin(await self.call(call))
+
+    def begin_call(
+        self,
+        kind: Kind,
+        ident: str,
+        op: str,
+        request_id: str,
+        payload_hash: str,
         *,
         member: str,
         lease_s: int,
@@ -284,25 +382,22 @@ class PairingStore:
         check_penalty: bool,
         request_limit: int = 0,
         request_window_s: int = 60,
-    ) -> Begin | Replay | Pending | Mismatch:
-        """Replay check, admin ban, penalty and request rate, then the pending mark.
+    ) -> ScriptCall:
+        """The `begin_request` call: replay check, ban, penalty, request rate, pending mark.
 
-        Raises:
-            Banned: an admin ban is in force (`retry_after_s` unless permanent).
-            RateLimited: a penalty or the request rate (`retry_after_s` set).
-            StoreUnavailable: Redis is unreachable.
+        Its result goes to `parse_begin`.
         """
         k = self.keys
-        res = await self._run(
+        return ScriptCall(
             "begin_request",
-            [
+            (
                 k.dedupe(kind, ident, op, request_id),
                 k.ban(kind, ident),
                 k.allow(kind, ident),
                 k.limit(kind, ident),
                 k.limit_requests(kind, ident),
-            ],
-            [
+            ),
+            (
                 payload_hash,
                 lease_s * MS_PER_S,
                 dedupe_ttl_s * MS_PER_S,
@@ -311,8 +406,17 @@ class PairingStore:
                 request_limit,
                 request_window_s * MS_PER_S,
                 member,
-            ],
+            ),
         )
+
+    @staticmethod
+    def parse_begin(res: Any) -> Begin | Replay | Pending | Mismatch:  # noqa: ANN401
+        """The outcome of a `begin_request` call.
+
+        Raises:
+            Banned: an admin ban is in force (`retry_after_s` unless permanent).
+            RateLimited: a penalty or the request rate (`retry_after_s` set).
+        """
         status = res[0]
         if status == "ok":
             return Begin(allowlisted=bool(res[1]), now_ms=int(res[2]), takeover=bool(res[3]))
@@ -335,6 +439,25 @@ class PairingStore:
         ident: str,
         op: str,
         request_id: str,
+        **options: Any,  # noqa: ANN401 - as finish_call
+    ) -> tuple[int, int]:
+        """Remember the reply and record the outcome of a request (see `finish_call`).
+
+        Returns:
+            (penalty_s, strikes): the automatic penalty this failure started (0 if none).
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        call = self.finish_call(kind, ident, op, request_id, **options)
+        return self.parse_finish(await self.call(call))
+
+    def finish_call(
+        self,
+        kind: Kind,
+        ident: str,
+        op: str,
+        request_id: str,
         *,
         reply: str | None,
         dedupe_ttl_s: int,
@@ -349,31 +472,27 @@ class PairingStore:
         index_session: PairingSession | None = None,
         drop_session_id: str = "",
         idle_ttl_s: int = 2_592_000,
-    ) -> tuple[int, int]:
-        """Remember the reply and record the outcome of a request.
+    ) -> ScriptCall:
+        """The `finish_request` call: remember the reply and record the outcome.
 
         Drops the pending mark instead when `reply` is None; records a failed guess (with
         the doubling penalty) or clears the failure window after a success; indexes a new
         session of an app.
 
-        Returns:
-            (penalty_s, strikes): the automatic penalty this failure started (0 if none).
-
-        Raises:
-            StoreUnavailable: Redis is unreachable.
+        Its result goes to `parse_finish`.
         """
         k = self.keys
-        res = await self._run(
+        return ScriptCall(
             "finish_request",
-            [
+            (
                 k.dedupe(kind, ident, op, request_id),
                 k.limit(kind, ident),
                 k.limit_failures(kind, ident),
                 # Only an app has a session index; a runner passes a key of its own tag
                 # that the script leaves alone (it writes the index only for a session).
                 k.app_sessions(ident) if kind == "app" else k.limit(kind, ident),
-            ],
-            [
+            ),
+            (
                 "forget" if reply is None else "remember",
                 reply or "",
                 dedupe_ttl_s * MS_PER_S,
@@ -388,33 +507,62 @@ class PairingStore:
                 index_session.session_id if index_session else "",
                 index_session.runner_id if index_session else "",
                 drop_session_id,
-                idle_ttl_s * MS_PER_S,
-            ],
+                (idle_ttl_s + INDEX_TTL_MARGIN_S) * MS_PER_S,
+            ),
         )
+
+    @staticmethod
+    def parse_finish(res: Any) -> tuple[int, int]:  # noqa: ANN401
+        """(penalty_s, strikes): the automatic penalty a failure started (0 if none)."""
         penalty_ms, strikes = int(res[0]), int(res[1])
         return (_ceil_s(penalty_ms) if penalty_ms else 0), strikes
 
-    async def reserve_budget(
+    def budget_call(
         self, member: str, *, limit: int, window_s: int, shards: int, peek: bool = False
-    ) -> None:
-        """Reserve one unit of the global failure budget (or only check it, `peek`).
+    ) -> ScriptCall:
+        """The `reserve_budget` call for one unit of the global failure budget.
 
         The budget is sharded over `shards` keys ({global:<n>}); each shard allows
-        `limit // shards` units (at least 1) per window.
+        `limit // shards` units (at least 1) per window. Its result goes to `parse_budget`.
+        """
+        shard = self.keys.budget_shard(member, shards)
+        per_shard = max(1, limit // shards)
+        return ScriptCall(
+            "reserve_budget",
+            (self.keys.budget(shard),),
+            (member, per_shard, window_s * MS_PER_S, "peek" if peek else "reserve"),
+        )
+
+    @staticmethod
+    def parse_budget(res: Any) -> bool:  # noqa: ANN401
+        """True if a unit was reserved by this call (False: already held, or a peek).
+
+        Raises:
+            RateLimited: the budget is spent (`retry_after_s` until a unit frees).
+        """
+        if int(res[0]) != 1:
+            raise RateLimited("too many failed attempts overall", retry_after_s=_ceil_s(res[1]))
+        return bool(int(res[1])) if len(res) > 1 else False
+
+    async def reserve_budget(
+        self, member: str, *, limit: int, window_s: int, shards: int, peek: bool = False
+    ) -> bool:
+        """Reserve one unit of the global failure budget (or only check it, `peek`).
+
+        Returns:
+            True if this call reserved the unit.
 
         Raises:
             RateLimited: the budget is spent (`retry_after_s` until a unit frees).
             StoreUnavailable: Redis is unreachable.
         """
+        call = self.budget_call(member, limit=limit, window_s=window_s, shards=shards, peek=peek)
+        return self.parse_budget(await self.call(call))
+
+    def refund_call(self, member: str, *, shards: int) -> RawCall:
+        """The ZREM that gives back the budget unit of `member`."""
         shard = self.keys.budget_shard(member, shards)
-        per_shard = max(1, limit // shards)
-        res = await self._run(
-            "reserve_budget",
-            [self.keys.budget(shard)],
-            [member, per_shard, window_s * MS_PER_S, "peek" if peek else "reserve"],
-        )
-        if int(res[0]) != 1:
-            raise RateLimited("too many failed attempts overall", retry_after_s=_ceil_s(res[1]))
+        return RawCall(("ZREM", self.keys.budget(shard), member))
 
     async def refund_budget(self, member: str, *, shards: int) -> None:
         """Give back the unit reserved by `member` (after a success).
@@ -526,23 +674,22 @@ class PairingStore:
         res = await self._run("end_code", [self.keys.code(digest)], [state, runner_id])
         return int(res) == 1
 
-    async def claim_code(self, digest: str, app_id: str, request_id: str, session_id: str) -> Claim:
-        """Take one use of the code for (app_id, request_id); a repeat returns the same.
+    def claim_call(self, digest: str, app_id: str, request_id: str, session_id: str) -> ScriptCall:
+        """The `claim_code` call; its result goes to `parse_claim`."""
+        return ScriptCall(
+            "claim_code",
+            (self.keys.code(digest), self.keys.code_claims(digest)),
+            (f"{app_id}\n{request_id}", session_id, int(CLAIM_IN_FLIGHT_S * MS_PER_S)),
+        )
+
+    @staticmethod
+    def parse_claim(res: Any) -> Claim:  # noqa: ANN401
+        """The outcome of a `claim_code` call.
 
         Raises:
             CodeNotFound, CodeExpired, CodeAlreadyUsed: the lookup failed.
-            StoreUnavailable: Redis is unreachable.
+            ClaimBusy: used up, but a claim in flight may still be given back.
         """
-        deadline = asyncio.get_running_loop().time() + CLAIM_IN_FLIGHT_S
-        while True:
-            res = await self._run(
-                "claim_code",
-                [self.keys.code(digest), self.keys.code_claims(digest)],
-                [f"{app_id}\n{request_id}", session_id, int(CLAIM_IN_FLIGHT_S * MS_PER_S)],
-            )
-            if res[0] != "busy" or asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(_CLAIM_RETRY_S)
         status = res[0]
         if status == "ok":
             return Claim(
@@ -556,9 +703,39 @@ class PairingStore:
             )
         if status == "expired":
             raise CodeExpired
-        if status in ("used", "busy"):
+        if status == "used":
             raise CodeAlreadyUsed
+        if status == "busy":
+            raise ClaimBusy
         raise CodeNotFound
+
+    async def claim_code(self, digest: str, app_id: str, request_id: str, session_id: str) -> Claim:
+        """Take one use of the code for (app_id, request_id); a repeat returns the same.
+
+        A used-up code with a claim in flight is asked again until that claim is settled
+        (at most `CLAIM_IN_FLIGHT_S`).
+
+        Raises:
+            CodeNotFound, CodeExpired, CodeAlreadyUsed: the lookup failed.
+            StoreUnavailable: Redis is unreachable.
+        """
+        call = self.claim_call(digest, app_id, request_id, session_id)
+        deadline = asyncio.get_running_loop().time() + CLAIM_IN_FLIGHT_S
+        while True:
+            try:
+                return self.parse_claim(await self.call(call))
+            except ClaimBusy:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise CodeAlreadyUsed from None
+                await asyncio.sleep(_CLAIM_RETRY_S)
+
+    def unclaim_call(self, digest: str, app_id: str, request_id: str) -> ScriptCall:
+        """The `unclaim_code` call (gives back a use)."""
+        return ScriptCall(
+            "unclaim_code",
+            (self.keys.code(digest), self.keys.code_claims(digest)),
+            (f"{app_id}\n{request_id}",),
+        )
 
     async def unclaim_code(self, digest: str, app_id: str, request_id: str) -> bool:
         """Give back the use taken for (app_id, request_id); True if one was given back.
@@ -575,7 +752,19 @@ class PairingStore:
 
     # ---- sessions ---------------------------------------------------------------------
 
-    async def open_session(
+    async def open_session(self, *, runner_id: str, **options: Any) -> OpenedSession:  # noqa: ANN401
+        """Open the session of a claimed use in the runner's slot (see `open_call`).
+
+        Raises:
+            CodeAlreadyUsed: the code is no longer the runner's active code.
+            RunnerOffline: the runner is known to be offline.
+            SessionLimitReached: the runner has `max_sessions` active sessions.
+            StoreUnavailable: Redis is unreachable.
+        """
+        call = self.open_call(runner_id=runner_id, **options)
+        return self.parse_open(runner_id, await self.call(call))
+
+    def open_call(
         self,
         *,
         digest: str,
@@ -588,23 +777,16 @@ class PairingStore:
         uses_left: int = 0,
         app_public_key: str | None = None,
         app_metadata: dict[str, Any] | None = None,
-    ) -> OpenedSession:
-        """Open the session of a claimed use in the runner's slot.
-
-        Raises:
-            CodeAlreadyUsed: the code is no longer the runner's active code.
-            RunnerOffline: the runner is known to be offline.
-            SessionLimitReached: the runner has `max_sessions` active sessions.
-            StoreUnavailable: Redis is unreachable.
-        """
-        res = await self._run(
+    ) -> ScriptCall:
+        """The `open_session` call; its result goes to `parse_open`."""
+        return ScriptCall(
             "open_session",
-            [
+            (
                 self.keys.runner(runner_id),
                 self.keys.runner_sessions(runner_id),
                 self.keys.outbox(runner_id),
-            ],
-            [
+            ),
+            (
                 digest,
                 session_id,
                 runner_id,
@@ -614,8 +796,18 @@ class PairingStore:
                 max_sessions,
                 json.dumps({"app_public_key": app_public_key, "app_metadata": app_metadata}),
                 uses_left,
-            ],
+            ),
         )
+
+    @staticmethod
+    def parse_open(runner_id: str, res: Any) -> OpenedSession:  # noqa: ANN401
+        """The outcome of an `open_session` call.
+
+        Raises:
+            CodeAlreadyUsed: the code is no longer the runner's active code.
+            RunnerOffline: the runner is known to be offline.
+            SessionLimitReached: the runner has `max_sessions` active sessions.
+        """
         status = res[0]
         if status == "ok":
             return OpenedSession(
@@ -683,13 +875,21 @@ class PairingStore:
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        if not sessions:
-            return
-        pipe = self.client.pipeline(transaction=False)
+        await self.batch(self.drop_index_calls(sessions))
+
+    def drop_index_calls(self, sessions: Sequence[PairingSession]) -> list[Call]:
+        """The calls that drop closed sessions from their apps' indexes and by-id lookups."""
+        calls: list[Call] = []
         for s in sessions:
-            pipe.hdel(self.keys.app_sessions(s.app_id), s.session_id)
-            pipe.delete(self.keys.session(s.session_id))
-        await self._guard(pipe.execute())
+            calls.append(RawCall(("HDEL", self.keys.app_sessions(s.app_id), s.session_id)))
+            calls.append(RawCall(("DEL", self.keys.session(s.session_id))))
+        return calls
+
+    def index_call(self, session: PairingSession, *, idle_ttl_s: int) -> RawCall:
+        """The SET of a session's by-id lookup (`session:{session:<id>}`), idle TTL."""
+        value = json.dumps({"runner_id": session.runner_id, "app_id": session.app_id})
+        ttl_s = idle_ttl_s + INDEX_TTL_MARGIN_S
+        return RawCall(("SET", self.keys.session(session.session_id), value, "EX", ttl_s))
 
     async def index_session(self, session: PairingSession, *, idle_ttl_s: int) -> None:
         """Write the by-id lookup of a session (`session:{session:<id>}`), idle TTL.
@@ -697,10 +897,7 @@ class PairingStore:
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        value = json.dumps({"runner_id": session.runner_id, "app_id": session.app_id})
-        await self._guard(
-            self.client.set(self.keys.session(session.session_id), value, ex=idle_ttl_s)
-        )
+        await self.call(self.index_call(session, idle_ttl_s=idle_ttl_s))
 
     async def find_session(self, session_id: str) -> tuple[str, str] | None:
         """(runner_id, app_id) of a session by id, or None.
@@ -757,7 +954,9 @@ class PairingStore:
         if stale:
             await self._guard(self.client.hdel(self.keys.app_sessions(app_id), *stale))
         if found:
-            await self._guard(self.client.expire(self.keys.app_sessions(app_id), idle_ttl_s))
+            await self._guard(
+                self.client.expire(self.keys.app_sessions(app_id), idle_ttl_s + INDEX_TTL_MARGIN_S)
+            )
         return sorted(found, key=lambda s: s.created_at_ms)
 
     # ---- presence -----------------------------------------------------------------------
@@ -869,6 +1068,11 @@ class PairingStore:
             await self._guard(self.client.zrem(due, runner_id))
         return left
 
+    def outbox_due_call(self, runner_id: str, *, delay_s: float, shards: int) -> ScriptCall:
+        """The `mark_due` call of a runner's outbox (see `mark_outbox_due`)."""
+        key = self.keys.outbox_due(self.keys.shard_of(runner_id, shards))
+        return ScriptCall("mark_due", (key,), (runner_id, int(delay_s * MS_PER_S), "", 0))
+
     async def mark_outbox_due(self, runner_id: str, *, delay_s: float, shards: int) -> None:
         """Note that a runner's outbox must be drained `delay_s` seconds from now at the latest.
 
@@ -877,8 +1081,7 @@ class PairingStore:
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        key = self.keys.outbox_due(self.keys.shard_of(runner_id, shards))
-        await self._run("mark_due", [key], [runner_id, int(delay_s * MS_PER_S), "", 0])
+        await self.call(self.outbox_due_call(runner_id, delay_s=delay_s, shards=shards))
 
     async def claim_due_outboxes(self, shard: int, *, limit: int, lease_s: float) -> list[str]:
         """Runner ids whose outbox is due in one shard, leased to the caller.
@@ -904,6 +1107,13 @@ class PairingStore:
             found.append(str(key)[len(head) : len(str(key)) - len(tail)])
         return found
 
+    def expiry_call(self, session: PairingSession, *, idle_ttl_s: int, shards: int) -> ScriptCall:
+        """The `mark_due` call that puts a session in the expiry sets at its deadline."""
+        member = f"{session.runner_id}\n{session.session_id}"
+        key = self.keys.expiry(self.keys.shard_of(session.session_id, shards))
+        deadline = session.last_seen_at_ms + idle_ttl_s * MS_PER_S
+        return ScriptCall("mark_due", (key,), (member, 0, deadline, 1))
+
     async def schedule_expiry(
         self, session: PairingSession, *, idle_ttl_s: int, shards: int
     ) -> None:
@@ -912,10 +1122,7 @@ class PairingStore:
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        member = f"{session.runner_id}\n{session.session_id}"
-        key = self.keys.expiry(self.keys.shard_of(session.session_id, shards))
-        deadline = session.last_seen_at_ms + idle_ttl_s * MS_PER_S
-        await self._run("mark_due", [key], [member, 0, deadline, 1])
+        await self.call(self.expiry_call(session, idle_ttl_s=idle_ttl_s, shards=shards))
 
     async def claim_due_expiries(
         self, shard: int, *, limit: int, lease_s: float
@@ -953,7 +1160,17 @@ class PairingStore:
         key = self.keys.expiry(self.keys.shard_of(session_id, shards))
         member = f"{runner_id}\n{session_id}"
         if res[0] == "alive":
-            await self._run("mark_due", [key], [member, 0, int(res[1]), 1])
+            # Runner traffic kept it alive: move its deadline, and keep the app's index
+            # and the by-id lookup (other slots, with plain TTLs) alive as long.
+            deadline_ms, app_id, now_ms = int(res[1]), str(res[2]), int(res[3])
+            ttl_s = -(-(deadline_ms - now_ms) // MS_PER_S) + INDEX_TTL_MARGIN_S
+            await self.batch(
+                [
+                    ScriptCall("mark_due", (key,), (member, 0, deadline_ms, 1)),
+                    RawCall(("EXPIRE", self.keys.app_sessions(app_id), ttl_s)),
+                    RawCall(("EXPIRE", self.keys.session(session_id), ttl_s)),
+                ]
+            )
             return None, []
         await self._guard(self.client.zrem(key, member))
         if res[0] == "gone":
@@ -963,6 +1180,35 @@ class PairingStore:
         return closed, parse_outbox(runner_id, res[2])
 
     # ---- history ----------------------------------------------------------------------
+
+    def history_calls(
+        self,
+        entries: Sequence[PairingHistoryEntry],
+        *,
+        max_len: int,
+        identity_max_len: int,
+        retention_s: int,
+        shards: int,
+    ) -> list[Call]:
+        """The `append_history` calls for entries: global history and each identity's."""
+        calls: list[Call] = []
+        retention_ms = retention_s * MS_PER_S
+        for entry in entries:
+            fields: list[str | int] = []
+            for name, value in entry.model_dump(exclude={"at_ms"}, exclude_none=True).items():
+                fields += [name, str(value)]
+            anchor = entry.app_id or entry.runner_id or entry.event
+            shard = self.keys.shard_of(anchor, shards)
+            targets = [(self.keys.history_global(shard), max_len, 0)]
+            if entry.runner_id:
+                targets.append((self.keys.history("runner", entry.runner_id), identity_max_len, 1))
+            if entry.app_id:
+                targets.append((self.keys.history("app", entry.app_id), identity_max_len, 1))
+            for key, length, expires in targets:
+                calls.append(
+                    ScriptCall("append_history", (key,), (length, retention_ms, expires, *fields))
+                )
+        return calls
 
     async def append_history(
         self,
@@ -978,41 +1224,15 @@ class PairingStore:
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        if not entries:
-            return
-        calls: list[tuple[str, list[str | int]]] = []
-        retention_ms = retention_s * MS_PER_S
-        for entry in entries:
-            fields: list[str | int] = []
-            for name, value in entry.model_dump(exclude={"at_ms"}, exclude_none=True).items():
-                fields += [name, str(value)]
-            anchor = entry.app_id or entry.runner_id or entry.event
-            shard = self.keys.shard_of(anchor, shards)
-            calls.append((self.keys.history_global(shard), [max_len, retention_ms, 0, *fields]))
-            if entry.runner_id:
-                key = self.keys.history("runner", entry.runner_id)
-                calls.append((key, [identity_max_len, retention_ms, 1, *fields]))
-            if entry.app_id:
-                key = self.keys.history("app", entry.app_id)
-                calls.append((key, [identity_max_len, retention_ms, 1, *fields]))
-        await self._run_many("append_history", calls)
-
-    async def _run_many(self, name: str, calls: Sequence[tuple[str, Sequence[str | int]]]) -> None:
-        """Run one script over many single-key calls.
-
-        One pipeline on a single Redis; concurrent calls on a cluster, whose pipelines
-        refuse EVALSHA.
-        """
-        script = self._scripts[name]
-        if isinstance(self.client, RedisCluster):
-            await asyncio.gather(
-                *(self._guard(script(keys=[key], args=list(args))) for key, args in calls)
+        await self.batch(
+            self.history_calls(
+                entries,
+                max_len=max_len,
+                identity_max_len=identity_max_len,
+                retention_s=retention_s,
+                shards=shards,
             )
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for key, args in calls:
-            await script(keys=[key], args=list(args), client=pipe)
-        await self._guard(pipe.execute())
+        )
 
     # ---- bans and allowlist -----------------------------------------------------------
 

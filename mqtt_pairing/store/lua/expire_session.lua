@@ -4,13 +4,14 @@
 -- KEYS[2] - runner outbox stream (same tag)
 -- ARGV[1] - session_id
 -- ARGV[2] - session idle TTL, ms
--- returns {'gone'} | {'alive', deadline_ms} | {'closed', session_json, outbox entries}
+-- returns {'gone'} | {'alive', deadline_ms, app_id, now_ms}
+--       | {'closed', session_json, outbox entries}
 local json = redis.call('HGET', KEYS[1], ARGV[1])
 if not json then return {'gone'} end
 local s = cjson.decode(json)
 local now = now_ms()
 local deadline = tonumber(s['last_seen_at_ms']) + tonumber(ARGV[2])
-if deadline > now then return {'alive', deadline} end
+if deadline > now then return {'alive', deadline, s['app_id'], now} end
 redis.call('HDEL', KEYS[1], ARGV[1])
 s['state'] = 'closed'
 s['closed_reason'] = 'expired'
