@@ -270,6 +270,8 @@ class PairingStore:
     def __init__(self, client: aioredis.Redis, keys: KeySchema) -> None:
         self.client = client
         self.keys = keys
+        self.round_trips = 0
+        """Redis round trips made so far (a pipeline counts as one), for benchmarks."""
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(load_script_source(name)) for name in SCRIPT_NAMES
         }
@@ -279,6 +281,7 @@ class PairingStore:
         await self.client.aclose()
 
     async def _guard(self, awaitable: Awaitable[T]) -> T:
+        self.round_trips += 1
         try:
             return await awaitable
         except _UNAVAILABLE as exc:
