@@ -17,11 +17,17 @@ from pathlib import Path
 from typing import Literal
 
 from amqtt.broker import Broker
+from redis.exceptions import RedisError
 
-from mqtt_pairing.broker import InMemoryRedis, parse_listen, start_embedded_broker
+from mqtt_pairing.broker import (
+    InMemoryRedis,
+    check_port_free,
+    parse_listen,
+    start_embedded_broker,
+)
 from mqtt_pairing.config import Settings, redact_url
 from mqtt_pairing.dispatcher import Dispatcher
-from mqtt_pairing.errors import ConfigError, PairingError, StoreUnavailable
+from mqtt_pairing.errors import ConfigError, PairingError
 from mqtt_pairing.gateway import BrokerAddress, PairingGateway
 from mqtt_pairing.health import HealthServer
 from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
@@ -110,8 +116,8 @@ async def _open_store(settings: Settings) -> tuple[PairingStore, str, InMemoryRe
         KeySchema(settings.pairing_key_prefix),
     )
     try:
-        await store.ping()
-    except StoreUnavailable:
+        await store.client.ping()  # quietly: the failure is the one line ConfigError says
+    except (RedisError, OSError):
         await store.aclose()
         if memory is not None:
             memory.stop()
@@ -163,6 +169,8 @@ async def build_service(
             "PAIRING_SHARED_GROUP: the embedded broker has no shared subscriptions; "
             "set MQTT_URL to use one"
         )
+    if settings.embedded_broker:
+        check_port_free(*parse_listen(listen))  # before anything else says a word
     store, url, memory = await _open_store(settings)
     try:
         address, protocol, share_group, broker = await _attach_broker(
