@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 
 from mqtt_pairing import __version__
+from mqtt_pairing.cli.admin import bans_app, codes_app, history, sessions_app, stats
 from mqtt_pairing.cli.common import fail, setup_logging
+from mqtt_pairing.cli.credentials import credentials_app
 from mqtt_pairing.cli.peers import app_cli, runner
 from mqtt_pairing.config import load_settings
 from mqtt_pairing.errors import ConfigError
@@ -24,6 +26,12 @@ app = typer.Typer(
 )
 app.command("runner")(runner)
 app.add_typer(app_cli, name="app")
+app.add_typer(credentials_app, name="credentials")
+app.command("history")(history)
+app.add_typer(bans_app, name="bans")
+app.add_typer(sessions_app, name="sessions")
+app.add_typer(codes_app, name="codes")
+app.command("stats")(stats)
 
 
 def _version(value: bool) -> None:

@@ -29,6 +29,8 @@ HISTORY_EVENTS = (
     "penalty",
     "ban.added",
     "ban.removed",
+    "allow.added",
+    "allow.removed",
     "session.opened",
     "session.closed",
 )

@@ -150,6 +150,7 @@ class OutboxRelay:
         if entries:
             await self.publish([e for entry in entries for e in render(entry)])
         await self.store.ack_outbox(runner_id, [e.stream_id for e in entries], shards=self._shards)
+        await self._record(entries)
         return len(entries)
 
     async def recover(self) -> int:

@@ -1,0 +1,162 @@
+"""A CLI revoke reaches both parties over real Mosquitto (and survives a service restart)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from mqtt_pairing.client import AppClient, PairingClient, RunnerClient
+from mqtt_pairing.config import load_settings
+from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.service import Service, build_service
+from tests.cli.support import json_lines, run_cli
+from tests.fixtures import MosquittoBroker, RedisServer
+
+CONNECT_TIMEOUT_S = 10.0
+EVENT_TIMEOUT_S = 5.0
+DELIVERY_BOUND_S = 1.0
+"""The issue's bound: both parties hear of a revoke within a second."""
+
+Start = Callable[[], "contextlib.AbstractAsyncContextManager[Service]"]
+
+
+@pytest.fixture
+def address(mosquitto_broker: MosquittoBroker) -> BrokerAddress:
+    return BrokerAddress(mosquitto_broker.host, mosquitto_broker.port)
+
+
+@pytest.fixture
+def service_env(
+    clean_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+    prefix: str,
+) -> None:
+    """What the operator's shell has: the service's Redis and key prefix."""
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    monkeypatch.setenv("PAIRING_KEY_PREFIX", prefix)
+
+
+@pytest.fixture
+def serving(
+    service_env: None,
+    mosquitto_broker: MosquittoBroker,
+    redis_server: RedisServer,
+    topic_prefix: str,
+    prefix: str,
+) -> Start:
+    """`async with serving():` runs the service in-process until the block ends."""
+
+    @contextlib.asynccontextmanager
+    async def start() -> AsyncIterator[Service]:
+        settings = load_settings(
+            mqtt_url=mosquitto_broker.url,
+            redis_url=redis_server.url,
+            pairing_secret="x" * 40,
+            pairing_topic_prefix=topic_prefix,
+            pairing_key_prefix=prefix,
+            mqtt_client_id=f"svc-{uuid.uuid4().hex[:12]}",
+            pairing_shared_group="",
+            pairing_shutdown_grace_s=1.0,
+        )
+        service = await build_service(settings)
+        task = asyncio.create_task(service.run())
+        try:
+            connected = asyncio.ensure_future(service.gateway.connected.wait())
+            done, _ = await asyncio.wait(
+                {connected, task}, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if connected not in done:
+                connected.cancel()
+                pytest.fail(f"the service did not connect within {CONNECT_TIMEOUT_S} s")
+            yield service
+        finally:
+            service.stop()
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 10)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await service.close()
+
+    return start
+
+
+async def next_of(client: PairingClient, name: str) -> dict[str, Any]:
+    """The next event called `name`, skipping others (session.opened, code.used, ...)."""
+    async with asyncio.timeout(EVENT_TIMEOUT_S):
+        while True:
+            event = await client.next_event(EVENT_TIMEOUT_S)
+            if event["event"] == name:
+                return event
+
+
+async def pair(runner: RunnerClient, app: AppClient) -> str:
+    code = (await runner.request_code())["code"]
+    session_id: str = (await app.pair(code))["session"]["session_id"]
+    await next_of(runner, "session.opened")
+    await next_of(app, "session.opened")
+    return session_id
+
+
+async def both_hear_revoked(runner: RunnerClient, app: AppClient, session_id: str) -> float:
+    """Wait for session.closed on both sides; returns how long it took, seconds."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    closed = await asyncio.gather(next_of(runner, "session.closed"), next_of(app, "session.closed"))
+    elapsed = loop.time() - started
+    for event in closed:
+        assert event["session"]["session_id"] == session_id
+        assert event["session"]["state"] == "closed"
+        assert event["session"]["closed_reason"] == "revoked"
+    return elapsed
+
+
+async def test_cli_revoke_reaches_both_parties_within_a_second(
+    serving: Start, address: BrokerAddress, topic_prefix: str
+) -> None:
+    async with (
+        serving(),
+        RunnerClient("r1", address, prefix=topic_prefix) as runner,
+        AppClient("a1", address, prefix=topic_prefix) as app,
+    ):
+        session_id = await pair(runner, app)
+        listed = await asyncio.to_thread(run_cli, "sessions", "list", "--runner", "r1", "--json")
+        assert [s["session_id"] for s in json_lines(listed)] == [session_id]
+
+        result = await asyncio.to_thread(run_cli, "sessions", "revoke", session_id)
+        assert result.exit_code == 0, result.output
+        assert await both_hear_revoked(runner, app, session_id) < DELIVERY_BOUND_S
+        assert await app.sessions() == []
+
+        # All of a runner's sessions.
+        second = await pair(runner, app)
+        result = await asyncio.to_thread(run_cli, "sessions", "revoke", "--runner", "r1")
+        assert result.exit_code == 0, result.output
+        assert "revoked 1 session" in result.stdout
+        assert await both_hear_revoked(runner, app, second) < DELIVERY_BOUND_S
+        assert await runner.sessions() == []
+
+
+async def test_revoke_while_no_service_runs_is_delivered_when_one_starts(
+    serving: Start, address: BrokerAddress, topic_prefix: str
+) -> None:
+    async with (
+        RunnerClient("r1", address, prefix=topic_prefix) as runner,
+        AppClient("a1", address, prefix=topic_prefix) as app,
+    ):
+        async with serving():
+            session_id = await pair(runner, app)
+        # The service is gone: the revoke waits in the runner's outbox.
+        result = await asyncio.to_thread(run_cli, "sessions", "revoke", session_id)
+        assert result.exit_code == 0, result.output
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(next_of(app, "session.closed"), 0.7)
+        async with serving():
+            await both_hear_revoked(runner, app, session_id)
