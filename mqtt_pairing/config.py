@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     def _check_bounds(self) -> Settings:
         if self.pairing_code_ttl_min_s > self.pairing_code_ttl_max_s:
             raise ValueError("PAIRING_CODE_TTL_MIN_S must not exceed PAIRING_CODE_TTL_MAX_S")
+        if self.pairing_global_fail_shards > self.pairing_global_fail_limit:
+            raise ValueError(
+                "PAIRING_GLOBAL_FAIL_SHARDS must not exceed PAIRING_GLOBAL_FAIL_LIMIT "
+                "(each shard holds at least one unit)"
+            )
         if self.pairing_code_max_uses > self.pairing_code_max_uses_max:
             raise ValueError("PAIRING_CODE_MAX_USES must not exceed PAIRING_CODE_MAX_USES_MAX")
         return self

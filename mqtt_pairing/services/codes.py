@@ -17,7 +17,7 @@ from mqtt_pairing.codes import (
 from mqtt_pairing.config import Settings
 from mqtt_pairing.errors import InternalError
 from mqtt_pairing.models import CodeRequest, IssuedCode, ok_reply
-from mqtt_pairing.sealing import Sealer
+from mqtt_pairing.sealing import Sealer, derive_key
 from mqtt_pairing.store.redis_store import PairingStore
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,13 @@ class PairingCodeService:
     ) -> None:
         self.store = store
         self.settings = settings
-        self.secret = secret
+        self.digest_key = derive_key(secret, "code-digest/v1")
         self.sealer = Sealer(secret)
         self.draw = draw
 
     def digest(self, code: str) -> str:
         """HMAC digest of a normalised code: the only form in which a code is stored."""
-        return code_digest(self.secret, code)
+        return code_digest(self.digest_key, code)
 
     def clamp_ttl_s(self, requested: int | None) -> int:
         """`ttl_s` clamped to [PAIRING_CODE_TTL_MIN_S, PAIRING_CODE_TTL_MAX_S], seconds."""
