@@ -1,6 +1,6 @@
 """Pairing codes: generation, normalisation, digests and safe display (pure, no I/O).
 
-A code is 9 characters of Crockford base32 (45 bits), shown as ``XXX-XXX-XXX``
+A code is 9 characters of Crockford base32 (45 bits), shown as ``ABC-DEF-GHJ``
 (PROTOCOL.md, "Codes"). The store never keeps a code in the clear: it is looked up by
 `code_digest` (an HMAC keyed with a secret derived from ``PAIRING_SECRET``), and shown to
 operators only as `mask_code` (its first character and a fingerprint of the digest).
@@ -46,7 +46,7 @@ _CODE_BITS = CODE_LENGTH * _BITS_PER_CHAR
 _CHAR_MASK = (1 << _BITS_PER_CHAR) - 1
 _ALPHABET_SET = frozenset(ALPHABET)
 _GROUP = 3
-_MASK_TAIL = "**-***-***"  # everything of XXX-XXX-XXX after the first character
+_MASK_TAIL = "**-***-***"  # everything of ABC-DEF-GHJ after the first character
 
 # PROTOCOL.md "Codes": separators removed after NFKC (White_Space, U+2212, '.', '_' and
 # invisible characters; dash punctuation, category Pd, is tested separately). The list is
@@ -103,7 +103,7 @@ def format_code(code: str) -> str:
         code: 9 alphabet characters (as from `generate_code` or `normalise_code`).
 
     Returns:
-        The code as ``XXX-XXX-XXX``.
+        The code as ``ABC-DEF-GHJ``.
 
     Raises:
         ValueError: `code` is not 9 alphabet characters.
@@ -189,7 +189,7 @@ def mask_code(first_char: str, digest: str) -> str:
 
     Returns:
         E.g. ``"7**-***-*** #3f9a1c2e"``: the first character, the rest as ``*`` in the
-        ``XXX-XXX-XXX`` shape, a space, ``#`` and `code_fingerprint` of the digest.
+        ``ABC-DEF-GHJ`` shape, a space, ``#`` and `code_fingerprint` of the digest.
 
     Raises:
         ValueError: `first_char` is not one alphabet character, or `digest` is not a digest.
