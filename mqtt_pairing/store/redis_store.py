@@ -964,6 +964,11 @@ class PairingStore:
 
     # ---- presence -----------------------------------------------------------------------
 
+    def _runner_slot(self, runner_id: str) -> list[str]:
+        """KEYS of the runner-slot scripts that may announce presence: hash, sessions, outbox."""
+        k = self.keys
+        return [k.runner(runner_id), k.runner_sessions(runner_id), k.outbox(runner_id)]
+
     async def heartbeat(
         self, runner_id: str, *, idle_ttl_s: int, heartbeat_online_s: int
     ) -> list[OutboxEntry]:
@@ -978,11 +983,7 @@ class PairingStore:
         """
         res = await self._run(
             "heartbeat",
-            [
-                self.keys.runner(runner_id),
-                self.keys.runner_sessions(runner_id),
-                self.keys.outbox(runner_id),
-            ],
+            self._runner_slot(runner_id),
             [idle_ttl_s * MS_PER_S, heartbeat_online_s * MS_PER_S],
         )
         return parse_outbox(runner_id, res[1])
@@ -1007,11 +1008,7 @@ class PairingStore:
         """
         res = await self._run(
             "record_status",
-            [
-                self.keys.runner(runner_id),
-                self.keys.runner_sessions(runner_id),
-                self.keys.outbox(runner_id),
-            ],
+            self._runner_slot(runner_id),
             [state, int(retained), heartbeat_online_s * MS_PER_S, idle_ttl_s * MS_PER_S],
         )
         return parse_outbox(runner_id, res[1])
