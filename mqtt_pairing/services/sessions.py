@@ -130,38 +130,32 @@ class PairingSessionService:
         if code is not None:
             calls.append(self.store.claim_call(digest, app_id, rid, new_session_id()))
         res = await self.store.batch(calls)
-        claim_new = False
-        claim: Claim | None = None
-        claim_error: PairingError | None = None
-        if code is not None:
-            try:
-                claim = self.store.parse_claim(res[2])
-                claim_new = not claim.repeat
-            except (PairingError, ClaimBusy) as exc:
-                claim_error = exc if isinstance(exc, PairingError) else None
+        claim, claim_error = self._parse_claim(res[2]) if code is not None else (None, None)
+        claim_new = claim is not None and not claim.repeat
+        budget_refused: PairingError | None = None
+        try:
+            own_unit = member if self.store.parse_budget(res[1]) else None
+        except PairingError as exc:
+            own_unit, budget_refused = None, exc
         try:
             begun = self.store.parse_begin(res[0])
         except PairingError:
-            await self._give_back(digest, identity, rid, claim_new, budget=None)
+            # Refused before the lookup: the speculative steps are undone unseen.
+            await self._give_back(digest, identity, rid, claim_new, budget=own_unit)
             raise
         if isinstance(begun, Pending):
-            # Another copy is in progress; the speculative steps were its own (same
-            # app_id and request_id), so nothing is given back. Wait for its reply.
-            return await self._await_copy(identity, req, payload_hash)
-        try:
-            budget_new = self.store.parse_budget(res[1])
-        except PairingError:
-            budget_new = None
-            if isinstance(begun, Begin):
-                await self._give_back(digest, identity, rid, claim_new, budget=None, forget=True)
-                raise
+            # Another copy is in progress. Steps it already took are its own (same app_id
+            # and request_id); what this copy added is given back unless the first copy
+            # ends well (it then used them as its own).
+            return await self._await_copy(identity, req, payload_hash, claim_new, own_unit)
         if not isinstance(begun, Begin):
-            await self._give_back(
-                digest, identity, rid, claim_new, budget=member if budget_new else None
-            )
+            await self._give_back(digest, identity, rid, claim_new, budget=own_unit)
             if isinstance(begun, Replay):
                 return Handled(json.loads(begun.reply), remember=False)
             raise InvalidRequest("request_id was used with another payload")
+        if budget_refused is not None:
+            await self._give_back(digest, identity, rid, claim_new, budget=None, forget=True)
+            raise budget_refused
         if code is None:
             return await self._finish(identity, rid, _error(rid, InvalidCodeFormat()))
         if claim is None and claim_error is None:  # busy: a claim in flight decides
@@ -183,6 +177,18 @@ class PairingSessionService:
             )
         fault_point("after_claim")
         return await self._open(identity, req, begun, digest, claim, member)
+
+    def _parse_claim(self, res: Any) -> tuple[Claim | None, PairingError | None]:  # noqa: ANN401
+        """The claim of the first batch: (claim, None) or (None, lookup error).
+
+        (None, None) means busy: a claim in flight must settle first.
+        """
+        try:
+            return self.store.parse_claim(res), None
+        except ClaimBusy:
+            return None, None
+        except PairingError as exc:
+            return None, exc
 
     async def _open(
         self,
@@ -250,6 +256,7 @@ class PairingSessionService:
         ]
         shards = s.pairing_index_shards
         after: list[Call] = [
+            self.store.settle_claim_call(digest, app_id, rid),
             self.store.index_call(session, idle_ttl_s=s.pairing_session_idle_ttl_s),
             self.store.expiry_call(session, idle_ttl_s=s.pairing_session_idle_ttl_s, shards=shards),
             self.limits.refund_call(member),
@@ -341,21 +348,35 @@ class PairingSessionService:
             undo.append(self.limits.finish_call(identity, "pair", rid, reply=None))
         await self.store.batch(undo)
 
-    async def _await_copy(self, identity: Identity, req: PairRequest, payload_hash: str) -> Handled:
+    async def _await_copy(
+        self,
+        identity: Identity,
+        req: PairRequest,
+        payload_hash: str,
+        claim_new: bool,
+        own_unit: str | None,
+    ) -> Handled:
         """Wait for a copy of this request in progress; take over if it died."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.pairing_pending_lease_s + 1
+        rid = req.request_id
+        digest = self.codes.digest(req.code) if _is_code(req.code) else ""
         while loop.time() < deadline:
             await asyncio.sleep(_PENDING_POLL_S)
-            begun = await self.limits.begin(identity, "pair", req.request_id, payload_hash)
+            begun = await self.limits.begin(identity, "pair", rid, payload_hash)
             if isinstance(begun, Replay):
-                return Handled(json.loads(begun.reply), remember=False)
+                reply = json.loads(begun.reply)
+                if not reply.get("ok"):
+                    # The first copy gave its use back (or never had one): a use or unit
+                    # this copy took meanwhile is nobody's.
+                    await self._give_back(digest, identity, rid, claim_new, budget=own_unit)
+                return Handled(reply, remember=False)
             if isinstance(begun, Mismatch):
                 raise InvalidRequest("request_id was used with another payload")
             if isinstance(begun, Begin):
                 # The first copy died: its pending mark lapsed and this one owns it now.
                 # The steps are idempotent, so running them again ends the same way.
-                await self.limits.finish(identity, "pair", req.request_id, reply=None)
+                await self.limits.finish(identity, "pair", rid, reply=None)
                 return await self.pair(identity.id, req, payload_hash)
         raise InternalError
 
@@ -420,6 +441,14 @@ class PairingSessionService:
         if not closed:
             raise SessionNotFound
         return closed, outbox
+
+
+def _is_code(raw: str) -> bool:
+    try:
+        normalise_code(raw)
+    except InvalidCodeFormat:
+        return False
+    return True
 
 
 def _failed(

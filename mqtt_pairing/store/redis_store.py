@@ -72,6 +72,7 @@ SCRIPT_NAMES = (
     "mark_due",
     "claim_due",
     "append_history",
+    "settle_claim",
 )
 _UNAVAILABLE = (
     RedisConnectionError,
@@ -88,6 +89,9 @@ INDEX_TTL_MARGIN_S = 86_400
 """An app's session index and a session's by-id lookup live this much longer than the
 idle TTL, so that the expiry sweep (which refreshes them when runner traffic kept the
 session alive) always finds them."""
+
+OUTBOX_DUE_TTL_S = 86_400
+"""TTL of an outbox-due set, refreshed by every mark (marks are handled within seconds)."""
 
 CLAIM_IN_FLIGHT_S = 2.0
 """How long a claimed use may still be given back by the pair that holds it (its session
@@ -732,6 +736,12 @@ class PairingStore:
                     raise CodeAlreadyUsed from None
                 await asyncio.sleep(_CLAIM_RETRY_S)
 
+    def settle_claim_call(self, digest: str, app_id: str, request_id: str) -> ScriptCall:
+        """The `settle_claim` call: the claimed use's session opened; it stays used."""
+        return ScriptCall(
+            "settle_claim", (self.keys.code_claims(digest),), (f"{app_id}\n{request_id}",)
+        )
+
     def unclaim_call(self, digest: str, app_id: str, request_id: str) -> ScriptCall:
         """The `unclaim_code` call (gives back a use)."""
         return ScriptCall(
@@ -1071,7 +1081,8 @@ class PairingStore:
     def outbox_due_call(self, runner_id: str, *, delay_s: float, shards: int) -> ScriptCall:
         """The `mark_due` call of a runner's outbox (see `mark_outbox_due`)."""
         key = self.keys.outbox_due(self.keys.shard_of(runner_id, shards))
-        return ScriptCall("mark_due", (key,), (runner_id, int(delay_s * MS_PER_S), "", 0))
+        ttl_ms = OUTBOX_DUE_TTL_S * MS_PER_S
+        return ScriptCall("mark_due", (key,), (runner_id, int(delay_s * MS_PER_S), "", 0, ttl_ms))
 
     async def mark_outbox_due(self, runner_id: str, *, delay_s: float, shards: int) -> None:
         """Note that a runner's outbox must be drained `delay_s` seconds from now at the latest.
@@ -1199,7 +1210,7 @@ class PairingStore:
                 fields += [name, str(value)]
             anchor = entry.app_id or entry.runner_id or entry.event
             shard = self.keys.shard_of(anchor, shards)
-            targets = [(self.keys.history_global(shard), max_len, 0)]
+            targets = [(self.keys.history_global(shard), max_len, 1)]
             if entry.runner_id:
                 targets.append((self.keys.history("runner", entry.runner_id), identity_max_len, 1))
             if entry.app_id:

@@ -11,7 +11,8 @@
 local c = redis.call('HMGET', KEYS[1], 'runner_id', 'state', 'uses_left', 'max_uses',
   'expires_ms', 'first', 'fp')
 if not c[1] then return {'not_found'} end
--- claims: field -> session_id .. '\t' .. claimed_ms
+-- claims: field -> session_id .. '\t' .. claimed_ms while in flight; session_id once
+-- settled (its session opened: settle_claim)
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
 if prev then
   local sid = string.match(prev, '^([^\t]*)')

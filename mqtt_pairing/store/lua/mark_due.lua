@@ -5,10 +5,13 @@
 -- ARGV[2] - delay, ms (0: due now); ignored when ARGV[3] is given
 -- ARGV[3] - absolute due time, ms ('' none)
 -- ARGV[4] - '1' to replace the due time even if later
+-- ARGV[5] - TTL of the set, ms, refreshed on every mark ('' or absent: none). The outbox
+--           marks have one: an outbox whose mark lapsed is still found by the SCAN at start.
 -- returns the due time, ms
 local now = now_ms()
 local due = now + tonumber(ARGV[2])
 if ARGV[3] ~= '' then due = tonumber(ARGV[3]) end
+if ARGV[5] and ARGV[5] ~= '' then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5])) end
 local cur = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if ARGV[4] == '1' or not cur or due < tonumber(cur) then
   redis.call('ZADD', KEYS[1], due, ARGV[1])

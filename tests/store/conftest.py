@@ -1,0 +1,67 @@
+"""Fixtures of the store tests: a PairingStore and Dispatchers on `store_redis_url`.
+
+Every test that uses them runs twice: on a real redis-server and on fakeredis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from mqtt_pairing.config import load_settings
+from mqtt_pairing.dispatcher import Dispatcher
+from mqtt_pairing.store import KeySchema, PairingStore
+from tests.store.helpers import SECRET, Api
+
+
+@pytest.fixture(autouse=True)
+def _fakeredis_without_nagle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TCP_NODELAY on the fakeredis server's side of connections made by the test.
+
+    Its TCP server flushes each reply of a pipeline on its own; with Nagle's algorithm on
+    (socketserver's default) every pipeline then waits ~40 ms for a delayed ACK, and the
+    store sends most steps as pipelines. Only speed changes.
+    """
+    try:
+        from fakeredis._clients._tcp_server import TCPFakeRequestHandler  # noqa: PLC0415
+    except ImportError:  # another fakeredis layout: slower, still correct
+        return
+    monkeypatch.setattr(TCPFakeRequestHandler, "disable_nagle_algorithm", True)
+
+
+@pytest.fixture
+def prefix(key_prefix: str) -> str:
+    """The unique key prefix of the test, without its trailing colon (KeySchema adds it)."""
+    return key_prefix.rstrip(":")
+
+
+@pytest.fixture
+async def client(store_redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(store_redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def store(client: aioredis.Redis, prefix: str) -> PairingStore:
+    return PairingStore(client, KeySchema(prefix))
+
+
+@pytest.fixture
+def make_api(store: PairingStore, prefix: str) -> Callable[..., Api]:
+    """`make_api(**settings)`: an Api over a Dispatcher with these settings on top."""
+
+    def make(**overrides: Any) -> Api:
+        settings = load_settings(pairing_key_prefix=prefix, **overrides)
+        return Api(Dispatcher(store, settings, SECRET))
+
+    return make
+
+
+@pytest.fixture
+def api(make_api: Callable[..., Api]) -> Api:
+    """An Api with the default settings."""
+    return make_api()

@@ -1,0 +1,194 @@
+"""Helpers of the store tests: a thin client over the Dispatcher, key dumps, Redis time."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from mqtt_pairing.dispatcher import Dispatcher
+from mqtt_pairing.services.outcome import Handled
+from mqtt_pairing.store import PairingStore
+from mqtt_pairing.store.keys import hash_tag
+from mqtt_pairing.topics import Identity, Kind
+
+SECRET = b"s" * 32
+TAG_PATTERN = re.compile(r"(runner|app|session|global):[A-Za-z0-9._-]+|code:[0-9a-f]{32}")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def error_code(reply: dict[str, Any] | None) -> str | None:
+    """The error code of a reply, or None when it is ok."""
+    assert reply is not None
+    if reply["ok"]:
+        return None
+    code: str = reply["error"]["code"]
+    return code
+
+
+class Api:
+    """Requests through a Dispatcher, as the gateway would make them (no MQTT)."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.d = dispatcher
+        self.store: PairingStore = dispatcher.store
+        self.settings = dispatcher.settings
+
+    async def handle(self, kind: Kind, ident: str, op: str, payload: dict[str, Any]) -> Handled:
+        return await self.d.handle(Identity(kind, ident), op, json.dumps(payload).encode())
+
+    async def request(
+        self, kind: Kind, ident: str, op: str, *, request_id: str | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        payload = {"request_id": request_id or new_id(), **fields}
+        handled = await self.handle(kind, ident, op, payload)
+        assert handled.reply is not None
+        return handled.reply
+
+    async def code(self, runner_id: str, *, request_id: str | None = None, **fields: Any) -> str:
+        """Issue a code for `runner_id` and return it (as shown, XXX-XXX-XXX)."""
+        reply = await self.request(Kind.RUNNER, runner_id, "code", request_id=request_id, **fields)
+        assert reply["ok"], reply
+        code: str = reply["result"]["code"]
+        return code
+
+    async def pair(
+        self, app_id: str, code: str, *, request_id: str | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        return await self.request(
+            Kind.APP, app_id, "pair", request_id=request_id, code=code, **fields
+        )
+
+    async def pair_ok(self, app_id: str, code: str, **fields: Any) -> str:
+        """Pair and return the new session_id (the pair must succeed)."""
+        reply = await self.pair(app_id, code, **fields)
+        assert reply["ok"], reply
+        session_id: str = reply["result"]["session"]["session_id"]
+        return session_id
+
+    def digest(self, code: str) -> str:
+        return self.d.codes.digest(code)
+
+    async def code_hash(self, code: str) -> dict[str, str]:
+        client = self.store.client
+        return await client.hgetall(self.store.keys.code(self.digest(code)))
+
+    async def runner_session_count(self, runner_id: str) -> int:
+        client = self.store.client
+        return int(await client.hlen(self.store.keys.runner_sessions(runner_id)))
+
+
+async def redis_now_ms(client: aioredis.Redis) -> int:
+    secs, micros = await client.time()
+    return int(secs) * 1000 + int(micros) // 1000
+
+
+async def all_keys(client: aioredis.Redis, prefix: str) -> list[str]:
+    """Every key under `prefix:` (SCAN, so it works on a shared server)."""
+    return sorted([key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)])
+
+
+async def dump_key(client: aioredis.Redis, key: str) -> str:
+    """The key's name and everything it holds, as text (for searching)."""
+    kind = await client.type(key)
+    parts: list[str] = [key, kind]
+    if kind == "string":
+        parts.append(str(await client.get(key)))
+    elif kind == "hash":
+        for field, value in (await client.hgetall(key)).items():
+            parts.extend((field, value))
+    elif kind == "zset":
+        for member, score in await client.zrange(key, 0, -1, withscores=True):
+            parts.extend((member, repr(score)))
+    elif kind == "set":
+        parts.extend(await client.smembers(key))
+    elif kind == "list":
+        parts.extend(await client.lrange(key, 0, -1))
+    elif kind == "stream":
+        for entry_id, fields in await client.xrange(key):
+            parts.append(entry_id)
+            for field, value in fields.items():
+                parts.extend((field, value))
+    elif kind != "none":
+        raise AssertionError(f"unexpected key type {kind} of {key}")
+    return "\n".join(parts)
+
+
+def tags_of(keys: list[str]) -> set[str]:
+    return {hash_tag(k) for k in keys}
+
+
+async def full_flow(api: Api, *, runner_ops_through_dispatcher: bool = True) -> list[str]:
+    """Everything the service does to the store, once; returns every code issued.
+
+    With `runner_ops_through_dispatcher=False`, runner `cancel-code` and `unpair` go to
+    the services directly (skipping the dispatcher's finish step, see test_slots.py).
+    """
+    store, client = api.store, api.store.client
+    codes: list[str] = []
+    # r1: a code with metadata, replaced by a multi-use one; two apps pair, one fails.
+    codes.append(
+        await api.code(
+            "r1",
+            runner_name="Runner One",
+            metadata={"os": "linux"},
+            public_key="pk-r1",
+            max_uses=3,
+        )
+    )
+    codes.append(await api.code("r1", max_uses=3))
+    await api.pair_ok("a1", codes[1], app_name="App One", public_key="pk-a1")
+    s2 = await api.pair_ok("a2", codes[1], metadata={"model": "x"})
+    assert error_code(await api.pair("a3", codes[0])) == "CODE_ALREADY_USED"
+    assert error_code(await api.pair("a3", "000-000-000")) == "CODE_NOT_FOUND"
+    assert error_code(await api.pair("a4", "not a code")) == "INVALID_FORMAT"
+    # an automatic penalty for "guesser", and a failure window left open for "a3"
+    for _ in range(api.settings.pairing_fail_limit):
+        assert error_code(await api.pair("guesser", "ZZZ-ZZZ-ZZZ")) == "CODE_NOT_FOUND"
+    assert error_code(await api.pair("guesser", "ZZZ-ZZZ-ZZZ")) == "RATE_LIMITED"
+    # listing, status, heartbeat
+    assert (await api.request(Kind.RUNNER, "r1", "sessions"))["ok"]
+    assert (await api.request(Kind.APP, "a1", "sessions"))["ok"]
+    assert (await api.request(Kind.APP, "a1", "status"))["ok"]
+    assert (await api.handle(Kind.RUNNER, "r1", "heartbeat", {})).reply is None
+    # app unpair, runner unpair
+    reply = await api.request(Kind.APP, "a2", "unpair", session_id=s2)
+    assert reply["ok"], reply
+    # r2: cancel-code; r3: a runner ban (cancels its code); r4: an offline runner
+    codes.append(await api.code("r2"))
+    codes.append(await api.code("r3"))
+    codes.append(await api.code("r4", max_uses=2))
+    if runner_ops_through_dispatcher:
+        reply = await api.request(Kind.RUNNER, "r2", "cancel-code")
+        assert reply["result"] == {"cancelled": True}
+        reply = await api.request(Kind.RUNNER, "r1", "unpair", app_id="a1")
+        assert reply["result"] == {"closed": 1}
+    else:
+        assert await api.d.codes.cancel("r2") is True
+        closed, _events = await api.d.sessions.close_for_runner("r1", app_id="a1")
+        assert len(closed) == 1
+    await store.set_ban("runner", "r3", reason="test", by="tests", duration_s=3600)
+    assert error_code(await api.pair("a5", codes[3])) == "CODE_ALREADY_USED"
+    await client.hset(
+        store.keys.runner("r4"),
+        mapping={"status": "offline", "status_ms": await redis_now_ms(client)},
+    )
+    assert error_code(await api.pair("a6", codes[4])) == "RUNNER_OFFLINE"
+    await client.hdel(store.keys.runner("r4"), "status", "status_ms")
+    # r5: a live code with a use left and a live session at the end
+    codes.append(await api.code("r5", max_uses=2))
+    await api.pair_ok("a7", codes[5])
+    # bans and the allowlist
+    await store.set_ban("app", "banned-for-a-while", reason="test", by="tests", duration_s=3600)
+    await store.set_ban("app", "banned-for-good", reason="test", by="tests", duration_s=None)
+    await store.set_ban("runner", "r-banned-for-good", reason="test", by="tests", duration_s=None)
+    assert error_code(await api.pair("banned-for-a-while", codes[5])) == "BANNED"
+    await store.set_allowed("app", "vip", True)
+    assert error_code(await api.pair("vip", "YYY-YYY-YYY")) == "CODE_NOT_FOUND"
+    return codes

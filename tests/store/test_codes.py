@@ -1,0 +1,115 @@
+"""Codes in the store: replace, cancel, expiry vs not found (PROTOCOL.md "Codes")."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from mqtt_pairing.store import PairingStore
+from mqtt_pairing.topics import Kind
+from tests.store.helpers import Api, error_code, redis_now_ms
+
+
+async def test_a_new_code_replaces_the_old_one_at_once(api: Api) -> None:
+    old = await api.code("r1", max_uses=3)
+    new = await api.code("r1")
+    assert old != new
+    assert error_code(await api.pair("a1", old)) == "CODE_ALREADY_USED"
+    assert (await api.code_hash(old))["state"] == "replaced"
+    await api.pair_ok("a2", new)
+    runner = await api.store.client.hgetall(api.store.keys.runner("r1"))
+    assert runner["code"] == api.digest(new)
+
+
+async def test_cancel_code(api: Api) -> None:
+    code = await api.code("r1")
+    reply = await api.request(Kind.RUNNER, "r1", "cancel-code")
+    assert reply["ok"]
+    assert reply["result"] == {"cancelled": True}
+    assert error_code(await api.pair("a1", code)) == "CODE_ALREADY_USED"
+    assert (await api.code_hash(code))["state"] == "cancelled"
+    reply = await api.request(Kind.RUNNER, "r1", "cancel-code")
+    assert reply["result"] == {"cancelled": False}
+
+
+async def test_cancel_without_any_code(api: Api) -> None:
+    reply = await api.request(Kind.RUNNER, "r1", "cancel-code")
+    assert reply["result"] == {"cancelled": False}
+
+
+async def test_cancel_after_the_code_was_used_up(api: Api) -> None:
+    code = await api.code("r1")
+    await api.pair_ok("a1", code)
+    reply = await api.request(Kind.RUNNER, "r1", "cancel-code")
+    assert reply["result"] == {"cancelled": False}
+    assert (await api.code_hash(code))["state"] == "used"
+
+
+async def test_a_claim_in_flight_does_not_open_after_its_code_was_replaced(
+    api: Api, store: PairingStore
+) -> None:
+    # DESIGN.md "A pair across slots", step 3: the session opens only if the code is
+    # still the runner's active code; the use is given back (step 4) and the app is told
+    # CODE_ALREADY_USED.
+    old = await api.code("r1", max_uses=2)
+    claim = await store.claim_code(api.digest(old), "a1", "req-1", "session-1")
+    assert claim.uses_left == 1
+    await api.code("r1")  # replaces `old` between step 2 and step 3
+    reply = await api.pair("a1", old, request_id="req-1")
+    assert error_code(reply) == "CODE_ALREADY_USED"
+    assert await api.runner_session_count("r1") == 0
+
+
+async def test_expired_then_not_found_without_sleeping(api: Api) -> None:
+    s = api.settings
+    code = await api.code("r1", ttl_s=120)
+    key = api.store.keys.code(api.digest(code))
+    client = api.store.client
+    # the code hash lives for the code TTL plus the tombstone (DESIGN.md "Redis keys")
+    pttl = await client.pttl(key)
+    full_ms = (120 + s.pairing_code_tombstone_s) * 1000
+    assert full_ms - 5_000 < pttl <= full_ms
+    # the code's time runs out; its tombstone is still there
+    await client.hset(key, "expires_ms", await redis_now_ms(client) - 1)
+    assert error_code(await api.pair("a1", code)) == "CODE_EXPIRED"
+    assert error_code(await api.pair("a2", code.replace("-", "").lower())) == "CODE_EXPIRED"
+    # the tombstone passes
+    await client.pexpire(key, 1)
+    while await client.exists(key):
+        await asyncio.sleep(0.005)
+    assert error_code(await api.pair("a3", code)) == "CODE_NOT_FOUND"
+
+
+async def test_expired_wins_over_used_and_cancelled(api: Api) -> None:
+    client = api.store.client
+    used = await api.code("r1")
+    await api.pair_ok("a1", used)
+    cancelled = await api.code("r2")
+    assert (await api.request(Kind.RUNNER, "r2", "cancel-code"))["ok"]
+    now = await redis_now_ms(client)
+    for code in (used, cancelled):
+        key = api.store.keys.code(api.digest(code))
+        await client.hset(key, "expires_ms", now - 1)
+        assert error_code(await api.pair("a9", code)) == "CODE_EXPIRED"
+
+
+async def test_expired_then_not_found_in_real_time(make_api: Callable[..., Api]) -> None:
+    # The same with real clocks (Redis TTLs, fakeredis's too): ttl 1 s, tombstone 1 s.
+    api = make_api(pairing_code_ttl_min_s=1, pairing_code_tombstone_s=1)
+    code = await api.code("r1", ttl_s=1)
+    issued = time.monotonic()
+    assert error_code(await api.pair("a0", "ZZZ-ZZZ-ZZZ")) == "CODE_NOT_FOUND"
+    await asyncio.sleep(1.15 - (time.monotonic() - issued))
+    assert error_code(await api.pair("a1", code)) == "CODE_EXPIRED"
+    await asyncio.sleep(2.2 - (time.monotonic() - issued))
+    assert error_code(await api.pair("a2", code)) == "CODE_NOT_FOUND"
+
+
+async def test_an_expired_code_is_not_live_for_cancel(api: Api) -> None:
+    code = await api.code("r1")
+    client = api.store.client
+    key = api.store.keys.code(api.digest(code))
+    await client.hset(key, "expires_ms", await redis_now_ms(client) - 1)
+    reply = await api.request(Kind.RUNNER, "r1", "cancel-code")
+    assert reply["result"] == {"cancelled": False}

@@ -1,0 +1,122 @@
+"""What the store leaves behind after a full flow: TTLs and no live code
+(DESIGN.md "Redis keys")."""
+
+from __future__ import annotations
+
+import re
+
+from mqtt_pairing.codes import normalise_code
+from mqtt_pairing.store import PairingStore
+from mqtt_pairing.store.redis_store import INDEX_TTL_MARGIN_S
+from tests.store.helpers import Api, all_keys, dump_key, full_flow
+
+# DESIGN.md: every key has a TTL except permanent bans, the allowlist, the expiry sets
+# and the outbox.
+_NO_TTL_FAMILIES = re.compile(r":(allow|expiry|outbox):\{")
+
+
+async def _exempt(store: PairingStore, key: str) -> bool:
+    if _NO_TTL_FAMILIES.search(key):
+        return True
+    if ":ban:{" in key:
+        return await store.client.hget(key, "until_ms") == "-1"
+    return False
+
+
+async def test_every_key_has_a_ttl_except_those_design_exempts(
+    api: Api, store: PairingStore, prefix: str
+) -> None:
+    await full_flow(api)
+    keys = await all_keys(store.client, prefix)
+    families = {re.sub(r"\{[^}]*\}", "{}", k.removeprefix(prefix + ":")) for k in keys}
+    # the flow left every kind of key the pair flow writes
+    assert {
+        "code:{}",
+        "code:{}:claims",
+        "runner:{}",
+        "runner:{}:sessions",
+        "app:{}:sessions",
+        "session:{}",
+        "limit:{}",
+        "limit:{}:fail",
+        "limit:{}:req",
+        "budget:{}",
+        "ban:{}",
+        "allow:{}",
+    } <= families
+    assert any(k.startswith(f"{prefix}:dedupe:") for k in keys)
+    without_ttl = []
+    for key in keys:
+        pttl = await store.client.pttl(key)
+        if pttl == -2:  # expired meanwhile
+            continue
+        if pttl < 0 and not await _exempt(store, key):
+            without_ttl.append(key)
+    assert without_ttl == []
+    # and the exempt ones are what DESIGN.md says
+    assert await store.client.pttl(store.keys.ban("app", "banned-for-good")) == -1
+    assert await store.client.pttl(store.keys.ban("runner", "r-banned-for-good")) == -1
+    assert await store.client.pttl(store.keys.allow("app", "vip")) == -1
+    assert await store.client.pttl(store.keys.ban("app", "banned-for-a-while")) > 0
+
+
+async def _pttl_after_flow(api: Api, store: PairingStore, key: str) -> int:
+    await full_flow(api)
+    assert await store.client.exists(key)
+    return int(await store.client.pttl(key))
+
+
+async def test_the_global_history_stream_has_a_ttl(api: Api, store: PairingStore) -> None:
+    assert await _pttl_after_flow(api, store, store.keys.history_global(0)) > 0
+
+
+async def test_the_outbox_due_set_has_a_ttl(api: Api, store: PairingStore) -> None:
+    assert await _pttl_after_flow(api, store, store.keys.outbox_due(0)) > 0
+
+
+async def test_key_ttls_are_bounded_by_their_settings(
+    api: Api, store: PairingStore, prefix: str
+) -> None:
+    await full_flow(api)
+    s = api.settings
+    bounds_s = {
+        "dedupe": s.pairing_dedupe_ttl_s,
+        "code": s.pairing_code_ttl_max_s + s.pairing_code_tombstone_s,
+        "runner": s.pairing_session_idle_ttl_s,
+        # the app's index and the by-id lookup outlive the idle TTL by a margin
+        "app": s.pairing_session_idle_ttl_s + INDEX_TTL_MARGIN_S,
+        "session": s.pairing_session_idle_ttl_s + INDEX_TTL_MARGIN_S,
+        "history": s.pairing_history_retention_s,
+        "budget": s.pairing_global_fail_window_s,
+        "limit": s.pairing_penalty_max_s + s.pairing_penalty_memory_s,
+        "ban": 3600,
+    }
+    for key in await all_keys(store.client, prefix):
+        family = key.removeprefix(prefix + ":").split(":", 1)[0]
+        pttl = await store.client.pttl(key)
+        if family in bounds_s and pttl > 0:
+            assert pttl <= bounds_s[family] * 1000, key
+
+
+async def test_no_key_name_or_value_holds_a_code(
+    api: Api, store: PairingStore, prefix: str
+) -> None:
+    codes = await full_flow(api)
+    assert len(codes) == len(set(codes)) == 6
+    # at least one of them is still live
+    live = [c for c in codes if (await api.code_hash(c)).get("state") == "active"]
+    assert live
+    dumps = {
+        k: (await dump_key(store.client, k)).upper() for k in await all_keys(store.client, prefix)
+    }
+    assert dumps
+    leaks: list[tuple[str, str]] = []
+    for code in codes:
+        plain = normalise_code(code)
+        forms = {code, plain, "-".join((plain[:3], plain[3:6], plain[6:]))}
+        leaks.extend(
+            (f"{plain[0]}**-***-***", key)
+            for key, dump in dumps.items()
+            if any(form.upper() in dump for form in forms)
+        )
+    assert leaks == []
