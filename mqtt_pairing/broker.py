@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fakeredis
 import yaml
@@ -98,6 +99,19 @@ async def start_embedded_broker(host: str, port: int, config_file: Path | None =
     return broker
 
 
+def without_nagle(server: socketserver.BaseServer) -> None:
+    """Set TCP_NODELAY on a socketserver's connections (`disable_nagle_algorithm`).
+
+    fakeredis's TCP server writes each reply of a pipeline on its own; with Nagle's
+    algorithm on, every pipeline then waits ~40 ms for a delayed ACK (DESIGN.md: "Nagle's
+    algorithm costs about 40 ms per hop on loopback").
+    """
+    handler = cast(type[socketserver.StreamRequestHandler], server.RequestHandlerClass)
+    server.RequestHandlerClass = type(
+        "NoDelay" + handler.__name__, (handler,), {"disable_nagle_algorithm": True}
+    )
+
+
 class InMemoryRedis:
     """fakeredis served on a free local port from a thread (the embedded store).
 
@@ -111,6 +125,7 @@ class InMemoryRedis:
             self.port = int(sock.getsockname()[1])
         self.host = host
         self.server = fakeredis.TcpFakeServer((host, self.port), server_type="redis")
+        without_nagle(self.server)
         self._thread = threading.Thread(
             target=self.server.serve_forever,
             kwargs={"poll_interval": 0.1},

@@ -29,6 +29,9 @@ import redis
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from redis.cluster import ClusterNode
+
+from mqtt_pairing.broker import without_nagle
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO_TEST_CONF = REPO_ROOT / "broker-config" / "mosquitto-test.conf"
@@ -43,6 +46,7 @@ _RESERVED_PORTS = frozenset({1883, 1884, 1885, 6379, 8083, 8883})
 PIDDIR_ENV = "MQTT_PAIRING_TEST_PIDDIR"
 
 START_TIMEOUT_S = 15.0
+CLUSTER_SLOTS = 16384
 STOP_TIMEOUT_S = 10.0
 _POLL_INTERVAL_S = 0.02
 # Directories searched after PATH: Debian installs mosquitto in /usr/sbin, which is not on
@@ -425,6 +429,7 @@ class FakeRedisServer:
         if self.running:
             return
         self.server = fakeredis.TcpFakeServer((self.host, self.port), server_type="redis")
+        without_nagle(self.server)
         self._thread = threading.Thread(
             target=self.server.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -487,3 +492,334 @@ def start_with_retries(factory: Callable[[], ServerT], attempts: int = 3) -> Ser
         return server
     assert last_error is not None
     raise last_error
+
+
+class RedisClusterNode(RedisServer):
+    """One `redis-server --cluster-enabled yes` node; its `nodes-PORT.conf` survives restarts.
+
+    Restarted (same port, same directory) after a kill, it rejoins the cluster with the
+    identity in its nodes file; with no persistence its data is gone, so it comes back as
+    a replica of whichever node took over its slots and syncs from it.
+    """
+
+    name = "redis-cluster-node"
+
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        *,
+        port: int,
+        node_timeout_ms: int,
+        host: str = LOOPBACK,
+    ) -> None:
+        super().__init__(
+            binary,
+            directory,
+            host=host,
+            port=port,
+            extra_args=[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(directory / f"nodes-{port}.conf"),
+                "--cluster-node-timeout",
+                str(node_timeout_ms),
+                # A dead master stops only its own slots, not the whole cluster.
+                "--cluster-require-full-coverage",
+                "no",
+                # Replicas sync at once (the diskless sync waits 5 s for more replicas).
+                "--repl-diskless-sync-delay",
+                "0",
+            ],
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def info(self, section: str) -> dict[str, str]:
+        """`INFO section` (or `CLUSTER INFO` for "cluster") as a dict of strings."""
+        with self.client(socket_timeout=2, socket_connect_timeout=2) as client:
+            if section == "cluster":
+                raw = client.execute_command("CLUSTER", "INFO")
+                text = raw.decode() if isinstance(raw, bytes) else str(raw)
+                pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
+                return {k.strip(): v.strip() for k, v in pairs}
+            return {str(k): str(v) for k, v in client.info(section).items()}
+
+    def role(self) -> str:
+        """ "master" or "slave", as this node sees itself."""
+        return self.info("replication")["role"]
+
+
+class RedisClusterServers:
+    """A Redis Cluster of real `redis-server` nodes: `masters` masters with `replicas` each.
+
+    Nodes bind 127.0.0.1 on free ports below 55536 (the bus is port + 10000), keep their
+    files in their own directories and persist nothing. `start()` forms the cluster with
+    `redis-cli --cluster create` and waits until every node says `cluster_state:ok`, every
+    node agrees on the slots and every replica is in sync.
+
+    Attributes: `nodes` (every `RedisClusterNode`), `url` (a live master's URL: any node
+    will do for `RedisCluster`), `urls`; `masters()`, `replicas()`, `node_of_slot(slot)`,
+    `kill(node)`, `revive()` (restart killed nodes and wait for a healthy cluster),
+    `wait_healthy()`, `wait_failover(old_master)`, `flushall()`, `client()` (sync
+    RedisCluster, for checks).
+    """
+
+    def __init__(
+        self,
+        server_binary: str,
+        cli_binary: str,
+        directory: Path,
+        *,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 2000,
+    ) -> None:
+        self.cli_binary = cli_binary
+        self.directory = directory
+        self.masters_count = masters
+        self.replicas_per_master = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.nodes: list[RedisClusterNode] = []
+        self._formed = False
+        for _ in range(masters * (1 + replicas)):
+            port = free_port(LOOPBACK, with_cluster_bus=True)
+            self.nodes.append(
+                RedisClusterNode(
+                    server_binary,
+                    directory / f"node-{port}",
+                    port=port,
+                    node_timeout_ms=node_timeout_ms,
+                )
+            )
+
+    # -- lifecycle -----------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return all(node.running for node in self.nodes)
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Start every node, form the cluster and wait until it is healthy.
+
+        Once formed, `start()` is `revive()`: killed nodes rejoin with their nodes files.
+        """
+        if self._formed:
+            self.revive(timeout_s)
+            return
+        for node in self.nodes:
+            node.start()
+        command = [
+            self.cli_binary,
+            "--cluster",
+            "create",
+            *(node.address for node in self.nodes),
+            "--cluster-replicas",
+            str(self.replicas_per_master),
+            "--cluster-yes",
+        ]
+        done = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        if done.returncode != 0:
+            self.stop()
+            output = (done.stdout + done.stderr).decode(errors="replace")
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{output[-2000:]}")
+        self._formed = True
+        self.wait_healthy(timeout_s)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def kill(self, node: RedisClusterNode) -> None:
+        """SIGKILL one node: a crash, nothing saved."""
+        node.kill()
+
+    def revive(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Restart every stopped node (same port and nodes file) and wait until healthy."""
+        for node in self.nodes:
+            if not node.running:
+                node._wait_port_released()
+                node.start()
+        self.wait_healthy(timeout_s)
+
+    # -- state ---------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return self.masters()[0].url
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes if node.running]
+
+    def _cluster_nodes(self, node: RedisClusterNode) -> list[dict[str, Any]]:
+        """`CLUSTER NODES` as seen by `node`: id, address, flags, master id, slots."""
+        with node.client(socket_timeout=2, socket_connect_timeout=2) as client:
+            raw = client.execute_command("CLUSTER", "NODES")
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        out: list[dict[str, Any]] = []
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) < 8:
+                continue
+            out.append(
+                {
+                    "id": parts[0],
+                    "address": parts[1].split("@", 1)[0],
+                    "flags": set(parts[2].split(",")),
+                    "master": parts[3],
+                    "link": parts[7],
+                    "slots": parts[8:],
+                }
+            )
+        return out
+
+    def _live_view(self) -> list[dict[str, Any]]:
+        for node in self.nodes:
+            if node.running:
+                with contextlib.suppress(redis.RedisError):
+                    return self._cluster_nodes(node)
+        raise RuntimeError("no cluster node answers")
+
+    def _by_address(self, address: str) -> RedisClusterNode:
+        for node in self.nodes:
+            if node.address == address:
+                return node
+        raise KeyError(address)
+
+    def masters(self) -> list[RedisClusterNode]:
+        """Running masters that hold slots, as the cluster sees them (port order)."""
+        found = [
+            self._by_address(entry["address"])
+            for entry in self._live_view()
+            if "master" in entry["flags"] and "fail" not in entry["flags"] and entry["slots"]
+        ]
+        return sorted((n for n in found if n.running), key=lambda n: n.port)
+
+    def replicas(self) -> list[RedisClusterNode]:
+        """Running replicas, as the cluster sees them."""
+        found = [
+            self._by_address(entry["address"])
+            for entry in self._live_view()
+            if "slave" in entry["flags"] and "fail" not in entry["flags"]
+        ]
+        return sorted((n for n in found if n.running), key=lambda n: n.port)
+
+    def node_of_slot(self, slot: int) -> RedisClusterNode:
+        """The master serving `slot` now."""
+        for entry in self._live_view():
+            if "master" not in entry["flags"] or "fail" in entry["flags"]:
+                continue
+            for spec in entry["slots"]:
+                if spec.startswith("["):
+                    continue  # a slot being migrated
+                low, _, high = spec.partition("-")
+                if int(low) <= slot <= int(high or low):
+                    return self._by_address(entry["address"])
+        raise KeyError(f"no master serves slot {slot}")
+
+    def _healthy(self) -> bool:
+        views: list[str] = []
+        for node in self.nodes:
+            if not node.running:
+                return False
+            try:
+                if node.info("cluster").get("cluster_state") != "ok":
+                    return False
+                entries = self._cluster_nodes(node)
+                replication = node.info("replication")
+            except redis.RedisError:
+                return False
+            if any(e["flags"] & {"fail", "fail?", "handshake", "noaddr"} for e in entries):
+                return False
+            if self._covered_by_live_masters(entries) != CLUSTER_SLOTS:
+                return False
+            slaves = [e for e in entries if "slave" in e["flags"]]
+            if len(slaves) != self.masters_count * self.replicas_per_master:
+                return False
+            if replication["role"] == "slave" and (
+                replication.get("master_link_status") != "up"
+                or replication.get("master_sync_in_progress") != "0"
+            ):
+                return False
+            masters = sorted(
+                f"{e['address']} {' '.join(e['slots'])}"
+                for e in entries
+                if "master" in e["flags"] and e["slots"]
+            )
+            views.append("\n".join(masters))
+        return len(set(views)) == 1
+
+    def wait_healthy(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Wait until every node is up, says cluster_state:ok and agrees on the slots,
+        and every replica is in sync with its master."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._healthy():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis cluster not healthy after {timeout_s:.0f} s: {self.nodes}")
+
+    def _covered_by_live_masters(self, view: list[dict[str, Any]]) -> int:
+        covered = 0
+        for entry in view:
+            if "master" not in entry["flags"] or entry["flags"] & {"fail", "fail?"}:
+                continue
+            if not self._by_address(entry["address"]).running:
+                continue
+            for spec in entry["slots"]:
+                if spec.startswith("["):
+                    continue
+                low, _, high = spec.partition("-")
+                covered += int(high or low) - int(low) + 1
+        return covered
+
+    def wait_failover(self, old_master: RedisClusterNode, timeout_s: float = 30.0) -> float:
+        """Wait until replicas took over every slot of the dead `old_master` and every live
+        node says cluster_state:ok; returns the seconds waited."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                view = self._live_view()
+                live_ok = all(
+                    node.info("cluster").get("cluster_state") == "ok"
+                    for node in self.nodes
+                    if node.running
+                )
+            except (redis.RedisError, RuntimeError):
+                time.sleep(0.05)
+                continue
+            old = [e for e in view if e["address"] == old_master.address]
+            if (
+                live_ok
+                and self._covered_by_live_masters(view) == CLUSTER_SLOTS
+                and all(not e["slots"] for e in old)
+            ):
+                return time.monotonic() - started
+            time.sleep(0.05)
+        raise RuntimeError(f"no failover of {old_master} within {timeout_s:.0f} s")
+
+    def client(self, **kwargs: Any) -> redis.RedisCluster:
+        """A sync RedisCluster client; the caller closes it."""
+        kwargs.setdefault("socket_timeout", 5)
+        live = [node for node in self.nodes if node.running]
+        return redis.RedisCluster(
+            startup_nodes=[ClusterNode(n.host, n.port) for n in live], **kwargs
+        )
+
+    def flushall(self) -> None:
+        """FLUSHALL on every master (replicas follow)."""
+        for node in self.masters():
+            with node.client() as client:
+                client.flushall()
+
+    def __repr__(self) -> str:
+        return f"<RedisClusterServers {[n.port for n in self.nodes]}>"

@@ -17,21 +17,6 @@ from mqtt_pairing.store import KeySchema, PairingStore
 from tests.store.helpers import SECRET, Api
 
 
-@pytest.fixture(autouse=True)
-def _fakeredis_without_nagle(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TCP_NODELAY on the fakeredis server's side of connections made by the test.
-
-    Its TCP server flushes each reply of a pipeline on its own; with Nagle's algorithm on
-    (socketserver's default) every pipeline then waits ~40 ms for a delayed ACK, and the
-    store sends most steps as pipelines. Only speed changes.
-    """
-    try:
-        from fakeredis._clients._tcp_server import TCPFakeRequestHandler  # noqa: PLC0415
-    except ImportError:  # another fakeredis layout: slower, still correct
-        return
-    monkeypatch.setattr(TCPFakeRequestHandler, "disable_nagle_algorithm", True)
-
-
 @pytest.fixture
 def prefix(key_prefix: str) -> str:
     """The unique key prefix of the test, without its trailing colon (KeySchema adds it)."""
