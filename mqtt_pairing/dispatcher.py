@@ -345,7 +345,10 @@ class Dispatcher:
         self, identity: Identity, req: SimpleRequest, _b: Begin | None, _phash: str
     ) -> Handled:
         found = await self.sessions.app_sessions(identity.id)
-        online = await self.store.presence([s.runner_id for s in found])
+        online = await self.store.presence(
+            [s.runner_id for s in found],
+            heartbeat_online_s=self.settings.pairing_heartbeat_online_s,
+        )
         runners = [
             {
                 "runner_id": s.runner_id,

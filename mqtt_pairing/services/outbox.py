@@ -134,10 +134,10 @@ class OutboxRelay:
                     runner_id, delay_s=self.settings.pairing_outbox_lease_s, shards=self._shards
                 )
                 await asyncio.gather(mark, self.publish(rendered))
-            await self.store.ack_outbox(
+            deleted = await self.store.ack_outbox(
                 runner_id, [i.stream_id for i in items], shards=self._shards
             )
-            await self._record(items)
+            await self._record([i for i in items if i.stream_id in deleted])
 
     async def drain(self, runner_id: str) -> int:
         """Publish and delete everything in one runner's outbox; returns how many entries.
@@ -149,8 +149,10 @@ class OutboxRelay:
         entries = await self.store.read_outbox(runner_id)
         if entries:
             await self.publish([e for entry in entries for e in render(entry)])
-        await self.store.ack_outbox(runner_id, [e.stream_id for e in entries], shards=self._shards)
-        await self._record(entries)
+        deleted = await self.store.ack_outbox(
+            runner_id, [e.stream_id for e in entries], shards=self._shards
+        )
+        await self._record([e for e in entries if e.stream_id in deleted])
         return len(entries)
 
     async def recover(self) -> int:

@@ -1063,20 +1063,24 @@ class PairingStore:
         )
         return parse_outbox(runner_id, raw or [])
 
-    async def ack_outbox(self, runner_id: str, stream_ids: Sequence[str], *, shards: int) -> int:
+    async def ack_outbox(
+        self, runner_id: str, stream_ids: Sequence[str], *, shards: int
+    ) -> set[str]:
         """Delete published entries; when the outbox is empty, drop its due mark.
 
         Returns:
-            Entries left in the outbox.
+            The ids this call deleted (an entry another delivery deleted first is not
+            among them: exactly one delivery owns each entry's history record).
 
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        left = int(await self._run("ack_outbox", [self.keys.outbox(runner_id)], list(stream_ids)))
+        res = await self._run("ack_outbox", [self.keys.outbox(runner_id)], list(stream_ids))
+        left, deleted = int(res[0]), {str(i) for i in res[1]}
         if left == 0:
             due = self.keys.outbox_due(self.keys.shard_of(runner_id, shards))
             await self._guard(self.client.zrem(due, runner_id))
-        return left
+        return deleted
 
     def outbox_due_call(self, runner_id: str, *, delay_s: float, shards: int) -> ScriptCall:
         """The `mark_due` call of a runner's outbox (see `mark_outbox_due`)."""

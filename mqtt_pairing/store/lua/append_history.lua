@@ -10,6 +10,8 @@ local unpack_ = unpack or table.unpack
 local fields = {}
 for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack_(fields))
-redis.call('XTRIM', KEYS[1], 'MINID', '~', tostring(now - tonumber(ARGV[2])))
+-- Exact, not '~': an approximate trim drops only whole stream nodes, so old records of a
+-- quiet identity would outlive the retention.
+redis.call('XTRIM', KEYS[1], 'MINID', tostring(now - tonumber(ARGV[2])))
 if ARGV[3] == '1' then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2])) end
 return id
