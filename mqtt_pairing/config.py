@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     pairing_shutdown_grace_s: float = Field(default=10.0, ge=0)
     pairing_health_listen: str | None = None
     pairing_heartbeat_online_s: int = Field(default=30, ge=1)
+    pairing_presence_lease_s: float = Field(default=10.0, gt=0)
     pairing_sweep_interval_s: float = Field(default=0.5, gt=0)
     pairing_outbox_lease_s: float = Field(default=5.0, gt=0)
     pairing_index_shards: int = Field(default=1, ge=1, le=1024)

@@ -18,6 +18,8 @@ import logging
 import random
 import socket
 import ssl
+import uuid
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -130,9 +132,18 @@ class PairingGateway:
         self._stopping = asyncio.Event()
         self._inflight = asyncio.Semaphore(settings.pairing_max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
-        # Status messages have their own bounded queue and workers, so that a flood of
-        # them never delays requests; what does not fit is shed and counted.
-        self._status_queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(_STATUS_QUEUE_MAX)
+        # Status messages have their own bounded queues and workers, so that a flood of
+        # them never delays requests; what does not fit is shed and counted. One runner's
+        # messages always go to the same worker, so they are recorded in order.
+        self._status_queues: list[asyncio.Queue[aiomqtt.Message]] = [
+            asyncio.Queue(_STATUS_QUEUE_MAX // _STATUS_WORKERS) for _ in range(_STATUS_WORKERS)
+        ]
+        # With a shared group (several instances), one instance at a time records status
+        # messages: the holder of a lease in Redis. Status messages carry no sequence
+        # number, so two instances recording the same stream could apply them out of
+        # order. A new holder subscribes, and the broker replays the retained statuses.
+        self.instance_id = f"{settings.mqtt_client_id}/{uuid.uuid4().hex[:8]}"
+        self.records_presence = not share_group
         self.client = self._make_client()
         self.relay = OutboxRelay(
             dispatcher.store, settings, self.publish_events, dispatcher.history
@@ -185,8 +196,10 @@ class PairingGateway:
         """
         background = [
             asyncio.create_task(self.relay.run(self.connected, self._stopping)),
-            *(asyncio.create_task(self._status_worker()) for _ in range(_STATUS_WORKERS)),
+            *(asyncio.create_task(self._status_worker(q)) for q in self._status_queues),
         ]
+        if self.share_group:
+            background.append(asyncio.create_task(self._presence_leadership()))
         try:
             await self._connection_loop()
         finally:
@@ -228,8 +241,43 @@ class PairingGateway:
         for kind in Kind:
             topic = self.scheme.request_filter(kind, self.share_group)
             await self.client.subscribe(topic, qos=1)
-        # Without $share: shared subscriptions get no retained messages (DESIGN.md).
-        await self.client.subscribe(self.scheme.status_filter(), qos=1)
+        # Without $share: shared subscriptions get no retained messages (DESIGN.md). An
+        # instance that does not record presence drops a subscription its persistent
+        # session may keep from an earlier run.
+        await self._toggle_status_subscription(self.records_presence)
+
+    async def _presence_leadership(self) -> None:
+        """Hold (or wait for) the presence lease; (un)subscribe status topics to match."""
+        lease_s = self.settings.pairing_presence_lease_s
+        try:
+            while not self._stopping.is_set():
+                try:
+                    held = await self.dispatcher.store.hold_presence_lease(
+                        self.instance_id, lease_s=lease_s
+                    )
+                except PairingError:
+                    held = False  # Redis away: the lease lapses for everyone alike
+                if held != self.records_presence:
+                    self.records_presence = held
+                    log.info("%s recording runners' status", "now" if held else "no longer")
+                    if self.connected.is_set():
+                        await self._toggle_status_subscription(held)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), lease_s / 3)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.dispatcher.store.hold_presence_lease(
+                    self.instance_id, lease_s=lease_s, release=True
+                )
+
+    async def _toggle_status_subscription(self, on: bool) -> None:
+        try:
+            if on:
+                await self.client.subscribe(self.scheme.status_filter(), qos=1)
+            else:
+                await self.client.unsubscribe(self.scheme.status_filter())
+        except aiomqtt.MqttError as exc:
+            log.warning("status subscription not changed: %s", exc)
 
     async def _serve(self) -> None:
         messages = self.client.messages
@@ -244,9 +292,14 @@ class PairingGateway:
                         await nxt
                     return
                 message = nxt.result()
-                if self.scheme.parse_status(message.topic.value) is not None:
+                runner_id = self.scheme.parse_status(message.topic.value)
+                if runner_id is not None:
+                    queue = self._status_queues[zlib.crc32(runner_id.encode()) % _STATUS_WORKERS]
+                    if not self.records_presence:
+                        self._ack(message)  # another instance holds the presence lease
+                        continue
                     try:
-                        self._status_queue.put_nowait(message)
+                        queue.put_nowait(message)
                     except asyncio.QueueFull:
                         self.counters["status_shed"] += 1
                         self._ack(message)
@@ -271,9 +324,9 @@ class PairingGateway:
         for task in pending:
             task.cancel()
 
-    async def _status_worker(self) -> None:
+    async def _status_worker(self, queue: asyncio.Queue[aiomqtt.Message]) -> None:
         while True:
-            message = await self._status_queue.get()
+            message = await queue.get()
             await self._process(message)
 
     def _ack(self, message: aiomqtt.Message) -> None:

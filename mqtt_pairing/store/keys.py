@@ -103,6 +103,10 @@ class KeySchema:
         """Stream: the audit history of one runner or app (expires when idle)."""
         return f"{self.prefix}:history:{{{kind}:{ident}}}"
 
+    def presence_leader(self) -> str:
+        """String: the instance that records runners' status messages (a lease)."""
+        return f"{self.prefix}:presence-leader:{{global:0}}"
+
     def shard_of(self, member: str, shards: int) -> int:
         """The shard of a member of a sharded global key: stable, CRC32 based."""
         return zlib.crc32(member.encode()) % shards

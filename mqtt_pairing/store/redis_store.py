@@ -73,6 +73,7 @@ SCRIPT_NAMES = (
     "claim_due",
     "append_history",
     "settle_claim",
+    "hold_lease",
 )
 _UNAVAILABLE = (
     RedisConnectionError,
@@ -1193,6 +1194,21 @@ class PairingStore:
         closed = _session(res[1])
         await self.drop_session_indexes([closed])
         return closed, parse_outbox(runner_id, res[2])
+
+    async def hold_presence_lease(
+        self, holder: str, *, lease_s: float, release: bool = False
+    ) -> bool:
+        """Take or keep the presence-recording lease; True while `holder` has it.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        res = await self._run(
+            "hold_lease",
+            [self.keys.presence_leader()],
+            [holder, int(lease_s * MS_PER_S), int(release)],
+        )
+        return int(res) == 1
 
     # ---- history ----------------------------------------------------------------------
 

@@ -115,11 +115,24 @@ async def wait_until(
 
 
 async def wait_statuses(services: list[LifecycleService], count: int, timeout_s: float = 5.0):
-    """Wait until every service has recorded `count` status messages in total."""
+    """Wait until the services together have recorded `count` status messages.
+
+    With a shared group one instance at a time (the presence lease holder) records them;
+    a single service records them all.
+    """
     await wait_until(
-        lambda: all(s.counters["status"] >= count for s in services),
+        lambda: sum(s.counters["status"] for s in services) >= count,
         timeout_s,
-        f"{count} status message(s) recorded by each of {len(services)} service(s)",
+        f"{count} status message(s) recorded by {len(services)} service(s) together",
+    )
+
+
+async def wait_presence_holder(service: LifecycleService, timeout_s: float = 5.0) -> None:
+    """Wait until `service` holds the presence lease (records runners' status)."""
+    await wait_until(
+        lambda: service.service.gateway.records_presence,
+        timeout_s,
+        "the service to hold the presence lease",
     )
 
 
