@@ -13,6 +13,16 @@ Fixtures (see `tests/fixtures.py` for the server classes):
 - `redis_url` (function): the session Redis, flushed first.
 - `store_redis_url` (function, params `redis` / `fakeredis`): a flushed URL of either, so
   store tests run against both engines.
+- `redis_cluster` (session): `RedisClusterServers`, 3 masters with one replica each on
+  free ports (< 55536: the bus is port + 10000), formed with `redis-cli --cluster create`
+  and healthy (`cluster_state:ok` everywhere, replicas in sync); `.url` (any node will do
+  for `RedisCluster`), `.nodes`, `.masters()`, `.replicas()`, `.node_of_slot(slot)`,
+  `.kill(node)`, `.wait_failover(node)`, `.revive()`, `.client()` (sync RedisCluster).
+  Killed nodes are restarted (they rejoin as replicas) after the test.
+- `store_backend` (function, params `redis` / `fakeredis` / `cluster`): a `StoreBackend`
+  (`.name`, `.url`, `.cluster`, `.client()` -> redis-py asyncio client, a `RedisCluster`
+  for the cluster); tests that build their client with `store_backend.client()` run on
+  all three. Each is flushed first (the cluster: every master).
 - `key_prefix`, `topic_prefix` (function): unique per test, so tests never collide.
 
 A shared server that a test stopped is started again (same port) after that test.
@@ -23,24 +33,28 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
+from mqtt_pairing.store import connect_redis
 from tests.fixtures import (
     FakeRedisServer,
     MosquittoBroker,
+    RedisClusterServers,
     RedisServer,
     require_binary,
     start_with_retries,
 )
 
-_REDIS_FIXTURES = frozenset({"redis_server", "make_redis_server", "redis_url"})
+_REDIS_FIXTURES = frozenset({"redis_server", "make_redis_server", "redis_url", "redis_cluster"})
 _MOSQUITTO_FIXTURES = frozenset({"mosquitto_broker", "make_mosquitto"})
 
 # Session-scoped servers, revived after a test that stopped one of them.
-_shared_servers: list[RedisServer | MosquittoBroker] = []
+_shared_servers: list[RedisServer | MosquittoBroker | RedisClusterServers] = []
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -71,6 +85,22 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     yield server
     _shared_servers.remove(server)
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """3 masters + 3 replicas, healthy; started once per session (about 2.5 s)."""
+    server_binary = require_binary("redis-server")
+    cli_binary = require_binary("redis-cli")
+    cluster = start_with_retries(
+        lambda: RedisClusterServers(
+            server_binary, cli_binary, tmp_path_factory.mktemp("redis-cluster")
+        )
+    )
+    _shared_servers.append(cluster)
+    yield cluster
+    _shared_servers.remove(cluster)
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")
@@ -148,6 +178,47 @@ def store_redis_url(request: pytest.FixtureRequest) -> str:
     server: RedisServer | FakeRedisServer = request.getfixturevalue(name)
     server.flushall()
     return server.url
+
+
+@dataclass(frozen=True)
+class StoreBackend:
+    """Where store tests keep their keys: a real Redis, fakeredis or a Redis Cluster."""
+
+    name: str
+    url: str
+    cluster: bool = False
+
+    def client(self) -> aioredis.Redis:
+        """A redis-py asyncio client (`decode_responses=True`); the caller closes it.
+
+        On the cluster it is the service's own `RedisCluster` (`connect_redis(...,
+        cluster=True)`), with a timeout long enough for a busy test machine.
+        """
+        if self.cluster:
+            return connect_redis(self.url, timeout_s=5.0, cluster=True)
+        return aioredis.Redis.from_url(self.url, decode_responses=True)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("redis", marks=pytest.mark.redis),
+        "fakeredis",
+        pytest.param("cluster", marks=pytest.mark.redis),
+    ],
+)
+def store_backend(request: pytest.FixtureRequest) -> StoreBackend:
+    """The store tests' engine: real redis-server, fakeredis, then Redis Cluster.
+
+    Every engine is flushed first (on the cluster: every master).
+    """
+    if request.param == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        cluster.flushall()
+        return StoreBackend("cluster", cluster.url, cluster=True)
+    name = "redis_server" if request.param == "redis" else "fakeredis_server"
+    server: RedisServer | FakeRedisServer = request.getfixturevalue(name)
+    server.flushall()
+    return StoreBackend(request.param, server.url)
 
 
 @pytest.fixture

@@ -642,6 +642,18 @@ class RedisClusterServers:
         """SIGKILL one node: a crash, nothing saved."""
         node.kill()
 
+    def set_node_timeout(self, node_timeout_ms: int | None = None) -> None:
+        """`CONFIG SET cluster-node-timeout` on every running node (None: the start value).
+
+        How long a dead master goes unnoticed, hence how long a failover takes (about the
+        timeout plus a second or two); production clusters default to 15 s.
+        """
+        value = self.node_timeout_ms if node_timeout_ms is None else node_timeout_ms
+        for node in self.nodes:
+            if node.running:
+                with node.client() as client:
+                    client.config_set("cluster-node-timeout", value)
+
     def revive(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Restart every stopped node (same port and nodes file) and wait until healthy."""
         for node in self.nodes:
