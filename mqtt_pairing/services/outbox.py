@@ -87,9 +87,24 @@ class OutboxRelay:
         self.publish = publish
         self.history = history
 
-    async def _record(self, entries: Sequence[OutboxEntry]) -> None:
-        if self.history is None:
-            return
+    async def _acknowledge(self, runner_id: str, entries: Sequence[OutboxEntry]) -> None:
+        """Delete published entries, then drop the mark and record history, in one batch.
+
+        The due mark goes once the outbox is empty; only the entries this call deleted
+        are recorded.
+        """
+        deleted, then = await self.store.ack_outbox(
+            runner_id, [e.stream_id for e in entries], shards=self._shards
+        )
+        records = self._records([e for e in entries if e.stream_id in deleted])
+        calls = then + (self.history.calls(records) if self.history is not None else [])
+        try:
+            await self.store.batch(calls)
+        except PairingError as exc:
+            log.warning("outbox mark or history not written: %s", exc.message)
+
+    @staticmethod
+    def _records(entries: Sequence[OutboxEntry]) -> list[PairingHistoryEntry]:
         records = []
         for entry in entries:
             s = entry.session
@@ -106,7 +121,7 @@ class OutboxRelay:
                     detail=f"closed_reason={reason}" if reason else None,
                 )
             )
-        await self.history.record(records)
+        return records
 
     @property
     def _shards(self) -> int:
@@ -134,10 +149,7 @@ class OutboxRelay:
                     runner_id, delay_s=self.settings.pairing_outbox_lease_s, shards=self._shards
                 )
                 await asyncio.gather(mark, self.publish(rendered))
-            deleted = await self.store.ack_outbox(
-                runner_id, [i.stream_id for i in items], shards=self._shards
-            )
-            await self._record([i for i in items if i.stream_id in deleted])
+            await self._acknowledge(runner_id, items)
 
     async def drain(self, runner_id: str) -> int:
         """Publish and delete everything in one runner's outbox; returns how many entries.
@@ -149,10 +161,7 @@ class OutboxRelay:
         entries = await self.store.read_outbox(runner_id)
         if entries:
             await self.publish([e for entry in entries for e in render(entry)])
-        deleted = await self.store.ack_outbox(
-            runner_id, [e.stream_id for e in entries], shards=self._shards
-        )
-        await self._record([e for e in entries if e.stream_id in deleted])
+        await self._acknowledge(runner_id, entries)
         return len(entries)
 
     async def recover(self) -> int:

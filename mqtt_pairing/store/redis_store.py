@@ -1066,22 +1066,24 @@ class PairingStore:
 
     async def ack_outbox(
         self, runner_id: str, stream_ids: Sequence[str], *, shards: int
-    ) -> set[str]:
-        """Delete published entries; when the outbox is empty, drop its due mark.
+    ) -> tuple[set[str], list[Call]]:
+        """Delete published entries.
 
         Returns:
             The ids this call deleted (an entry another delivery deleted first is not
-            among them: exactly one delivery owns each entry's history record).
+            among them: exactly one delivery owns each entry's history record), and the
+            calls to batch next: dropping the outbox's due mark once it is empty.
 
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
         res = await self._run("ack_outbox", [self.keys.outbox(runner_id)], list(stream_ids))
         left, deleted = int(res[0]), {str(i) for i in res[1]}
+        then: list[Call] = []
         if left == 0:
             due = self.keys.outbox_due(self.keys.shard_of(runner_id, shards))
-            await self._guard(self.client.zrem(due, runner_id))
-        return deleted
+            then.append(RawCall(("ZREM", due, runner_id)))
+        return deleted, then
 
     def outbox_due_call(self, runner_id: str, *, delay_s: float, shards: int) -> ScriptCall:
         """The `mark_due` call of a runner's outbox (see `mark_outbox_due`)."""
