@@ -223,6 +223,7 @@ class PairingGateway:
                         self.settings.mqtt_client_id,
                     )
                     await self._serve()
+                    await self._leave_group()
                     await self._drain()
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
@@ -245,6 +246,18 @@ class PairingGateway:
         # instance that does not record presence drops a subscription its persistent
         # session may keep from an earlier run.
         await self._toggle_status_subscription(self.records_presence)
+
+    async def _leave_group(self) -> None:
+        """On stop, leave the shared group before draining.
+
+        The instance's broker session outlives it (clean start off), so the broker would
+        otherwise go on giving it a share of new requests.
+        """
+        if not self.share_group:
+            return
+        for kind in Kind:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self.client.unsubscribe(self.scheme.request_filter(kind, self.share_group))
 
     async def _presence_leadership(self) -> None:
         """Hold (or wait for) the presence lease; (un)subscribe status topics to match."""

@@ -108,7 +108,8 @@ class OutboxRelay:
         records = []
         for entry in entries:
             s = entry.session
-            if s is None or entry.type not in ("session.opened", "session.closed"):
+            # session.opened is recorded by the pair itself (with pair.succeeded).
+            if s is None or entry.type != "session.closed":
                 continue
             reason = s.closed_reason.value if s.closed_reason else None
             records.append(

@@ -244,15 +244,19 @@ class PairingSessionService:
             "runner_metadata": opened.runner_metadata,
         }
         reply = ok_reply(rid, result)
+        # Recorded here, in the last batch, once: not again by a retry that finds the
+        # session open, and not by the outbox delivery (it records closes only).
         history = [
             PairingHistoryEntry(
-                event="pair.succeeded",
+                event=event,
                 at_ms=session.created_at_ms,
                 runner_id=session.runner_id,
                 app_id=app_id,
                 session_id=session.session_id,
-                code_mask=masked,
+                code_mask=masked if event == "pair.succeeded" else None,
             )
+            for event in ("pair.succeeded", "session.opened")
+            if not opened.repeat
         ]
         shards = s.pairing_index_shards
         after: list[Call] = [
