@@ -1,0 +1,1 @@
+"""Benchmarks of mqtt-pairing: `scripts/bench` (python -m benchmarks.run) writes the report."""

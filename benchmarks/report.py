@@ -1,0 +1,883 @@
+"""The Markdown report, rendered from the raw results of one run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks.stack import BENCH_ENV, CODE_TTL_S, TOMBSTONE_S
+
+X = "\u00d7"
+NA = "\u2013"
+
+TARGET_ECHO_RATIO = 0.60
+TARGET_RT_OK = 3
+TARGET_RT_FAIL = 2
+TARGET_BYTES_PER_CODE = 300
+TARGET_P99_OVER_P50 = 3.0
+TARGET_BIG_OVER_SMALL = 1.2
+
+
+def _f(x: float | None, digits: int = 1) -> str:
+    if x is None:
+        return NA
+    return f"{x:,.{digits}f}"
+
+
+def _ms(d: dict[str, float], key: str) -> str:
+    return _f(d.get(key)) if d else NA
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _typical(d: dict[str, Any], phase: str) -> int:
+    """Round trips that every request makes in a phase (those made by at least half)."""
+    made = [x["per_request"] for x in d["round_trips"] if x["phase"] == phase]
+    return round(sum(k for k in made if k >= 0.5))
+
+
+def _occasional(d: dict[str, Any]) -> str:
+    rare = [x for x in d["round_trips"] if x["per_request"] < 0.5]
+    if not rare:
+        return ""
+    return "; now and then also " + ", ".join(
+        f"`{x['what']}` ({x['per_request']:.1%} of requests)" for x in rare
+    )
+
+
+def _load_label(share: float) -> str:
+    return f"{share:.0%}"
+
+
+def _big_label(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 and n % 1_000_000 == 0 else f"{n // 1000}k"
+
+
+class _Report:
+    def __init__(self, r: dict[str, Any], json_path: Path) -> None:
+        self.r = r
+        self.json_path = json_path
+        self.parts: list[str] = []
+
+    def add(self, *texts: str) -> None:
+        self.parts.extend(texts)
+
+    # ---- numbers used in several places -------------------------------------------------
+
+    @property
+    def pair_rate(self) -> float:
+        return float(self.r["saturation"]["best"]["throughput"])
+
+    @property
+    def echo_rate(self) -> float:
+        return float(self.r["echo"]["best"]["throughput"])
+
+    def latency_at(self, share: float) -> dict[str, Any] | None:
+        for p in self.r.get("latency", []):
+            if abs(p["load_share"] - share) < 1e-9:
+                return p
+        return None
+
+    # ---- sections -----------------------------------------------------------------------
+
+    def header(self) -> None:
+        r = self.r
+        m = r["machine"]
+        load = m["load_average_at_start"]
+        pk = m["packages"]
+        self.add(
+            "# Benchmarks",
+            "",
+            "Written by `scripts/bench` (`python -m benchmarks.run`) from one run; the raw "
+            f"numbers are in `{self.json_path}` (not committed: `benchmarks/results/` is "
+            "ignored). Every figure below comes from that single run, so ratios compare "
+            "measurements taken minutes apart on the same machine.",
+            "",
+            "## How to rerun",
+            "",
+            "```",
+            "scripts/bench            # full run, writes docs/benchmarks.md (~7 min)",
+            "scripts/bench --quick    # shorter runs, 100k live codes (~2 min)",
+            "scripts/bench --smoke    # a second of load per step; what .ci/run calls",
+            "scripts/bench --out FILE # write the report elsewhere",
+            "```",
+            "",
+            "It needs `redis-server` and `mosquitto` on the machine (Debian packages) and "
+            "starts its own on free ports of 127.0.0.1, stopping them at the end. The "
+            "profile step uses `py-spy` from the venv and is skipped without it. Run it on "
+            "an otherwise idle machine: the service, the broker, Redis and the load "
+            "generator share the CPU.",
+            "",
+            "## Machine",
+            "",
+            *(
+                [
+                    f"**The machine was not idle during this run** (1-minute load average "
+                    f"{load[0]:.1f} at the start, on {m['cores']} cores): other work took "
+                    "CPU time from the service, the broker, Redis and the generator alike. "
+                    "Absolute rates are lower and latencies noisier than on an idle machine; "
+                    "ratios of runs taken seconds apart, and CPU time per request, are the "
+                    "more robust figures.",
+                    "",
+                ]
+                if load[0] > 1.0
+                else []
+            ),
+            _table(
+                ["", ""],
+                [
+                    [
+                        "run",
+                        f"`{r.get('command', 'scripts/bench')}`, {r.get('started_at', '?')}, "
+                        f"{_f(r.get('elapsed_s'), 0)} s",
+                    ],
+                    ["CPU", f"{m['cpu']}, {m['cores']} cores (kernel {m['kernel']})"],
+                    [
+                        "load average at start",
+                        " / ".join(f"{x:.2f}" for x in load) + " (1, 5, 15 min)",
+                    ],
+                    [
+                        "load average at end",
+                        " / ".join(f"{x:.2f}" for x in m.get("load_average_at_end", ()))
+                        or "not recorded",
+                    ],
+                    ["Python", m["python"]],
+                    ["Redis", m["redis"]],
+                    ["Mosquitto", m["mosquitto"]],
+                    ["libraries", ", ".join(f"{k} {v}" for k, v in pk.items())],
+                ],
+            ),
+            "",
+        )
+
+    def summary(self) -> None:
+        r = self.r
+        rows = []
+        ratio = self.pair_rate / self.echo_rate if self.echo_rate else 0.0
+        rows.append(
+            [
+                f"pair throughput of one process ≥ {TARGET_ECHO_RATIO:.0%} of the echo ceiling",
+                f"{_f(self.pair_rate, 0)} / {_f(self.echo_rate, 0)} per s = **{ratio:.0%}**"
+                + (
+                    f"; by CPU time per request: {self.cpu_ratio():.0%}" if self.cpu_ratio() else ""
+                ),
+                _verdict(ratio >= TARGET_ECHO_RATIO),
+            ]
+        )
+        rt = r.get("round_trips", {})
+        ok, fail = rt.get("success", {}), rt.get("failed_guess", {})
+        if ok:
+            req, after = _typical(ok, "request"), _typical(ok, "after")
+            total = req + after
+            rows.append(
+                [
+                    f"≤ {TARGET_RT_OK} Redis round trips per successful pair",
+                    f"request path {req}, after the reply {after}, total **{total}**"
+                    + _occasional(ok),
+                    f"{_verdict(total <= TARGET_RT_OK)} "
+                    f"(request path: {_verdict(req <= TARGET_RT_OK)})",
+                ]
+            )
+        if fail:
+            req, after = _typical(fail, "request"), _typical(fail, "after")
+            total = req + after
+            rows.append(
+                [
+                    f"≤ {TARGET_RT_FAIL} Redis round trips per failed guess",
+                    f"request path {req}, after the reply {after}, total **{total}**"
+                    + _occasional(fail),
+                    _verdict(total <= TARGET_RT_FAIL),
+                ]
+            )
+        mem = r.get("memory")
+        if mem:
+            per_code = mem["code_hash_bytes"]
+            steady = per_code * (CODE_TTL_S + TOMBSTONE_S) / CODE_TTL_S
+            rows.append(
+                [
+                    f"≤ {TARGET_BYTES_PER_CODE} bytes of Redis memory per live code",
+                    f"code hash **{_f(per_code, 0)} B** (used_memory over "
+                    f"{mem['n_bulk']:,} codes); with its tombstone share at the default "
+                    f"TTL {CODE_TTL_S} s + tombstone {TOMBSTONE_S} s: **≥ {_f(steady, 0)} B**; "
+                    f"everything a `code` request leaves: {_f(mem['code_request_bytes'], 0)} B",
+                    _verdict(steady <= TARGET_BYTES_PER_CODE)
+                    + f" (code hash alone: {_verdict(per_code <= TARGET_BYTES_PER_CODE)})",
+                ]
+            )
+        half = self.latency_at(0.5)
+        if half and half["reply_ms"]:
+            p50, p99 = half["reply_ms"]["p50"], half["reply_ms"]["p99"]
+            rows.append(
+                [
+                    f"p99 ≤ {TARGET_P99_OVER_P50:.0f} {X} p50 at 50% load",
+                    f"p50 {_f(p50)} ms, p99 {_f(p99)} ms: **{p99 / p50:.2f} {X}**",
+                    _verdict(p99 <= TARGET_P99_OVER_P50 * p50),
+                ]
+            )
+        lc = r.get("live_codes")
+        if lc:
+            small, big = self._live_pair()
+            if small and big:
+                ratio_big = big / small
+                rows.append(
+                    [
+                        f"latency with {_big_label(lc['big'])} live codes ≤ "
+                        f"{TARGET_BIG_OVER_SMALL} {X} with 1k",
+                        f"p50 {_f(big, 2)} ms vs {_f(small, 2)} ms: **{ratio_big:.2f} {X}**",
+                        _verdict(ratio_big <= TARGET_BIG_OVER_SMALL),
+                    ]
+                )
+        self.add("## Targets", "", _table(["target", "measured", "verdict"], rows), "")
+
+    def _live_pair(self) -> tuple[float | None, float | None]:
+        runs = self.r["live_codes"]["runs"]
+        small = [
+            x["reply_ms"]["p50"] for x in runs if x["label"].startswith("1k") and x["reply_ms"]
+        ]
+        big = [x["reply_ms"]["p50"] for x in runs if x["label"] == "big" and x["reply_ms"]]
+        if not small or not big:
+            return None, None
+        return sum(small) / len(small), big[0]
+
+    def throughput(self) -> None:
+        r = self.r
+        echo = {x["concurrency"]: x for x in r["echo"]["runs"]}
+        rows = []
+        for run in r["saturation"]["runs"]:
+            c = run["concurrency"]
+            e = echo.get(c, {})
+            rows.append(
+                [
+                    str(c),
+                    _f(run["throughput"], 0),
+                    _ms(run["reply_ms"], "p50"),
+                    _ms(run["reply_ms"], "p99"),
+                    _f(e.get("throughput"), 0),
+                    _ms(e.get("reply_ms", {}), "p50"),
+                    f"{run['throughput'] / e['throughput']:.0%}" if e.get("throughput") else NA,
+                    str(sum(run["errors"].values()) + run["lost_replies"]),
+                ]
+            )
+        self.add(
+            "## 1. Throughput of one service process, and the echo ceiling (2)",
+            "",
+            "Closed loop: the load generator keeps `c` pair requests outstanding and sends "
+            "the next one as each reply arrives. Each request uses a fresh code issued to "
+            "its own runner beforehand, so every pair succeeds and does the full work (3 "
+            "Redis round trips before the reply, 4 publishes). The service runs as a "
+            "subprocess (`python -m mqtt_pairing serve`, log level INFO as shipped), so the "
+            "generator does not share its event loop. The echo service "
+            "(`benchmarks/echo.py`) is built like the gateway with the same client library "
+            "(aiomqtt 2.5 on paho), subscription, manual acknowledgement and in-flight bound, "
+            "and answers each request with the same 4 QoS 1 publishes of the same size, "
+            "without Redis. Both run side by side on the same broker (different topic "
+            "prefixes), and their runs alternate, so each ratio compares runs seconds apart.",
+            "",
+            _table(
+                [
+                    "c",
+                    "pairs/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "echo/s",
+                    "echo p50 ms",
+                    "pair/echo",
+                    "errors+lost",
+                ],
+                rows,
+            ),
+            "",
+            self._cpu_table(),
+            f"Saturation of one process: **{_f(self.pair_rate, 0)} pairs/s** "
+            f"(c = {r['saturation']['best']['concurrency']}); echo ceiling "
+            f"**{_f(self.echo_rate, 0)}/s** (c = {r['echo']['best']['concurrency']}); ratio "
+            f"**{self.pair_rate / self.echo_rate:.0%}**."
+            if self.echo_rate
+            else "",
+            "",
+        )
+
+    def cpu_ratio(self) -> float | None:
+        """Echo CPU per request / pair CPU per pair, over all saturation runs."""
+        pair = [x.get("cpu_ms_per_request", {}).get("server") for x in self.r["saturation"]["runs"]]
+        echo = [x.get("cpu_ms_per_request", {}).get("server") for x in self.r["echo"]["runs"]]
+        pair = [x for x in pair if x]
+        echo = [x for x in echo if x]
+        if not pair or not echo:
+            return None
+        return (sum(echo) / len(echo)) / (sum(pair) / len(pair))
+
+    def _cpu_table(self) -> str:
+        runs = self.r["saturation"]["runs"]
+        if not runs or not runs[0].get("cpu_ms_per_request"):
+            return ""
+        echo = {x["concurrency"]: x for x in self.r["echo"]["runs"]}
+        rows = []
+        for run in runs:
+            e = echo.get(run["concurrency"], {}).get("cpu_ms_per_request", {})
+            cpu = run["cpu_ms_per_request"]
+            share = run.get("cpu_share", {})
+            rows.append(
+                [
+                    str(run["concurrency"]),
+                    _f(cpu.get("server"), 2),
+                    f"{share.get('server', 0):.0%}",
+                    _f(e.get("server"), 2),
+                    _f(cpu.get("mosquitto"), 2),
+                    _f(cpu.get("redis"), 2),
+                ]
+            )
+        ratio = self.cpu_ratio()
+        return "\n".join(
+            [
+                "CPU time per answered request, from `/proc/<pid>/stat` over each run "
+                "(this is far less sensitive to other load on the machine than throughput "
+                "is):",
+                "",
+                _table(
+                    [
+                        "c",
+                        "service ms/pair",
+                        "service CPU use",
+                        "echo ms/request",
+                        "Mosquitto ms/pair",
+                        "Redis ms/pair",
+                    ],
+                    rows,
+                ),
+                "",
+                f"By CPU cost, a pair costs the service {1 / ratio:.1f} {X} what an echo "
+                f"costs the echo service: a CPU-bound ratio of **{ratio:.0%}**."
+                if ratio
+                else "",
+                "",
+            ]
+        )
+
+    def latency(self) -> None:
+        rows = []
+        for p in self.r.get("latency", []):
+            rows.append(
+                [
+                    _load_label(p["load_share"]),
+                    _f(p["target_rate"], 0),
+                    _f(p["achieved_rate"], 0),
+                    _ms(p["reply_ms"], "p50"),
+                    _ms(p["reply_ms"], "p95"),
+                    _ms(p["reply_ms"], "p99"),
+                    _ms(p["runner_opened_ms"], "p50"),
+                    _ms(p["runner_opened_ms"], "p95"),
+                    _ms(p["runner_opened_ms"], "p99"),
+                    str(p["lost_replies"] + sum(p["errors"].values())),
+                    _f(p["send_lag_max_ms"]),
+                ]
+            )
+        self.add(
+            "### Latency at 25%, 50% and 90% of saturation (open loop)",
+            "",
+            "Requests are sent on a fixed schedule whatever the replies do; latency runs "
+            "from the scheduled send time to the reply reaching the app, and to the runner's "
+            "`session.opened` event reaching the runner (no coordinated omission: a late "
+            "sender would count against the service; its worst lag is the last column).",
+            "",
+            _table(
+                [
+                    "load",
+                    "target/s",
+                    "sent/s",
+                    "reply p50",
+                    "p95",
+                    "p99",
+                    "runner session.opened p50",
+                    "p95",
+                    "p99",
+                    "errors+lost",
+                    "send lag max",
+                ],
+                rows,
+            ),
+            "",
+            "All times in ms.",
+            "",
+        )
+
+    def round_trips(self) -> None:
+        rt = self.r.get("round_trips")
+        if not rt:
+            return
+        self.add(
+            "## 3. Redis round trips and commands",
+            "",
+            "The service runs in the harness process here (`build_service`, the real "
+            "gateway on the same Mosquitto and Redis), one request at a time, with the "
+            "outbox sweep set to hourly so that only requests talk to Redis. Round trips "
+            "are `PairingStore.round_trips` deltas (a pipeline counts as one); each is "
+            "labelled with what it ran and whether it came before the reply was published "
+            "(request path) or after (outbox acknowledgement, history). Commands are "
+            "`INFO commandstats` deltas, which count the commands run inside Lua scripts "
+            "too. Limits were raised (see Method), so no guess ran into a penalty; a guess "
+            "that starts one adds one round trip (its history record).",
+            "",
+        )
+        for kind, title in (("success", "Successful pair"), ("failed_guess", "Failed guess")):
+            d = rt[kind]
+            rows = [
+                [x["phase"], f"`{x['what']}`", _f(x["per_request"], 2)] for x in d["round_trips"]
+            ]
+            cmds = ", ".join(f"{c} {_f(v, 1)}" for c, v in d["commands_per_request"].items())
+            self.add(
+                f"### {title} ({d['requests']} requests: "
+                + ", ".join(f"{k} {v}" for k, v in d["outcomes"].items())
+                + ")",
+                "",
+                _table(["phase", "round trip", "per request"], rows),
+                "",
+                f"Round trips per request: **{_f(d['round_trips_per_request'], 2)}** "
+                f"({_f(d['request_path_per_request'], 2)} before the reply, "
+                f"{_f(d['after_reply_per_request'], 2)} after). Commands per request "
+                f"(EVALSHA and direct commands {_f(d['top_level_commands_per_request'], 1)} "
+                f"of them at top level): {cmds}.",
+                "",
+            )
+
+    def memory(self) -> None:
+        mem = self.r.get("memory")
+        if not mem:
+            return
+
+        def fam_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+            # A family that shrank lost keys to their TTL meanwhile (request-rate windows).
+            return [
+                [f"`{x['family']}`", _f(x["keys_per_item"], 3), _f(x["bytes_per_item"], 0)]
+                for x in rows
+                if x["bytes_per_item"] >= 0
+            ]
+
+        steady = mem["code_hash_bytes"] * (CODE_TTL_S + TOMBSTONE_S) / CODE_TTL_S
+        self.add(
+            "## 4. Redis memory",
+            "",
+            f"**Per code hash**: {_f(mem['code_hash_bytes'], 0)} bytes of `used_memory` per "
+            f"code over {mem['n_bulk']:,} code hashes written by the filler script (the fields "
+            f"and TTL of `issue_code.lua`); `MEMORY USAGE` of one: "
+            f"{_f(mem['code_hash_memory_usage'], 0)} bytes (the rest is the main and expires "
+            f"tables). A code hash lives TTL + tombstone ({CODE_TTL_S} + {TOMBSTONE_S} s by "
+            "default) from its issue, whether it is used or not, so at a steady issue rate "
+            f"there are at least {(CODE_TTL_S + TOMBSTONE_S) / CODE_TTL_S:.0f} hashes per live "
+            "code (that many when codes live out their TTL; more when they are used early): "
+            f"**at least {_f(steady, 0)} bytes per live code** with the tombstone share.",
+            "",
+            f"**Everything a `code` request leaves** ({mem['n_full']:,} requests through the "
+            "dispatcher and outbox relay, each from a new runner): "
+            f"**{_f(mem['code_request_bytes'], 0)} bytes** of `used_memory` each; by key "
+            "family (`MEMORY USAGE` deltas):",
+            "",
+            _table(
+                ["key family", "keys per code", "bytes per code"],
+                fam_rows(mem["code_request_families"]),
+            ),
+            "",
+            f"**Per session** (pairing each of those codes, 100 apps): "
+            f"**{_f(mem['pair_bytes'], 0)} bytes** of `used_memory` each:",
+            "",
+            _table(
+                ["key family", "keys per session", "bytes per session"],
+                fam_rows(mem["pair_families"]),
+            ),
+            "",
+        )
+        variants = mem.get("code_hash_variants")
+        if variants:
+            self.add(
+                f"Where a code hash's bytes go ({mem.get('code_hash_variants_n', 20_000):,} "
+                "hashes per layout, same TTL):",
+                "",
+                _table(
+                    ["layout", "used_memory per code", "MEMORY USAGE"],
+                    [
+                        [v["layout"], _f(v["used_memory_per_code"], 0), str(v["memory_usage"])]
+                        for v in variants
+                    ],
+                ),
+                "",
+            )
+        streams = mem.get("stream_prealloc")
+        if streams:
+            self.add(
+                "A stream with a single entry (as a new runner's or app's history is) takes "
+                f"{_f(streams['default'], 0)} bytes with Redis's default "
+                f"`stream-node-max-bytes` ({streams['default_setting']}) and "
+                f"{_f(streams['small'], 0)} bytes with `stream-node-max-bytes "
+                f"{streams['small_setting']}`: Redis 7 preallocates a stream's first "
+                "listpack node.",
+                "",
+            )
+        lc = self.r.get("live_codes")
+        if lc:
+            rows = []
+            for x in lc["runs"]:
+                label = _big_label(lc["big"]) if x["label"] == "big" else x["label"]
+                rows.append(
+                    [
+                        label,
+                        f"{x['keys_in_redis']:,}",
+                        _f(x["used_memory"] / 2**20, 0),
+                        _ms(x["reply_ms"], "p50"),
+                        _ms(x["reply_ms"], "p95"),
+                        _ms(x["reply_ms"], "p99"),
+                        _ms(x["runner_opened_ms"], "p50"),
+                    ]
+                )
+            small, big = self._live_pair()
+            self.add(
+                f"### Latency with 1k vs {_big_label(lc['big'])} live codes",
+                "",
+                f"Open loop at {_f(lc['rate'], 0)} pairs/s (50% of saturation). The live codes "
+                "are code hashes written 10,000 per Lua call; the 1k case runs before and "
+                "after the big one, and the ratio uses their mean.",
+                "",
+                _table(
+                    [
+                        "live codes",
+                        "keys in Redis",
+                        "used_memory MiB",
+                        "reply p50 ms",
+                        "p95",
+                        "p99",
+                        "session.opened p50",
+                    ],
+                    rows,
+                ),
+                "",
+                f"Ratio of p50: **{big / small:.2f} {X}**." if small and big else "",
+                "",
+            )
+
+    def embedded(self) -> None:
+        e = self.r.get("embedded")
+        if not e:
+            return
+        sat, half = e["saturation"], e["half"]
+        self.add(
+            "## 5. Embedded default (amqtt + in-memory store), for reference",
+            "",
+            "`mqtt-pairing serve` with no `MQTT_URL` and no Redis setting: the amqtt broker "
+            "(MQTT 3.1.1) and fakeredis (running the same Lua scripts) inside the service "
+            "process. Same generator, same requests.",
+            "",
+            _table(
+                ["", "pairs/s", "reply p50 ms", "p95", "p99", "session.opened p50"],
+                [
+                    [
+                        f"closed loop, c = {sat['concurrency']}",
+                        _f(sat["throughput"], 0),
+                        _ms(sat["reply_ms"], "p50"),
+                        _ms(sat["reply_ms"], "p95"),
+                        _ms(sat["reply_ms"], "p99"),
+                        _ms(sat["runner_opened_ms"], "p50"),
+                    ],
+                    [
+                        f"open loop at 50% ({_f(half['target_rate'], 0)}/s)",
+                        _f(half["throughput"], 0),
+                        _ms(half["reply_ms"], "p50"),
+                        _ms(half["reply_ms"], "p95"),
+                        _ms(half["reply_ms"], "p99"),
+                        _ms(half["runner_opened_ms"], "p50"),
+                    ],
+                ],
+            ),
+            "",
+            f"The embedded default reaches {sat['throughput'] / self.pair_rate:.0%} of one "
+            "process on Mosquitto + Redis."
+            if self.pair_rate
+            else "",
+            "",
+        )
+
+    def shared(self) -> None:
+        s = self.r.get("shared")
+        if not s:
+            return
+        rows = [
+            [
+                "one instance",
+                str(s["one"]["concurrency"]),
+                _f(s["one"]["throughput"], 0),
+                _ms(s["one"]["reply_ms"], "p50"),
+                _ms(s["one"]["reply_ms"], "p99"),
+            ]
+        ]
+        for run in s["two_runs"]:
+            rows.append(
+                [
+                    "two instances",
+                    str(run["concurrency"]),
+                    _f(run["throughput"], 0),
+                    _ms(run["reply_ms"], "p50"),
+                    _ms(run["reply_ms"], "p99"),
+                ]
+            )
+        self.add(
+            "## 6. Two instances on a shared subscription",
+            "",
+            "A second `serve` process joins the same `$share` group (`PAIRING_SHARED_GROUP`) "
+            "on the same broker and Redis; closed loop at the best concurrency of one "
+            "instance and at twice that.",
+            "",
+            _table(["", "c", "pairs/s", "p50 ms", "p99 ms"], rows),
+            "",
+            f"Two instances: **{s['ratio']:.2f} {X}** one instance; the second instance "
+            f"handled {s['second_instance_share']:.0%} of the pairs. "
+            + (
+                "One service process is one event loop, so it uses at most one core; a "
+                "second process can use CPU time the first cannot (on a machine shared with "
+                "other work, two processes also get a larger share of it)."
+                if s["ratio"] >= 1.3
+                else f"On {self.r['machine']['cores']} cores shared with Mosquitto, Redis and "
+                "the load generator, a second process mostly competes for the same CPU; the "
+                "shared subscription spreads the load, it cannot add cores."
+            ),
+            "",
+        )
+
+    def profile(self) -> None:
+        p = self.r.get("profile", {})
+        if "skipped" in p:
+            self.add("## Profile", "", f"Skipped: {p['skipped']}.", "")
+            return
+        areas = [[x["name"], f"{x['share']:.1%}"] for x in p["areas"]]
+        selfs = [[f"`{x['name']}`", f"{x['share']:.1%}"] for x in p["self"][:20]]
+        svc = [[f"`{x['name']}`", f"{x['share']:.1%}"] for x in p["service_inclusive"][:20]]
+        self.add(
+            "## Profile of the hot path",
+            "",
+            f"py-spy sampled the single service process at 200 Hz for the length of a "
+            f"closed-loop run (c = {p['concurrency']}, "
+            f"{_f(p['throughput_while_profiling'], 0)} pairs/s while sampled). The process "
+            f"was busy in **{p['busy_share']:.0%}** of the samples (the rest waiting in "
+            "`select`); shares below are of the busy samples. The raw collapsed stacks are "
+            f"in `{p.get('raw', 'benchmarks/results/profile-latest.raw')}` (feed them to "
+            "flamegraph.pl or "
+            "speedscope).",
+            "",
+            "**Self time by library** (innermost frame; time in C calls counts for the "
+            "Python function that made them):",
+            "",
+            _table(["library", "share"], areas),
+            "",
+            "**Top functions by self time:**",
+            "",
+            _table(["function", "self"], selfs),
+            "",
+            "**The service's own functions, inclusive** (time anywhere below them):",
+            "",
+            _table(["function", "inclusive"], svc),
+            "",
+        )
+
+    def method(self) -> None:
+        env = ", ".join(f"`{k}={v}`" for k, v in BENCH_ENV.items() if k != "PAIRING_SECRET")
+        self.add(
+            "## Method",
+            "",
+            "- **Load generator** (`benchmarks/loadgen.py`): raw paho-mqtt 2 driven from a "
+            "single thread (an external `loop_read`/`loop_write` loop over a selector), not "
+            "aiomqtt: it runs on the same two cores as everything else and has to cost as "
+            "little CPU per message as possible. Apps and runners are multiplexed over a "
+            f"few connections: 4 app connections {X} 64 apps, each app subscribed to its own "
+            "`res/+` and `events` topics, and one runner connection subscribed to "
+            "`P/runners/+/events` for the single-use runners (a runner has one active code "
+            "at a time, so each measured pair has its own runner). Requests are QoS 1, "
+            "subscriptions QoS 1, TCP_NODELAY on every socket. Replies are matched by "
+            "`request_id`, runners' events by the topic.",
+            "- **Codes** are issued before each run straight into Redis with the service's "
+            "own scripts (`issue_code.lua`, `set_runner_code.lua`) and digests "
+            "(`PairingCodeService.digest`, same `PAIRING_SECRET`), 1,000 per pipeline: the "
+            "runs measure pairs only. Failed guesses use well-formed codes never issued.",
+            f"- **Settings of the service**: defaults, except {env}: the per-app request "
+            "rate, failure window and global failure budget would otherwise refuse a "
+            "benchmark's load. The checks still run (the same scripts, the same commands); "
+            "only their verdicts change.",
+            "- **Mosquitto** 2.0 from the test configuration (`set_tcp_nodelay true`), "
+            "without persistence and with `max_queued_messages 100000`. **Redis** without "
+            "persistence.",
+            "- **Percentiles** are nearest-rank over every request sent in the measurement "
+            "window (after a warm-up); throughput counts successful replies received in the "
+            "window.",
+            "",
+        )
+
+    def _svc_share(self, name: str) -> float | None:
+        p = self.r.get("profile", {})
+        for x in p.get("service_inclusive", []):
+            if x["name"].split(" (")[0] == name:
+                return float(x["share"])
+        return None
+
+    def _area_share(self, name: str) -> float:
+        p = self.r.get("profile", {})
+        return float(next((x["share"] for x in p.get("areas", []) if x["name"] == name), 0.0))
+
+    def findings(self) -> None:
+        """Why each target is or is not met, from this run's numbers and profile."""
+        r = self.r
+        lines = ["## Why: what the numbers and the profile say", ""]
+        rt = r.get("round_trips", {}).get("success")
+        p = r.get("profile", {})
+        if self.echo_rate:
+            ratio = self.pair_rate / self.echo_rate
+            text = (
+                f"**Throughput ({ratio:.0%} of the echo ceiling).** Both answer each request "
+                "with the same 4 publishes; on top of that a pair parses and validates the "
+                "request, makes "
+            )
+            if rt:
+                cmds = sum(rt["commands_per_request"].values())
+                text += (
+                    f"{_f(rt['round_trips_per_request'], 0)} Redis round trips "
+                    f"({_f(rt['request_path_per_request'], 0)} before the reply, "
+                    f"{_f(rt['after_reply_per_request'], 0)} after) with "
+                    f"{_f(rt['top_level_commands_per_request'], 0)} EVALSHA "
+                    f"({_f(cmds, 0)} Redis commands counting those inside the scripts), "
+                )
+            else:
+                text += "its Redis round trips, "
+            text += "renders the events from the outbox entries and writes history records."
+            if "areas" in p:
+                parts = []
+                for name, what in (
+                    ("PairingStore._guard", "Redis round trips (packing, awaiting, parsing)"),
+                    ("Dispatcher.handle", "the request up to the reply's content"),
+                    ("OutboxRelay.deliver", "outbox delivery after the reply"),
+                    ("PairingGateway.publish_events", "of which publishing the 3 events"),
+                    ("PairingStore.ack_outbox", "acknowledging the outbox"),
+                    ("OutboxRelay._record", "session.opened history"),
+                    ("PairingGateway._reply", "publishing the reply"),
+                ):
+                    share = self._svc_share(name)
+                    if share is not None:
+                        parts.append(f"{what} {share:.0%}")
+                text += (
+                    " In the profile at saturation (shares of the busy time, inclusive): "
+                    + "; ".join(parts)
+                    + ". By library (self time): redis-py "
+                    f"{self._area_share('redis-py'):.0%}, asyncio "
+                    f"{self._area_share('asyncio'):.0%}, paho-mqtt "
+                    f"{self._area_share('paho-mqtt'):.0%}, aiomqtt "
+                    f"{self._area_share('aiomqtt'):.0%}, the service's own code "
+                    f"{self._area_share('mqtt_pairing (the service)'):.0%}, json "
+                    f"{self._area_share('json'):.0%}, pydantic "
+                    f"{self._area_share('pydantic'):.0%}, logging "
+                    f"{self._area_share('logging'):.0%}. Each Redis round trip costs the "
+                    "single event loop about as much as a publish (a write, a wake-up, a "
+                    "parse); the echo has none, so the ratio is set mostly by how many round "
+                    "trips and commands a pair makes and how much Python redis-py runs per "
+                    "command."
+                )
+            lines += [text, ""]
+        if rt:
+            after = [x for x in rt["round_trips"] if x["phase"] == "after"]
+            text = (
+                f"**Round trips.** The request path of a successful pair makes "
+                f"{_f(rt['request_path_per_request'], 0)} (a pipeline with the app-slot check, "
+                "the budget and the claim; `open_session`; a pipeline finishing the request "
+                "with the index, expiry, refund, due mark and history)."
+            )
+            if after:
+                text += (
+                    f" After the reply it makes {_f(rt['after_reply_per_request'], 0)} more: "
+                    + ", ".join(f"`{x['what']}`" for x in after)
+                    + " (the outbox relay acknowledging the entries it published, dropping "
+                    "the due mark of the now empty outbox, and recording `session.opened` in "
+                    "the history). They do not delay the reply, but they count against the "
+                    "target and take event-loop time from the next requests."
+                )
+            rare = _occasional(rt)
+            if rare:
+                text += f" Not on every request: {rare.removeprefix('; now and then also ')}."
+            fail = r["round_trips"].get("failed_guess")
+            if fail:
+                text += (
+                    f" A failed guess makes {_f(fail['round_trips_per_request'], 0)}, both "
+                    "before the reply, and nothing after."
+                )
+            lines += [text, ""]
+        mem = r.get("memory")
+        if mem:
+            text = (
+                f"**Memory.** A code hash costs {_f(mem['code_hash_bytes'], 0)} bytes: "
+                "8 fields with their names stored in every hash, a 52-character key name, "
+                "and the main and expires table entries."
+            )
+            variants = mem.get("code_hash_variants") or []
+            if len(variants) >= 3:
+                text += (
+                    f" One-letter field names bring it to "
+                    f"{_f(variants[1]['used_memory_per_code'], 0)}, and dropping the fields "
+                    "a lookup does not need with a shorter key to "
+                    f"{_f(variants[2]['used_memory_per_code'], 0)}."
+                )
+            text += (
+                " The tombstone multiplies it: the hash lives TTL + tombstone from its issue. "
+                "Beyond the code itself, a `code` request leaves the runner's own history "
+                "stream and the remembered (sealed) reply, and a pair the app's history "
+                "stream and its remembered reply; see section 4."
+            )
+            if mem.get("stream_prealloc"):
+                sp = mem["stream_prealloc"]
+                text += (
+                    f" A history stream with one entry takes {_f(sp['default'], 0)} bytes "
+                    "because Redis 7 preallocates the first listpack node to "
+                    "`stream-node-max-bytes`."
+                )
+            lines += [text, ""]
+        half = self.latency_at(0.5)
+        if half and half["reply_ms"]:
+            p50, p99 = half["reply_ms"]["p50"], half["reply_ms"]["p99"]
+            lines += [
+                f"**Tail latency.** At 50% load p99 is {p99 / p50:.1f} {X} p50 "
+                f"({_f(p50)} and {_f(p99)} ms): requests arriving while the single event loop "
+                "is busy with another pair's round trips and publishes wait their turn; at "
+                "90% load the queue builds up (section 1).",
+                "",
+            ]
+        lc = r.get("live_codes")
+        if lc:
+            small, big = self._live_pair()
+            if small and big:
+                lines += [
+                    f"**Live codes.** With {_big_label(lc['big'])} live codes the p50 is "
+                    f"{big / small:.2f} {X} that with 1k: a code lookup is one hash read in a "
+                    "Lua script, O(1) whatever the number of keys; what remains is cache "
+                    "misses in a bigger Redis and run-to-run noise (the two 1k runs differ "
+                    "too: see section 4).",
+                    "",
+                ]
+        self.add(*lines)
+
+    def render(self) -> str:
+        self.header()
+        self.summary()
+        self.findings()
+        self.throughput()
+        self.latency()
+        self.round_trips()
+        self.memory()
+        self.embedded()
+        self.shared()
+        self.profile()
+        self.method()
+        return "\n".join(self.parts).rstrip() + "\n"
+
+
+def render(results: dict[str, Any], json_path: Path) -> str:
+    """The report of one run."""
+    return _Report(results, json_path).render()
