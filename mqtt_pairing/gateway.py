@@ -161,6 +161,9 @@ class PairingGateway:
         if self.v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = s.mqtt_session_expiry_s
+            # Flow control: the broker holds back what this instance cannot take yet
+            # (unacknowledged QoS 1 messages beyond this), instead of the client queue.
+            props.ReceiveMaximum = min(s.pairing_max_inflight, 65_535)
             kwargs.update(protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props)
         else:
             kwargs.update(protocol=aiomqtt.ProtocolVersion.V311, clean_session=False)
@@ -176,7 +179,11 @@ class PairingGateway:
             websocket_path=a.websocket_path,
             keepalive=s.mqtt_keepalive_s,
             socket_options=[NODELAY],
-            max_queued_incoming_messages=s.pairing_max_inflight * 4,
+            # Unbounded here: what arrives is bounded by the broker's in-flight window
+            # (Receive Maximum above; max_inflight_messages for MQTT 3.1.1), since every
+            # request is acknowledged only after its reply. A bounded aiomqtt queue would
+            # drop messages silently, unanswered and never acknowledged.
+            max_queued_incoming_messages=None,
             timeout=10,
             **kwargs,
         )
@@ -354,9 +361,11 @@ class PairingGateway:
             self.counters["publish_failed"] += 1
             log.warning("could not publish a reply: %s", exc)
         except Exception:
-            # Last line of defence: one bad message never stops the service.
+            # Last line of defence: one bad message never stops the service, and it is
+            # acknowledged so that it does not come back after every reconnect.
             self.counters["internal_error"] += 1
             log.exception("unexpected error processing a message")
+            self._ack(message)
         else:
             self._ack(message)
 

@@ -297,8 +297,20 @@ class PairingStore:
             raise InternalError from None
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:  # noqa: ANN401
+        return await self._guard(self._evalsha(name, keys, args))
+
+    async def _evalsha(
+        self, name: str, keys: Sequence[str], args: Sequence[str | int | float]
+    ) -> Any:  # noqa: ANN401
         script = self._scripts[name]
-        return await self._guard(script(keys=list(keys), args=list(args)))
+        try:
+            # redis-py loads the script after a NOSCRIPT and runs EVALSHA once more
+            return await script(keys=list(keys), args=list(args))
+        except NoScriptError:
+            # Flushed again while reloading (SCRIPT FLUSH, failover): EVAL sends the
+            # source itself, so it cannot miss.
+            source = cast(str, script.script)
+            return await self.client.eval(source, len(keys), *keys, *args)
 
     async def call(self, call: Call) -> Any:  # noqa: ANN401
         """Run one call in its own round trip.
