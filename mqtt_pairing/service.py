@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from amqtt.broker import Broker
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from mqtt_pairing.broker import (
     InMemoryRedis,
@@ -117,7 +117,7 @@ async def _open_store(settings: Settings) -> tuple[PairingStore, str, InMemoryRe
     )
     try:
         await store.client.ping()  # quietly: the failure is the one line ConfigError says
-    except (RedisError, OSError):
+    except (RedisError, RedisClusterException, OSError):
         await store.aclose()
         if memory is not None:
             memory.stop()

@@ -17,12 +17,14 @@ Fixtures (see `tests/fixtures.py` for the server classes):
   free ports (< 55536: the bus is port + 10000), formed with `redis-cli --cluster create`
   and healthy (`cluster_state:ok` everywhere, replicas in sync); `.url` (any node will do
   for `RedisCluster`), `.nodes`, `.masters()`, `.replicas()`, `.node_of_slot(slot)`,
-  `.kill(node)`, `.wait_failover(node)`, `.revive()`, `.client()` (sync RedisCluster).
+  `.kill(node)`, `.wait_failover(node)`, `.revive()`, `.set_node_timeout(ms)`,
+  `.client()` (sync RedisCluster).
   Killed nodes are restarted (they rejoin as replicas) after the test.
-- `store_backend` (function, params `redis` / `fakeredis` / `cluster`): a `StoreBackend`
-  (`.name`, `.url`, `.cluster`, `.client()` -> redis-py asyncio client, a `RedisCluster`
-  for the cluster); tests that build their client with `store_backend.client()` run on
-  all three. Each is flushed first (the cluster: every master).
+- `store_backend` (function, params `redis` / `fakeredis` / `cluster`): a
+  `tests.fixtures.StoreBackend` (`.name`, `.url`, `.cluster`, `.client()` -> redis-py
+  asyncio client, the service's `RedisCluster` for the cluster); tests that build their
+  client with `store_backend.client()` run on all three. Each is flushed first (the
+  cluster: every master).
 - `key_prefix`, `topic_prefix` (function): unique per test, so tests never collide.
 
 A shared server that a test stopped is started again (same port) after that test.
@@ -33,19 +35,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
-from mqtt_pairing.store import connect_redis
 from tests.fixtures import (
     FakeRedisServer,
     MosquittoBroker,
     RedisClusterServers,
     RedisServer,
+    StoreBackend,
     require_binary,
     start_with_retries,
 )
@@ -178,25 +178,6 @@ def store_redis_url(request: pytest.FixtureRequest) -> str:
     server: RedisServer | FakeRedisServer = request.getfixturevalue(name)
     server.flushall()
     return server.url
-
-
-@dataclass(frozen=True)
-class StoreBackend:
-    """Where store tests keep their keys: a real Redis, fakeredis or a Redis Cluster."""
-
-    name: str
-    url: str
-    cluster: bool = False
-
-    def client(self) -> aioredis.Redis:
-        """A redis-py asyncio client (`decode_responses=True`); the caller closes it.
-
-        On the cluster it is the service's own `RedisCluster` (`connect_redis(...,
-        cluster=True)`), with a timeout long enough for a busy test machine.
-        """
-        if self.cluster:
-            return connect_redis(self.url, timeout_s=5.0, cluster=True)
-        return aioredis.Redis.from_url(self.url, decode_responses=True)
 
 
 @pytest.fixture(

@@ -2,6 +2,8 @@
 
 Every server here binds 127.0.0.1 on a free port (never the machine's 6379 or 1883), keeps
 its files in its own temporary directory and is stopped by the fixture that started it.
+`RedisClusterServers` runs a Redis Cluster of such servers (3 masters, 3 replicas), and
+`StoreBackend` names the engine a store test runs on (real Redis, fakeredis or the cluster).
 The fixtures themselves live in `tests/conftest.py`; this module holds the machinery so that
 tests and benchmarks can import it (`from tests.fixtures import free_port`).
 """
@@ -19,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
@@ -26,12 +29,14 @@ import fakeredis
 import paho.mqtt.client as mqtt
 import pytest
 import redis
+import redis.asyncio as aioredis
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from redis.cluster import ClusterNode
 
 from mqtt_pairing.broker import without_nagle
+from mqtt_pairing.store import connect_redis
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO_TEST_CONF = REPO_ROOT / "broker-config" / "mosquitto-test.conf"
@@ -794,30 +799,42 @@ class RedisClusterServers:
         return covered
 
     def wait_failover(self, old_master: RedisClusterNode, timeout_s: float = 30.0) -> float:
-        """Wait until replicas took over every slot of the dead `old_master` and every live
-        node says cluster_state:ok; returns the seconds waited."""
+        """Wait until replicas took over every slot of the dead `old_master`: every live node
+        says cluster_state:ok and every live node's view gives all slots to live masters,
+        the same way (a client may ask any of them). Returns the seconds waited."""
         started = time.monotonic()
         deadline = started + timeout_s
         while time.monotonic() < deadline:
-            try:
-                view = self._live_view()
-                live_ok = all(
-                    node.info("cluster").get("cluster_state") == "ok"
-                    for node in self.nodes
-                    if node.running
-                )
-            except (redis.RedisError, RuntimeError):
-                time.sleep(0.05)
-                continue
-            old = [e for e in view if e["address"] == old_master.address]
-            if (
-                live_ok
-                and self._covered_by_live_masters(view) == CLUSTER_SLOTS
-                and all(not e["slots"] for e in old)
-            ):
+            if self._failed_over(old_master):
                 return time.monotonic() - started
             time.sleep(0.05)
         raise RuntimeError(f"no failover of {old_master} within {timeout_s:.0f} s")
+
+    def _failed_over(self, old_master: RedisClusterNode) -> bool:
+        views: set[str] = set()
+        for node in self.nodes:
+            if not node.running:
+                continue
+            try:
+                if node.info("cluster").get("cluster_state") != "ok":
+                    return False
+                view = self._cluster_nodes(node)
+            except redis.RedisError:
+                return False
+            if self._covered_by_live_masters(view) != CLUSTER_SLOTS:
+                return False
+            if any(e["slots"] for e in view if e["address"] == old_master.address):
+                return False
+            views.add(
+                "\n".join(
+                    sorted(
+                        f"{e['address']} {' '.join(e['slots'])}"
+                        for e in view
+                        if "master" in e["flags"] and e["slots"]
+                    )
+                )
+            )
+        return len(views) == 1
 
     def client(self, **kwargs: Any) -> redis.RedisCluster:
         """A sync RedisCluster client; the caller closes it."""
@@ -835,3 +852,22 @@ class RedisClusterServers:
 
     def __repr__(self) -> str:
         return f"<RedisClusterServers {[n.port for n in self.nodes]}>"
+
+
+@dataclass(frozen=True)
+class StoreBackend:
+    """Where store tests keep their keys: a real Redis, fakeredis or a Redis Cluster."""
+
+    name: str
+    url: str
+    cluster: bool = False
+
+    def client(self) -> aioredis.Redis:
+        """A redis-py asyncio client (`decode_responses=True`); the caller closes it.
+
+        On the cluster it is the service's own `RedisCluster` (`connect_redis(...,
+        cluster=True)`), with a timeout long enough for a busy test machine.
+        """
+        if self.cluster:
+            return connect_redis(self.url, timeout_s=5.0, cluster=True)
+        return aioredis.Redis.from_url(self.url, decode_responses=True)

@@ -8,6 +8,7 @@ this service runs the budget, code, runner and by-id steps in between.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -27,6 +28,7 @@ from mqtt_pairing.errors import (
     RunnerOffline,
     SessionLimitReached,
     SessionNotFound,
+    StoreUnavailable,
 )
 from mqtt_pairing.faults import fault_point
 from mqtt_pairing.models import (
@@ -156,6 +158,28 @@ class PairingSessionService:
         if budget_refused is not None:
             await self._give_back(digest, identity, rid, claim_new, budget=None, forget=True)
             raise budget_refused
+        try:
+            return await self._after_begin(identity, req, begun, code, digest, claim, claim_error)
+        except StoreUnavailable:
+            # Drop the pending mark if Redis lets us, so that the app's retry (after
+            # retry_after_s) is not held back behind this dead attempt; the steps are
+            # idempotent, so the retry ends the same way.
+            with contextlib.suppress(PairingError):
+                await self.limits.finish(identity, "pair", rid, reply=None)
+            raise
+
+    async def _after_begin(
+        self,
+        identity: Identity,
+        req: PairRequest,
+        begun: Begin,
+        code: str | None,
+        digest: str,
+        claim: Claim | None,
+        claim_error: PairingError | None,
+    ) -> Handled:
+        app_id, rid = identity.id, req.request_id
+        member = self.limits.budget_member(app_id, rid)
         if code is None:
             return await self._finish(identity, rid, _error(rid, InvalidCodeFormat()))
         if claim is None and claim_error is None:  # busy: a claim in flight decides

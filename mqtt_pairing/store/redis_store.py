@@ -24,6 +24,7 @@ from redis.exceptions import (
     ClusterError,
     NoScriptError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     SlotNotCoveredError,
     TryAgainError,
@@ -124,6 +125,9 @@ def connect_redis(url: str, *, timeout_s: float = 1.0, cluster: bool = False) ->
             decode_responses=True,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
+            # Wait for no pool limit: redis-py's cluster default (100 per node) raises
+            # instead of waiting, and a full in-flight window batches more calls.
+            max_connections=2**31 - 1,
         )
         return cast(aioredis.Redis, client)
     return aioredis.Redis.from_url(
@@ -291,6 +295,12 @@ class PairingStore:
             return await awaitable
         except _UNAVAILABLE as exc:
             log.warning("redis unreachable: %s", type(exc).__name__)
+            raise StoreUnavailable(retry_after_s=UNAVAILABLE_RETRY_S) from None
+        except RedisClusterException as exc:
+            if "slot" in str(exc):  # keys of several slots in one call: a bug, not an outage
+                log.error("redis cluster refused a call: %s", exc)  # noqa: TRY400
+                raise InternalError from None
+            log.warning("redis cluster unreachable: %s", type(exc).__name__)
             raise StoreUnavailable(retry_after_s=UNAVAILABLE_RETRY_S) from None
         except RedisError as exc:
             log.error("redis error: %s", type(exc).__name__)  # noqa: TRY400 - no traceback in logs

@@ -1,0 +1,100 @@
+"""Fixtures of the Redis Cluster tests: the service on Mosquitto + the session cluster.
+
+- `cluster_prefix` (function): a key prefix unique to the test, shared by every service
+  instance and store the test makes (instances must agree on their keys).
+- `cluster_store` (function): a `PairingStore` over `connect_redis(url, cluster=True)`.
+- `start_cluster_service` (function): `await start_cluster_service(**overrides)` builds
+  the service with `REDIS_CLUSTER_URL` set to the session cluster and `MQTT_URL` to the
+  session Mosquitto, runs it in a task and waits until it is connected; every instance is
+  stopped after the test. Each gets its own `mqtt_client_id`.
+- `peers`, `swarm`, `broker_address`: clients on the session broker and the test's topics.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from mqtt_pairing.config import load_settings
+from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.service import build_service
+from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
+from tests.cluster.support import Swarm
+from tests.fixtures import MosquittoBroker, RedisClusterServers
+from tests.service.support import SECRET, Peers, RunningService, StartService, start_running
+
+
+@pytest.fixture
+def cluster_prefix() -> str:
+    return f"cl-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def cluster_store(
+    redis_cluster: RedisClusterServers, cluster_prefix: str
+) -> AsyncIterator[PairingStore]:
+    store = PairingStore(
+        connect_redis(redis_cluster.url, timeout_s=5.0, cluster=True), KeySchema(cluster_prefix)
+    )
+    await store.ping()  # learns every node now: the URL's node may be killed later
+    yield store
+    await store.aclose()
+
+
+@pytest.fixture
+def broker_address(mosquitto_broker: MosquittoBroker) -> BrokerAddress:
+    return BrokerAddress(mosquitto_broker.host, mosquitto_broker.port)
+
+
+@pytest.fixture
+async def start_cluster_service(
+    broker_address: BrokerAddress,
+    mosquitto_broker: MosquittoBroker,
+    redis_cluster: RedisClusterServers,
+    topic_prefix: str,
+    cluster_prefix: str,
+) -> AsyncIterator[StartService]:
+    """Factory: `await start_cluster_service(**overrides)` runs one more instance."""
+    started: list[RunningService] = []
+
+    async def start(**overrides: Any) -> RunningService:
+        values: dict[str, Any] = {
+            "mqtt_url": mosquitto_broker.url,
+            "redis_cluster_url": redis_cluster.url,
+            "pairing_secret": SECRET,
+            "pairing_topic_prefix": topic_prefix,
+            "pairing_key_prefix": cluster_prefix,
+            "mqtt_client_id": f"svc-{uuid.uuid4().hex[:12]}",
+            "pairing_shared_group": "",
+            "pairing_shutdown_grace_s": 2.0,
+            "mqtt_reconnect_max_s": 1.0,
+        }
+        values.update(overrides)
+        service = await build_service(load_settings(**values))
+        running = await start_running(service, broker_address, topic_prefix)
+        started.append(running)
+        return running
+
+    yield start
+    errors: list[Exception] = []
+    for running in reversed(started):
+        try:
+            await running.stop()
+        except Exception as exc:  # stop the others first, then report
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def peers(broker_address: BrokerAddress, topic_prefix: str) -> Peers:
+    return Peers(broker_address, topic_prefix)
+
+
+@pytest.fixture
+async def swarm(broker_address: BrokerAddress, topic_prefix: str) -> AsyncIterator[Swarm]:
+    async with Swarm(broker_address, topic_prefix) as swarm:
+        yield swarm
