@@ -176,8 +176,8 @@ async def _kill_a_master_during_pairs(
     assert swarm.not_answered_once() == []
 
     # every pair settled once: USES winners per code, the extra app refused. Checked with a
-    # client made after the failover (one idle across it fails its first call, see
-    # docs/operations.md).
+    # client made after the failover: without redis-py's retries, a client idle across the
+    # failover fails its first call on a pooled connection to the dead master.
     told: dict[str, dict[str, str]] = {runner: {} for runner in codes}
     for (app, runner), (_seen, reply) in zip(jobs, results, strict=True):
         if reply["ok"]:
@@ -264,7 +264,7 @@ async def test_calls_on_a_dead_master_fail_within_the_redis_timeout(
                 )
             except StoreUnavailable:
                 errors["SERVICE_UNAVAILABLE"] += 1
-            except Exception as exc:  # noqa: BLE001 - counted: redis-py's AttributeError race
+            except Exception as exc:  # counted: redis-py raises AttributeError in a race
                 errors[type(exc).__name__] += 1
             latencies.append(loop.time() - started)
             await asyncio.sleep(0.05)
