@@ -35,7 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
-from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    RedisClusterException,
+    RedisError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -332,7 +337,7 @@ class AdminService:
                 f"Redis refused the credentials ({type(exc).__name__}): check REDIS_URL "
                 "or REDIS_PASSWORD"
             ) from None
-        except (RedisConnectionError, RedisTimeoutError, OSError):
+        except (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException):
             raise StoreUnavailable(retry_after_s=UNAVAILABLE_RETRY_S) from None
         except RedisError as exc:
             raise InternalError(f"Redis error: {type(exc).__name__}") from None
