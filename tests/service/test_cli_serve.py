@@ -51,7 +51,8 @@ async def test_sigterm_stops_cleanly(topic_prefix: str) -> None:
     try:
         assert process.stderr is not None
         async with asyncio.timeout(START_TIMEOUT_S):
-            while not any("serving" in line for line in lines):
+            # "connected to the broker": subscribed, so a request now is not lost
+            while not any("connected to the broker" in line for line in lines):
                 raw = await process.stderr.readline()
                 assert raw, f"serve exited before serving: {lines}"
                 lines.append(raw.decode(errors="replace"))
