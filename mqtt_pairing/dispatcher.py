@@ -102,13 +102,19 @@ class Dispatcher:
             (Kind.APP, "status"): (SimpleRequest, self._status),
         }
 
-    async def handle(self, identity: Identity, op: str, payload: bytes) -> Handled:
+    async def handle(
+        self, identity: Identity, op: str, payload: bytes, *, defer: bool = False
+    ) -> Handled:
         """Handle one request; never raises for bad input.
 
         Args:
             identity: the requester, from the topic (trusted: the broker binds it).
             op: the op segment of the topic (already matching the op pattern).
             payload: the raw MQTT payload.
+            defer: leave the op's closing calls in `Handled.after` for the caller, who
+                publishes the reply and events first and then runs them in the round trip
+                that deletes the outbox entries (`OutboxRelay.deliver`: what the gateway
+                does). Without it they run here, before the reply is returned.
 
         Returns:
             The reply (None for a successful heartbeat) and events to publish.
@@ -143,6 +149,12 @@ class Dispatcher:
             log.exception("unexpected error handling %s %s/%s", op, identity.kind, identity.id)
             exc2 = InternalError()
             handled = Handled(error_reply(request_id, exc2.code, exc2.message))
+        if handled.after and not defer:
+            try:
+                await self.store.batch(handled.after)
+            except PairingError as exc:
+                log.warning("request not finished: %s", exc.message)
+            handled.after = []
         self._count(op, handled)
         return handled
 

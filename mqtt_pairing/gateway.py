@@ -386,13 +386,28 @@ class PairingGateway:
             if isinstance(parsed, TopicDrop):
                 self.counters[f"dropped.{parsed.reason}"] += 1
                 return
-            handled = await self.dispatcher.handle(parsed.identity, parsed.op, bytes(payload))
+            handled = await self.dispatcher.handle(
+                parsed.identity, parsed.op, bytes(payload), defer=True
+            )
             if handled.reply is not None:
-                await self._reply(message, parsed, handled.reply)
-        if handled.outbox:
+                try:
+                    await self._reply(message, parsed, handled.reply)
+                except Exception:
+                    # Not acknowledged, so the request comes back; finish this attempt
+                    # so that the copy finds its reply rather than a pending mark.
+                    if handled.after:
+                        with contextlib.suppress(PairingError):
+                            await self.dispatcher.store.batch(handled.after)
+                    raise
+        if handled.outbox or handled.after:
             fault_point("before_publish_events")
             try:
-                await self.relay.deliver(handled.outbox, marked=handled.outbox_marked)
+                await self.relay.deliver(
+                    handled.outbox,
+                    marked=handled.outbox_marked,
+                    after=handled.after,
+                    recorded=handled.recorded,
+                )
             except PairingError as exc:
                 # The entries stay in the outbox; the sweep publishes them.
                 log.warning("events left for the outbox sweep: %s", exc.message)

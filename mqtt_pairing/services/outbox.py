@@ -4,7 +4,8 @@ DESIGN.md "Delivery": a crash between a change and its publish loses nothing.
 
 Every event starts as an entry in the runner's outbox stream, written by the same Lua
 script that changed the state. The instance that ran the script publishes the entries
-right away and deletes them (`ack_outbox`); meanwhile a due mark with a lease
+right away and deletes them (`ack_outbox`, in one round trip with dropping the mark
+and the request's own closing calls); meanwhile a due mark with a lease
 (`outbox-due:{global:<n>}`) says "drain this outbox by then". If the instance dies first,
 the mark comes due and any instance's sweep claims it, publishes and deletes the entries.
 At start, a SCAN finds outboxes whose mark was never written (a crash between the script
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 from mqtt_pairing.config import Settings
 from mqtt_pairing.errors import PairingError
@@ -25,7 +26,7 @@ from mqtt_pairing.models import PairingHistoryEntry, format_ts
 from mqtt_pairing.services import events
 from mqtt_pairing.services.events import Event, event_id
 from mqtt_pairing.services.history import PairingHistoryService
-from mqtt_pairing.store.redis_store import OutboxEntry, PairingStore
+from mqtt_pairing.store.redis_store import Call, OutboxEntry, PairingStore
 from mqtt_pairing.topics import Kind
 
 log = logging.getLogger(__name__)
@@ -87,29 +88,49 @@ class OutboxRelay:
         self.publish = publish
         self.history = history
 
-    async def _acknowledge(self, runner_id: str, entries: Sequence[OutboxEntry]) -> None:
-        """Delete published entries, then drop the mark and record history, in one batch.
+    async def _acknowledge(
+        self,
+        runner_id: str,
+        entries: Sequence[OutboxEntry],
+        also: Sequence[Call] = (),
+        recorded: Collection[str] = (),
+    ) -> None:
+        """Delete published entries and drop the due mark, with `also`, in one round trip.
 
-        The due mark goes once the outbox is empty; only the entries this call deleted
-        are recorded.
+        The history records of the deleted `session.opened` / `session.closed` entries
+        follow in a second round trip (only the entries this call deleted are recorded,
+        and which those are is known only from its result), except for the types in
+        `recorded`, whose records `also` writes already (a pair's `session.opened`).
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+            InternalError: Redis refused a call.
         """
-        deleted, then = await self.store.ack_outbox(
-            runner_id, [e.stream_id for e in entries], shards=self._shards
+        deleted, _ = await self.store.ack_outbox(
+            runner_id,
+            [e.stream_id for e in entries],
+            shards=self._shards,
+            lease_s=self.settings.pairing_outbox_lease_s,
+            also=also,
         )
-        records = self._records([e for e in entries if e.stream_id in deleted])
-        calls = then + (self.history.calls(records) if self.history is not None else [])
-        try:
-            await self.store.batch(calls)
-        except PairingError as exc:
-            log.warning("outbox mark or history not written: %s", exc.message)
+        records = self._records(
+            [e for e in entries if e.stream_id in deleted and e.type not in recorded]
+        )
+        if records and self.history is not None:
+            try:
+                await self.store.batch(self.history.calls(records))
+            except PairingError as exc:
+                log.warning("history of closed sessions not written: %s", exc.message)
 
     @staticmethod
     def _records(entries: Sequence[OutboxEntry]) -> list[PairingHistoryEntry]:
         records = []
         for entry in entries:
             s = entry.session
-            # session.opened is recorded by the pair itself (with pair.succeeded).
-            if s is None or entry.type != "session.closed":
+            # session.opened is recorded by the pair itself too (with pair.succeeded), and
+            # by the delivery that deleted it (after a crash, or when another request
+            # delivered it first); append_history keeps the first of the two.
+            if s is None or entry.type not in ("session.opened", "session.closed"):
                 continue
             reason = s.closed_reason.value if s.closed_reason else None
             records.append(
@@ -128,11 +149,22 @@ class OutboxRelay:
     def _shards(self) -> int:
         return self.settings.pairing_index_shards
 
-    async def deliver(self, entries: Sequence[OutboxEntry], *, marked: bool = False) -> None:
+    async def deliver(
+        self,
+        entries: Sequence[OutboxEntry],
+        *,
+        marked: bool = False,
+        after: Sequence[Call] = (),
+        recorded: Collection[str] = (),
+    ) -> None:
         """Publish entries right after the script that wrote them, then delete them.
 
         Unless `marked` (the caller wrote it in a batch already), the outbox's due mark is
-        written with a lease while the events are published.
+        written with a lease while the events are published. `after` are the request's
+        own closing calls (a pair's: remember the reply, settle the claim, history, ...):
+        they ride in the round trip that deletes the entries, and run on their own when
+        publishing fails, so the request is finished either way. `recorded`: entry types
+        whose history records `after` writes (not written again by the delivery).
 
         Raises:
             StoreUnavailable: Redis is unreachable (the entries stay for the sweep).
@@ -141,16 +173,29 @@ class OutboxRelay:
         by_runner: dict[str, list[OutboxEntry]] = {}
         for entry in entries:
             by_runner.setdefault(entry.runner_id, []).append(entry)
+        pending = list(after)
         for runner_id, items in by_runner.items():
             rendered = [e for item in items for e in render(item)]
-            if marked:
-                await self.publish(rendered)
-            else:
-                mark = self.store.mark_outbox_due(
-                    runner_id, delay_s=self.settings.pairing_outbox_lease_s, shards=self._shards
-                )
-                await asyncio.gather(mark, self.publish(rendered))
-            await self._acknowledge(runner_id, items)
+            try:
+                if marked:
+                    await self.publish(rendered)
+                else:
+                    mark = self.store.mark_outbox_due(
+                        runner_id, delay_s=self.settings.pairing_outbox_lease_s, shards=self._shards
+                    )
+                    await asyncio.gather(mark, self.publish(rendered))
+            except Exception:
+                if pending:
+                    try:
+                        await self.store.batch(pending)
+                    except PairingError as exc:
+                        # Left pending: a retry of the request finishes it (idempotent).
+                        log.warning("request not finished: %s", exc.message)
+                raise
+            await self._acknowledge(runner_id, items, also=pending, recorded=recorded)
+            pending = []
+        if pending:
+            await self.store.batch(pending)
 
     async def drain(self, runner_id: str) -> int:
         """Publish and delete everything in one runner's outbox; returns how many entries.

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from mqtt_pairing.models import PairingHistoryEntry, PairingSession
 from mqtt_pairing.services.events import Event
 from mqtt_pairing.services.outbox import render
-from mqtt_pairing.store.redis_store import OutboxEntry
+from mqtt_pairing.store.redis_store import Call, OutboxEntry
 
 
 @dataclass(slots=True)
@@ -25,6 +25,11 @@ class Handled:
         remember: whether the dispatcher still has to remember the reply (False when the
             op already stored it, as `code` does, sealed, and `pair`).
         outbox_marked: the outbox's due mark is already written (with the lease).
+        after: Redis calls that finish the op once its reply is out (a pair's: remember
+            the reply, settle the claim, history, ...). Whoever publishes the reply and
+            events runs them in the round trip that deletes the outbox entries
+            (`OutboxRelay.deliver`), or on their own when there are none.
+        recorded: outbox entry types whose history records `after` writes.
     """
 
     reply: dict[str, Any] | None
@@ -35,6 +40,8 @@ class Handled:
     drop_session_id: str = ""
     remember: bool = True
     outbox_marked: bool = False
+    after: list[Call] = field(default_factory=list)
+    recorded: frozenset[str] = frozenset()
 
     @property
     def events(self) -> list[Event]:

@@ -101,15 +101,20 @@ class PairingSessionService:
         1. app slot (replay, ban, limits, pending mark) + budget shard (reserve a unit) +
            code slot (claim a use), in one batch. The claim is speculative: when the app
            slot or the budget refuses, its outcome is never told and the use is given back.
-        2. runner slot: open the session (outbox: session.opened, code.used).
-        3. app slot (remember the reply, index the session, clear the failure window) +
-           session lookup + expiry set + budget refund + outbox due mark, in one batch.
+        2. runner slot: open the session (outbox: session.opened, code.used), in one batch
+           with the outbox's due mark and the app's session indexes.
+        3. once the reply and events are out (`Handled.after`, run by the caller in the
+           round trip that deletes the outbox entries): app slot (remember the reply,
+           clear the failure window) + code slot (settle the claim) + expiry set + budget
+           refund + history.
         A failed guess ends with step 1 and a batch remembering it (and the penalty).
         Every step is idempotent for the same (app_id, request_id): a retry or redelivery
-        after a crash ends with the same session_id.
+        after a crash ends with the same session_id, and a copy that arrives between the
+        reply and step 3 waits for the remembered reply (the pending mark).
 
         Returns:
-            The reply, with `remember` False: this method finishes the request itself.
+            The reply, with `remember` False: the request finishes itself (a failure) or
+            through `after` (a success).
 
         Raises:
             Banned, RateLimited: refused before the lookup (not remembered).
@@ -225,23 +230,44 @@ class PairingSessionService:
     ) -> Handled:
         app_id, rid, s = identity.id, req.request_id, self.settings
         masked = mask_code(claim.first_char, digest)
+        idle_ttl_s, shards = s.pairing_session_idle_ttl_s, s.pairing_index_shards
+        sid, runner_id = claim.session_id, claim.runner_id
+        # Written with the open, before it: the due mark (a crash after the open leaves
+        # nothing undelivered), the app's indexes (the app finds the session as soon as
+        # it has the reply) and the idle deadline (nothing is left that only a retry
+        # cleans up). A refused open removes the indexes; readers and the sweep skip
+        # entries whose session is not open.
+        before: list[Call] = [
+            self.store.outbox_due_call(runner_id, delay_s=s.pairing_outbox_lease_s, shards=shards),
+            self.store.app_index_call(app_id, sid, runner_id, idle_ttl_s=idle_ttl_s),
+            self.store.by_id_call(sid, runner_id, app_id, idle_ttl_s=idle_ttl_s),
+        ]
+        open_call = self.store.open_call(
+            digest=digest,
+            session_id=sid,
+            runner_id=runner_id,
+            app_id=app_id,
+            app_name=req.app_name,
+            idle_ttl_s=idle_ttl_s,
+            max_sessions=s.pairing_max_sessions_per_runner,
+            uses_left=claim.uses_left,
+            app_public_key=req.public_key,
+            app_metadata=req.metadata,
+        )
+        # The idle deadline comes after the open in the batch, so that it is not before
+        # last_seen_at + idle TTL (its clock reading is the later one).
+        expiry = self.store.expiry_call_by_id(runner_id, sid, idle_ttl_s=idle_ttl_s, shards=shards)
+        res = await self.store.batch([*before, open_call, expiry])
         try:
-            opened = await self.store.open_session(
-                digest=digest,
-                session_id=claim.session_id,
-                runner_id=claim.runner_id,
-                app_id=app_id,
-                app_name=req.app_name,
-                idle_ttl_s=s.pairing_session_idle_ttl_s,
-                max_sessions=s.pairing_max_sessions_per_runner,
-                uses_left=claim.uses_left,
-                app_public_key=req.public_key,
-                app_metadata=req.metadata,
-            )
+            opened = self.store.parse_open(runner_id, res[-2])
         except (CodeAlreadyUsed, RunnerOffline, SessionLimitReached) as exc:
             log.info("pair refused app=%s code=%s error=%s", app_id, masked, exc.code)
-            history = [_failed(app_id, claim.runner_id, masked, exc)]
-            undo: list[Call] = [self.store.unclaim_call(digest, app_id, rid)]
+            history = [_failed(app_id, runner_id, masked, exc)]
+            undo: list[Call] = [
+                self.store.unclaim_call(digest, app_id, rid),
+                *self.store.drop_index_calls_by_id(sid, app_id),
+                self.store.unschedule_expiry_call(runner_id, sid, shards=shards),
+            ]
             if not isinstance(exc, CodeAlreadyUsed):
                 undo.append(self.limits.refund_call(member))  # the right code: no failure
             if isinstance(exc, RunnerOffline):
@@ -261,15 +287,14 @@ class PairingSessionService:
                 before=undo,
             )
         session = opened.session
-        drop = opened.replaced.session_id if opened.replaced is not None else ""
         result = {
             "session": session.to_wire(),
             "runner_public_key": opened.runner_public_key,
             "runner_metadata": opened.runner_metadata,
         }
         reply = ok_reply(rid, result)
-        # Recorded here, in the last batch, once: not again by a retry that finds the
-        # session open, and not by the outbox delivery (it records closes only).
+        # Recorded once, with the reply: not again by a retry that finds the session
+        # open, and not by the outbox delivery (it records closes only).
         history = [
             PairingHistoryEntry(
                 event=event,
@@ -282,15 +307,21 @@ class PairingSessionService:
             for event in ("pair.succeeded", "session.opened")
             if not opened.repeat
         ]
-        shards = s.pairing_index_shards
+        # What finishes the pair once the reply is out: the caller runs it in the round
+        # trip that deletes the outbox entries (Handled.after). A retry meanwhile finds
+        # the request pending and waits for the remembered reply.
         after: list[Call] = [
             self.store.settle_claim_call(digest, app_id, rid),
-            self.store.index_call(session, idle_ttl_s=s.pairing_session_idle_ttl_s),
-            self.store.expiry_call(session, idle_ttl_s=s.pairing_session_idle_ttl_s, shards=shards),
-            self.limits.refund_call(member),
-            self.store.outbox_due_call(
-                session.runner_id, delay_s=s.pairing_outbox_lease_s, shards=shards
+            self.limits.finish_call(
+                identity,
+                "pair",
+                rid,
+                reply=json.dumps(reply),
+                outcome="success",
+                allowlisted=begun.allowlisted,
             ),
+            self.limits.refund_call(member),
+            *self.history.calls(history),
         ]
         if opened.replaced is not None:
             after.extend(self.store.drop_index_calls([opened.replaced]))
@@ -301,20 +332,14 @@ class PairingSessionService:
             session.session_id,
             masked,
         )
-        handled = await self._finish(
-            identity,
-            rid,
+        return Handled(
             reply,
-            outcome="success",
-            allowlisted=begun.allowlisted,
-            history=history,
-            index_session=session,
-            drop_session_id=drop,
+            remember=False,
+            outbox=opened.outbox,
+            outbox_marked=True,
             after=after,
+            recorded=frozenset({"session.opened"}),
         )
-        handled.outbox = opened.outbox
-        handled.outbox_marked = True
-        return handled
 
     async def _finish(
         self,
@@ -325,8 +350,6 @@ class PairingSessionService:
         outcome: Literal["", "failure", "success"] = "",
         allowlisted: bool = False,
         history: list[PairingHistoryEntry] | None = None,
-        index_session: PairingSession | None = None,
-        drop_session_id: str = "",
         before: Sequence[Call] = (),
         after: Sequence[Call] = (),
     ) -> Handled:
@@ -339,8 +362,6 @@ class PairingSessionService:
             reply=json.dumps(reply),
             outcome=outcome,
             allowlisted=allowlisted,
-            index_session=index_session,
-            drop_session_id=drop_session_id,
         )
         res = await self.store.batch([*before, finish, *after, *self.history.calls(records)])
         penalty_s, _strikes = self.store.parse_finish(res[len(before)])

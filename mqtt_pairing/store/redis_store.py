@@ -915,17 +915,68 @@ class PairingStore:
 
     def drop_index_calls(self, sessions: Sequence[PairingSession]) -> list[Call]:
         """The calls that drop closed sessions from their apps' indexes and by-id lookups."""
-        calls: list[Call] = []
-        for s in sessions:
-            calls.append(RawCall(("HDEL", self.keys.app_sessions(s.app_id), s.session_id)))
-            calls.append(RawCall(("DEL", self.keys.session(s.session_id))))
-        return calls
+        return [c for s in sessions for c in self.drop_index_calls_by_id(s.session_id, s.app_id)]
+
+    def drop_index_calls_by_id(self, session_id: str, app_id: str) -> list[Call]:
+        """The calls that drop one session from its app's index and its by-id lookup."""
+        return [
+            RawCall(("HDEL", self.keys.app_sessions(app_id), session_id)),
+            RawCall(("DEL", self.keys.session(session_id))),
+        ]
 
     def index_call(self, session: PairingSession, *, idle_ttl_s: int) -> RawCall:
         """The SET of a session's by-id lookup (`session:{session:<id>}`), idle TTL."""
-        value = json.dumps({"runner_id": session.runner_id, "app_id": session.app_id})
+        return self.by_id_call(
+            session.session_id, session.runner_id, session.app_id, idle_ttl_s=idle_ttl_s
+        )
+
+    def by_id_call(
+        self, session_id: str, runner_id: str, app_id: str, *, idle_ttl_s: int
+    ) -> RawCall:
+        """The SET of a session's by-id lookup (`session:{session:<id>}`), idle TTL (s)."""
+        value = json.dumps({"runner_id": runner_id, "app_id": app_id})
         ttl_s = idle_ttl_s + INDEX_TTL_MARGIN_S
-        return RawCall(("SET", self.keys.session(session.session_id), value, "EX", ttl_s))
+        return RawCall(("SET", self.keys.session(session_id), value, "EX", ttl_s))
+
+    def app_index_call(
+        self, app_id: str, session_id: str, runner_id: str, *, idle_ttl_s: int
+    ) -> ScriptCall:
+        """Index one session under its app (`finish_request` in its `none` mode).
+
+        The app's index hash (`app-sessions`, field session_id -> runner_id) gets the
+        entry and the idle TTL (seconds) plus a margin; nothing else of the request is
+        touched. A pair writes it before it opens the session, so that the app finds the
+        session as soon as it has the reply; readers drop entries whose session is not
+        open (`app_sessions`), so one left by a refused open is harmless.
+        """
+        k = self.keys
+        return ScriptCall(
+            "finish_request",
+            # KEYS[1..3] are left alone in this mode: any keys of the app's tag do.
+            (
+                k.limit("app", app_id),
+                k.limit("app", app_id),
+                k.limit_failures("app", app_id),
+                k.app_sessions(app_id),
+            ),
+            (
+                "none",
+                "",
+                0,
+                "",
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                "",
+                session_id,
+                runner_id,
+                "",
+                (idle_ttl_s + INDEX_TTL_MARGIN_S) * MS_PER_S,
+            ),
+        )
 
     async def index_session(self, session: PairingSession, *, idle_ttl_s: int) -> None:
         """Write the by-id lookup of a session (`session:{session:<id>}`), idle TTL.
@@ -1087,25 +1138,46 @@ class PairingStore:
         return parse_outbox(runner_id, raw or [])
 
     async def ack_outbox(
-        self, runner_id: str, stream_ids: Sequence[str], *, shards: int
-    ) -> tuple[set[str], list[Call]]:
-        """Delete published entries.
+        self,
+        runner_id: str,
+        stream_ids: Sequence[str],
+        *,
+        shards: int,
+        lease_s: float,
+        also: Sequence[Call] = (),
+    ) -> tuple[set[str], list[Any]]:
+        """Delete published entries and drop the outbox's due mark, in one round trip.
+
+        The batch is `ack_outbox` (deletes the entries; an emptied outbox is removed),
+        `ZREM` of the runner's due mark, then `also` (calls of the caller's own to run in
+        the same round trip). The mark cannot be dropped in the script (it lives in an
+        index shard's slot, DESIGN.md), so it is dropped unconditionally and written again
+        when entries are left (another writer's, still in flight: due in `lease_s`
+        seconds, the writer's own lease), a rare second round trip.
+        On a single Redis the two commands of one pipeline run back to back; on a cluster
+        a writer whose mark lands between them still publishes its own entries right
+        away, and the SCAN at start is the backstop if it also dies in that window.
 
         Returns:
-            The ids this call deleted (an entry another delivery deleted first is not
-            among them: exactly one delivery owns each entry's history record), and the
-            calls to batch next: dropping the outbox's due mark once it is empty.
+            The ids this call deleted (an entry another delivery deleted first is not among
+            them: exactly one delivery owns each entry's history record), and the results
+            of `also` in order.
 
         Raises:
             StoreUnavailable: Redis is unreachable.
+            InternalError: Redis refused a call.
         """
-        res = await self._run("ack_outbox", [self.keys.outbox(runner_id)], list(stream_ids))
-        left, deleted = int(res[0]), {str(i) for i in res[1]}
-        then: list[Call] = []
-        if left == 0:
-            due = self.keys.outbox_due(self.keys.shard_of(runner_id, shards))
-            then.append(RawCall(("ZREM", due, runner_id)))
-        return deleted, then
+        due = self.keys.outbox_due(self.keys.shard_of(runner_id, shards))
+        calls: list[Call] = [
+            ScriptCall("ack_outbox", (self.keys.outbox(runner_id),), tuple(stream_ids)),
+            RawCall(("ZREM", due, runner_id)),
+            *also,
+        ]
+        res = await self.batch(calls)
+        left, deleted = int(res[0][0]), {str(i) for i in res[0][1]}
+        if left:
+            await self.call(self.outbox_due_call(runner_id, delay_s=lease_s, shards=shards))
+        return deleted, res[2:]
 
     def outbox_due_call(self, runner_id: str, *, delay_s: float, shards: int) -> ScriptCall:
         """The `mark_due` call of a runner's outbox (see `mark_outbox_due`)."""
@@ -1153,6 +1225,23 @@ class PairingStore:
         key = self.keys.expiry(self.keys.shard_of(session.session_id, shards))
         deadline = session.last_seen_at_ms + idle_ttl_s * MS_PER_S
         return ScriptCall("mark_due", (key,), (member, 0, deadline, 1))
+
+    def expiry_call_by_id(
+        self, runner_id: str, session_id: str, *, idle_ttl_s: int, shards: int
+    ) -> ScriptCall:
+        """The `mark_due` call of a session about to open: due `idle_ttl_s` from now.
+
+        Written with the open (a refused open leaves an entry whose session does not
+        exist, which the sweep drops); `expire_session` checks `last_seen_at` anyway.
+        """
+        member = f"{runner_id}\n{session_id}"
+        key = self.keys.expiry(self.keys.shard_of(session_id, shards))
+        return ScriptCall("mark_due", (key,), (member, idle_ttl_s * MS_PER_S, "", 1))
+
+    def unschedule_expiry_call(self, runner_id: str, session_id: str, *, shards: int) -> RawCall:
+        """The `ZREM` of a session's idle deadline (a refused open's, see above)."""
+        key = self.keys.expiry(self.keys.shard_of(session_id, shards))
+        return RawCall(("ZREM", key, f"{runner_id}\n{session_id}"))
 
     async def schedule_expiry(
         self, session: PairingSession, *, idle_ttl_s: int, shards: int
@@ -1259,9 +1348,13 @@ class PairingStore:
                 targets.append((self.keys.history("runner", entry.runner_id), identity_max_len, 1))
             if entry.app_id:
                 targets.append((self.keys.history("app", entry.app_id), identity_max_len, 1))
+            # A session's records may come from two writers (see append_history.lua).
+            once = int(entry.session_id is not None)
             for key, length, expires in targets:
                 calls.append(
-                    ScriptCall("append_history", (key,), (length, retention_ms, expires, *fields))
+                    ScriptCall(
+                        "append_history", (key,), (length, retention_ms, expires, once, *fields)
+                    )
                 )
         return calls
 
