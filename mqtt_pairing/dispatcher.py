@@ -78,6 +78,7 @@ class Dispatcher:
 
     Attributes:
         counters: what happened, by name (e.g. `invalid_request`, `reply.CODE_NOT_FOUND`).
+        replies: replies by (op, `ok` or error code), for the metrics.
     """
 
     def __init__(self, store: PairingStore, settings: Settings, secret: bytes) -> None:
@@ -90,6 +91,7 @@ class Dispatcher:
             store, settings, self.codes, self.limits, self.history
         )
         self.counters: Counter[str] = Counter()
+        self.replies: Counter[tuple[str, str]] = Counter()
         self._routes: dict[tuple[Kind, str], tuple[type[BaseModel], Handler]] = {
             (Kind.RUNNER, "code"): (CodeRequest, self._code),
             (Kind.RUNNER, "cancel-code"): (SimpleRequest, self._cancel_code),
@@ -162,8 +164,10 @@ class Dispatcher:
         reply = handled.reply
         if reply is None or reply.get("ok"):
             self.counters[f"ok.{op}"] += 1
+            self.replies[(op, "ok")] += 1
         else:
             self.counters[f"error.{reply['error']['code']}"] += 1
+            self.replies[(op, str(reply["error"]["code"]))] += 1
 
     async def _idempotent(
         self,

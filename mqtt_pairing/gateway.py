@@ -331,6 +331,11 @@ class PairingGateway:
         finally:
             stop.cancel()
 
+    @property
+    def in_flight(self) -> int:
+        """Request and status messages being processed now."""
+        return len(self._tasks)
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._inflight.release()

@@ -2,9 +2,10 @@
 
 `GET /livez` answers 200 while the event loop runs. `GET /readyz` answers 200 when the
 broker connection is up and Redis answers PING within its timeout, else 503 with a short
-JSON reason. Anything else is 404. Enabled by `PAIRING_HEALTH_LISTEN` (`HOST:PORT`).
-The server is a few lines over `asyncio.start_server` on purpose: two fixed GET routes
-need no web framework.
+JSON reason. `GET /metrics` answers the instance's Prometheus metrics (`metrics.py`).
+Anything else is 404. Enabled by `PAIRING_HEALTH_LISTEN` (`HOST:PORT`). The server is a
+few lines over `asyncio.start_server` on purpose: three fixed GET routes need no web
+framework.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Awaitable, Callable
 log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
+Metrics = Callable[[], tuple[bytes, str]]
+"""Renders the metrics: (body, content type)."""
 
 _MAX_REQUEST_LINE = 1024
 _READ_TIMEOUT_S = 5.0
@@ -30,12 +33,16 @@ class HealthServer:
         host: address to bind.
         port: TCP port (0 picks a free one; see `port` after `start`).
         ready: coroutine returning (ready, reason).
+        metrics: renders `/metrics` (None: 404).
     """
 
-    def __init__(self, host: str, port: int, ready: ReadyCheck) -> None:
+    def __init__(
+        self, host: str, port: int, ready: ReadyCheck, metrics: Metrics | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.ready = ready
+        self.metrics = metrics
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -60,17 +67,23 @@ class HealthServer:
             line = await asyncio.wait_for(reader.readline(), _READ_TIMEOUT_S)
             parts = line[:_MAX_REQUEST_LINE].decode("latin-1").split()
             path = parts[1] if len(parts) >= 2 and parts[0] in ("GET", "HEAD") else ""
+            content_type = "application/json"
             if path == "/livez":
                 status, body = 200, {"status": "ok"}
             elif path == "/readyz":
                 ok, reason = await self.ready()
                 status, body = (200 if ok else 503), {"status": "ok" if ok else reason}
+            elif path == "/metrics" and self.metrics is not None:
+                status, body = 200, {}
             else:
                 status, body = 404, {"status": "not found"}
-            payload = json.dumps(body).encode()
+            if path == "/metrics" and status == 200 and self.metrics is not None:
+                payload, content_type = self.metrics()
+            else:
+                payload = json.dumps(body).encode()
             reason_phrase = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
             head = (
-                f"HTTP/1.0 {status} {reason_phrase}\r\nContent-Type: application/json\r\n"
+                f"HTTP/1.0 {status} {reason_phrase}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
             )
             writer.write(head.encode() + payload)

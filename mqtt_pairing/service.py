@@ -19,6 +19,7 @@ from typing import Literal
 from amqtt.broker import Broker
 from redis.exceptions import RedisClusterException, RedisError
 
+from mqtt_pairing import logs, metrics
 from mqtt_pairing.broker import (
     InMemoryRedis,
     check_port_free,
@@ -190,7 +191,12 @@ async def build_service(
     service = Service(settings, store, gateway, url, broker=broker, memory=memory)
     if settings.pairing_health_listen:
         health_host, health_port = parse_listen(settings.pairing_health_listen)
-        service.health = HealthServer(health_host, health_port, service.ready)
+        service.health = HealthServer(
+            health_host,
+            health_port,
+            service.ready,
+            metrics=lambda: (metrics.render(gateway), metrics.CONTENT_TYPE),
+        )
         try:
             await service.health.start()
         except OSError as exc:
@@ -211,10 +217,15 @@ async def run_service(
         ConfigError: startup failed (one line).
     """
     service = await build_service(settings, listen=listen, broker_config=broker_config)
+    logs.set_instance(service.gateway.instance_id)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.stop)
-    log.info("mqtt-pairing serving (topic prefix %r)", settings.pairing_topic_prefix)
+    log.info(
+        "mqtt-pairing serving (instance %s, topic prefix %r)",
+        service.gateway.instance_id,
+        settings.pairing_topic_prefix,
+    )
     try:
         await service.run()
     finally:

@@ -12,18 +12,17 @@ import typer
 from mqtt_pairing.config import redact_url
 from mqtt_pairing.errors import ConfigError
 from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.logs import LOG_FORMAT, InstanceFilter
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
 def setup_logging(level: str) -> None:
-    """Plain log lines on stderr; amqtt's own chatter only from WARNING up."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """Plain log lines on stderr, naming the instance; amqtt's chatter only from WARNING up."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(InstanceFilter())
     for noisy in ("amqtt", "transitions", "passlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -50,7 +50,7 @@ async def test_readiness_follows_redis_and_the_broker(
 
     assert await status("/livez") == (200, {"status": "ok"})
     assert await status("/readyz") == (200, {"status": "ok"})
-    assert (await status("/metrics"))[0] == 404
+    assert (await status("/nope"))[0] == 404
 
     # Redis stopped: not ready (the reason says why), still alive; ready again after.
     await asyncio.to_thread(redis_server.stop)

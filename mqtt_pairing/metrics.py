@@ -1,0 +1,98 @@
+"""Prometheus metrics of one instance, served on `/metrics` beside the health endpoints.
+
+Every sample carries the label `instance` (the gateway's instance id, `<MQTT_CLIENT_ID>/
+<8 hex>`), so that the instances behind one shared subscription can be told apart and
+summed. The counters are the in-process ones the dispatcher and the gateway keep
+(`Dispatcher.counters`, `PairingGateway.counters`); they start at 0 with the process, as
+Prometheus counters do. Rendering uses `prometheus_client`'s text exposition format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from mqtt_pairing import __version__
+
+if TYPE_CHECKING:
+    from mqtt_pairing.gateway import PairingGateway
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class GatewayCollector(Collector):
+    """Collects the counters of one gateway (and its dispatcher and store) on each scrape.
+
+    Metrics:
+        mqtt_pairing_info{instance, version}: 1.
+        mqtt_pairing_broker_connected{instance}: 1 while the broker connection is up.
+        mqtt_pairing_requests_in_flight{instance}: messages being processed now.
+        mqtt_pairing_replies_total{instance, op, outcome}: replies by op and by `ok` or
+            error code (PROTOCOL.md "Error codes").
+        mqtt_pairing_events_total{instance, name}: everything else counted (`replay`,
+            `status`, `dropped.<reason>`, `publish_failed`, `internal_error`, ...).
+        mqtt_pairing_redis_round_trips_total{instance}: Redis round trips (a pipeline is
+            one).
+    """
+
+    def __init__(self, gateway: PairingGateway) -> None:
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        """The samples, read from the live counters."""
+        gw = self.gateway
+        instance = gw.instance_id
+        info = GaugeMetricFamily(
+            "mqtt_pairing_info", "This instance.", labels=["instance", "version"]
+        )
+        info.add_metric([instance, __version__], 1)
+        yield info
+        connected = GaugeMetricFamily(
+            "mqtt_pairing_broker_connected",
+            "1 while the broker connection is up.",
+            labels=["instance"],
+        )
+        connected.add_metric([instance], float(gw.connected.is_set()))
+        yield connected
+        in_flight = GaugeMetricFamily(
+            "mqtt_pairing_requests_in_flight",
+            "Request messages being processed now.",
+            labels=["instance"],
+        )
+        in_flight.add_metric([instance], float(gw.in_flight))
+        yield in_flight
+        replies = CounterMetricFamily(
+            "mqtt_pairing_replies",
+            "Replies by op and outcome (ok or the error code).",
+            labels=["instance", "op", "outcome"],
+        )
+        events = CounterMetricFamily(
+            "mqtt_pairing_events",
+            "Other things counted by name.",
+            labels=["instance", "name"],
+        )
+        for (op, outcome), n in sorted(gw.dispatcher.replies.items()):
+            replies.add_metric([instance, op, outcome], n)
+        for name, n in sorted((gw.dispatcher.counters + gw.counters).items()):
+            if not name.startswith(("ok.", "error.")):  # those are the replies above
+                events.add_metric([instance, name], n)
+        yield replies
+        yield events
+        trips = CounterMetricFamily(
+            "mqtt_pairing_redis_round_trips",
+            "Redis round trips (a pipeline counts as one).",
+            labels=["instance"],
+        )
+        trips.add_metric([instance], gw.dispatcher.store.round_trips)
+        yield trips
+
+
+def render(gateway: PairingGateway) -> bytes:
+    """The text exposition of one gateway's metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(gateway))
+    return generate_latest(registry)
