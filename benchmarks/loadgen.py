@@ -484,6 +484,17 @@ class LoadGenerator:
         res.messages_in = dict(self._counts)
         return res
 
+    def wait_late_replies(self, timeout_s: float) -> int:
+        """After a run: wait up to `timeout_s` more for the measured requests that had no
+        reply when the run ended (its drain gives up after `DRAIN_TIMEOUT_S`); returns how
+        many got one meanwhile: late, not lost. Also lets a backlog clear before the next run.
+        """
+        missing = [r for r in self._reqs.values() if r.measured and not r.t_reply]
+        deadline = time.perf_counter() + timeout_s
+        while missing and time.perf_counter() < deadline and any(not r.t_reply for r in missing):
+            self._pump(0.05)
+        return sum(1 for r in missing if r.t_reply)
+
     def send_one(self, job: Job, timeout_s: float = 10.0) -> tuple[bool, str]:
         """Send one request and wait for its reply and (on success) the runner's event.
 

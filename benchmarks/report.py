@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmarks.baseline import PHASES, cpu_ratio, key_figures, typical_round_trips
+from benchmarks.loadgen import DRAIN_TIMEOUT_S
 from benchmarks.stack import BENCH_ENV, CODE_TTL_S, TOMBSTONE_S
 
 X = "\u00d7"
@@ -38,10 +40,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def _typical(d: dict[str, Any], phase: str) -> int:
-    """Round trips that every request makes in a phase (those made by at least half)."""
-    made = [x["per_request"] for x in d["round_trips"] if x["phase"] == phase]
-    return round(sum(k for k in made if k >= 0.5))
+_typical = typical_round_trips
 
 
 def _occasional(d: dict[str, Any]) -> str:
@@ -53,6 +52,13 @@ def _occasional(d: dict[str, Any]) -> str:
     )
 
 
+def _errors(run: dict[str, Any]) -> str:
+    text = str(sum(run["errors"].values()) + run["lost_replies"])
+    if run.get("late_replies"):
+        text += f" ({run['late_replies']} late)"
+    return text
+
+
 def _load_label(share: float) -> str:
     return f"{share:.0%}"
 
@@ -62,9 +68,19 @@ def _big_label(n: int) -> str:
 
 
 class _Report:
-    def __init__(self, r: dict[str, Any], json_path: Path) -> None:
+    def __init__(
+        self,
+        r: dict[str, Any],
+        json_path: Path,
+        before: dict[str, Any] | None = None,
+        before_path: Path | None = None,
+        self_compare: bool = False,
+    ) -> None:
         self.r = r
         self.json_path = json_path
+        self.before = before
+        self.before_path = before_path
+        self.self_compare = self_compare
         self.parts: list[str] = []
 
     def add(self, *texts: str) -> None:
@@ -104,14 +120,35 @@ class _Report:
             "## How to rerun",
             "",
             "```",
-            "scripts/bench            # full run, writes docs/benchmarks.md (~7 min)",
-            "scripts/bench --quick    # shorter runs, 100k live codes (~2 min)",
+            "scripts/bench            # full run, writes docs/benchmarks.md (~8 min)",
+            "scripts/bench --quick    # shorter runs, 100k live codes (~3 min)",
             "scripts/bench --smoke    # a second of load per step; what .ci/run calls",
             "scripts/bench --out FILE # write the report elsewhere",
+            "scripts/bench --save-baseline FILE  # also keep this run's key figures (JSON)",
+            "scripts/bench --baseline FILE       # add 'Before and after' against a baseline",
+            "scripts/bench --no-baseline         # no 'Before and after' section",
+            "scripts/bench --render JSON         # only re-render the report of earlier "
+            "raw results",
             "```",
             "",
-            "It needs `redis-server` and `mosquitto` on the machine (Debian packages) and "
-            "starts its own on free ports of 127.0.0.1, stopping them at the end. The "
+            "**Before and after.** `--save-baseline FILE` writes a small JSON with the "
+            "commit (`git rev-parse --short HEAD`, and whether `mqtt_pairing/` had "
+            "uncommitted changes), the date, the machine and the key figures of the run: "
+            "pairs/s and echo/s at saturation and their ratio (also by CPU time), Redis "
+            "round trips and commands per successful pair and per failed guess, bytes per "
+            "live code, and the profile summary by library and by phase. `--baseline FILE` "
+            'adds a "Before and after" section comparing this run with it; without '
+            "`--baseline`, `benchmarks/baseline.json` is used when it exists. To record a "
+            "baseline of an older commit, run this suite against that commit's "
+            "`mqtt_pairing/` with `--save-baseline`, or re-render its raw results: "
+            "`scripts/bench --render JSON --save-baseline FILE` (both options work with "
+            "`--render`). Compare ratios, counts and bytes across runs, not absolute "
+            "rates: the machine is shared, and what else runs on it moves pairs/s and "
+            "echo/s alike.",
+            "",
+            "It needs `redis-server`, `redis-cli` and `mosquitto` on the machine (Debian "
+            "packages) and starts its own on free ports of 127.0.0.1, stopping them at the "
+            "end; the Redis Cluster of section 6 (3 masters) only for its step. The "
             "profile step uses `py-spy` from the venv and is skipped without it. Run it on "
             "an otherwise idle machine: the service, the broker, Redis and the load "
             "generator share the CPU.",
@@ -149,6 +186,7 @@ class _Report:
                         " / ".join(f"{x:.2f}" for x in m.get("load_average_at_end", ()))
                         or "not recorded",
                     ],
+                    ["commit", self._commit(r.get("git"))],
                     ["Python", m["python"]],
                     ["Redis", m["redis"]],
                     ["Mosquitto", m["mosquitto"]],
@@ -157,6 +195,15 @@ class _Report:
             ),
             "",
         )
+
+    @staticmethod
+    def _commit(git: dict[str, Any] | None) -> str:
+        if not git:
+            return "not recorded"
+        text = f"`{git.get('commit', 'unknown')}`"
+        if git.get("uncommitted_product_changes"):
+            text += " with uncommitted changes to `mqtt_pairing/` (the working tree was measured)"
+        return text
 
     def summary(self) -> None:
         r = self.r
@@ -237,6 +284,199 @@ class _Report:
                 )
         self.add("## Targets", "", _table(["target", "measured", "verdict"], rows), "")
 
+    def before_after(self) -> None:
+        """This run against a baseline (`--baseline`): ratios, counts, bytes, profile."""
+        b = self.before
+        if not b:
+            return
+        bf: dict[str, Any] = b.get("figures", {})
+        af = key_figures(self.r)
+        mb, ma = b.get("machine", {}), self.r["machine"]
+        a_git = self.r.get("git") or {}
+        lines = ["## Before and after", ""]
+        if self.self_compare:
+            lines += [
+                "*Smoke run without a baseline: it is compared with its own figures, saved "
+                "and read back as a baseline, only to keep this section working. Every "
+                "change is zero by construction.*",
+                "",
+            ]
+
+        def who(commit: Any, changed: Any, command: Any, date: Any, m: dict[str, Any]) -> str:
+            text = f"commit `{commit or 'unknown'}`"
+            if changed:
+                text += " (with uncommitted changes to `mqtt_pairing/`)"
+            load = m.get("load_average_at_start") or ()
+            return (
+                text + f", `{command or '?'}` on {date or '?'}, {m.get('cpu', '?')} "
+                f"({m.get('cores', '?')} cores"
+                + (f", load {load[0]:.1f} at the start" if load else "")
+                + ")"
+            )
+
+        lines += [
+            f"**Before**: `{self.before_path}`: "
+            + who(b.get("commit"), b.get("uncommitted_product_changes"), b.get("command"),
+                  b.get("date"), mb)
+            + (
+                " (the run recorded no commit: this is the one checked out when the "
+                "baseline was written)"
+                if b.get("commit_recorded_by_run") is False
+                else ""
+            )
+            + ".  ",
+            "**After**: this run: "
+            + who(a_git.get("commit"), a_git.get("uncommitted_product_changes"),
+                  self.r.get("command"), self.r.get("started_at"), ma)
+            + ".",
+            "",
+            "Absolute rates (pairs/s, echo/s) and CPU milliseconds depend on the machine "
+            "and on whatever else ran at the same time; on a shared machine they move "
+            "between runs for reasons that have nothing to do with the code. Ratios "
+            "measured within one run (pair/echo: both measured seconds apart under the "
+            "same conditions), counts (round trips, commands), bytes and the profile's "
+            "shares are what compare across runs: judge the change by those. The absolute "
+            "rows are there for context.",
+            "",
+        ]  # fmt: skip
+        notes = []
+        if b.get("plan") and b.get("plan") != self.r.get("plan", {}).get("name"):
+            notes.append(
+                f"the baseline is a `{b.get('plan')}` run and this one a "
+                f"`{self.r.get('plan', {}).get('name')}` run: shorter runs and fewer "
+                "requests make noisier figures"
+            )
+        if (mb.get("cpu"), mb.get("cores")) != (ma.get("cpu"), ma.get("cores")):
+            notes.append("the two runs are on different CPUs: only ratios and counts compare")
+        if notes:
+            lines += ["Note: " + "; ".join(notes) + ".", ""]
+
+        def get(d: dict[str, Any] | None, *path: str) -> Any:
+            for k in path:
+                if not isinstance(d, dict):
+                    return None
+                d = d.get(k)
+            return d
+
+        def pct(x: Any) -> str:
+            return NA if x is None else f"{x:.0%}"
+
+        def pp(x: Any, y: Any) -> str:
+            return NA if x is None or y is None else f"{(y - x) * 100:+.0f} pp"
+
+        def times(x: Any, y: Any) -> str:
+            return NA if x is None or y is None or not x else f"{y / x:.2f} {X}"
+
+        def diff(x: Any, y: Any, digits: int = 2) -> str:
+            return NA if x is None or y is None else f"{y - x:+,.{digits}f}"
+
+        def rts(f: dict[str, Any] | None) -> str:
+            if not f:
+                return NA
+            return f"{f['request_path']:.2f} + {f['after_reply']:.2f} = **{f['round_trips']:.2f}**"
+
+        def cmds(f: dict[str, Any] | None) -> str:
+            if not f:
+                return NA
+            return f"{f['top_level_commands']:.1f} / **{f['commands']:.1f}**"
+
+        rows = [
+            ["pair / echo ceiling, by throughput", pct(bf.get("pair_over_echo")),
+             pct(af["pair_over_echo"]), pp(bf.get("pair_over_echo"), af["pair_over_echo"])],
+            ["pair / echo, by CPU time per request", pct(bf.get("pair_over_echo_by_cpu")),
+             pct(af["pair_over_echo_by_cpu"]),
+             pp(bf.get("pair_over_echo_by_cpu"), af["pair_over_echo_by_cpu"])],
+        ]  # fmt: skip
+        for key, label in (("success", "successful pair"), ("failed_guess", "failed guess")):
+            fb, fa = bf.get(key), af[key]
+            rows += [
+                [f"Redis round trips per {label} (before + after the reply)", rts(fb), rts(fa),
+                 diff(get(fb, "round_trips"), get(fa, "round_trips"))],
+                [f"Redis commands per {label} (EVALSHA / all, in scripts too)", cmds(fb),
+                 cmds(fa), diff(get(fb, "commands"), get(fa, "commands"), 1)],
+            ]  # fmt: skip
+        for key, label in (
+            ("code_hash_bytes", "bytes per code hash"),
+            ("per_live_code_with_tombstones", "bytes per live code, with its tombstone share"),
+            ("code_request_bytes", "bytes a `code` request leaves"),
+        ):
+            x, y = get(bf, "memory", key), get(af, "memory", key)
+            rows.append([label, _f(x, 0), _f(y, 0), diff(x, y, 0)])
+        for key, label in (
+            ("p99_over_p50_at_half_load", "p99 / p50 at 50% load"),
+            ("two_over_one_instance", "2 vs 1 instance, one Redis"),
+            ("cluster_three_over_one_instance", "3 vs 1 instance, Redis Cluster"),
+        ):
+            x, y = bf.get(key), af[key]
+            rows.append(
+                [label, NA if x is None else f"{x:.2f} {X}", NA if y is None else f"{y:.2f} {X}",
+                 diff(x, y)]
+            )  # fmt: skip
+        for key, label, digits in (
+            ("pair_per_s", "pairs/s at saturation (machine-dependent)", 0),
+            ("echo_per_s", "echo/s at saturation (machine-dependent)", 0),
+            ("service_cpu_ms_per_pair", "service CPU ms per pair (machine-dependent)", 2),
+            ("echo_cpu_ms_per_request", "echo CPU ms per request (machine-dependent)", 2),
+        ):
+            x, y = bf.get(key), af[key]
+            rows.append([label, _f(x, digits), _f(y, digits), times(x, y)])
+        lines += [_table(["figure", "before", "after", "change"], rows), ""]
+        lines += self._profile_before_after(bf.get("profile") or {}, af["profile"])
+        self.add(*lines)
+
+    @staticmethod
+    def _profile_before_after(pb: dict[str, Any], pa: dict[str, Any]) -> list[str]:
+        if "skipped" in pb or "skipped" in pa:
+            return [
+                "Profile: "
+                + "; ".join(
+                    f"{side} skipped ({p['skipped']})"
+                    for side, p in (("before", pb), ("after", pa))
+                    if "skipped" in p
+                )
+                + ", so there is no profile to compare.",
+                "",
+            ]
+
+        def share(x: Any) -> str:
+            return NA if x is None else f"{x:.1%}"
+
+        def pp(x: Any, y: Any) -> str:
+            return NA if x is None or y is None else f"{(y - x) * 100:+.1f} pp"
+
+        lib_b, lib_a = pb.get("by_library", {}), pa.get("by_library", {})
+        names = sorted(
+            set(lib_b) | set(lib_a), key=lambda k: -max(lib_b.get(k, 0), lib_a.get(k, 0))
+        )
+        libs = [
+            [k, share(lib_b.get(k)), share(lib_a.get(k)), pp(lib_b.get(k, 0.0), lib_a.get(k, 0.0))]
+            for k in names
+        ]
+        ph_b, ph_a = pb.get("by_phase", {}), pa.get("by_phase", {})
+        phases = [
+            [
+                f"{what} (`{name}`)",
+                share(ph_b.get(name)),
+                share(ph_a.get(name)),
+                pp(ph_b.get(name), ph_a.get(name)),
+            ]
+            for name, what in PHASES
+        ]
+        return [
+            "Profile at saturation, shares of the busy samples (busy "
+            f"{share(pb.get('busy_share'))} before, {share(pa.get('busy_share'))} after). "
+            "**Self time by library:**",
+            "",
+            _table(["library", "before", "after", "change"], libs),
+            "",
+            '**Inclusive time by phase** (the service\'s functions, as in the "Why" section; '
+            "a function that no longer exists or fell out of the top 25 shows as "
+            f"{NA}):",
+            "",
+            _table(["phase", "before", "after", "change"], phases),
+            "",
+        ]
+
     def _live_pair(self) -> tuple[float | None, float | None]:
         runs = self.r["live_codes"]["runs"]
         small = [
@@ -307,13 +547,7 @@ class _Report:
 
     def cpu_ratio(self) -> float | None:
         """Echo CPU per request / pair CPU per pair, over all saturation runs."""
-        pair = [x.get("cpu_ms_per_request", {}).get("server") for x in self.r["saturation"]["runs"]]
-        echo = [x.get("cpu_ms_per_request", {}).get("server") for x in self.r["echo"]["runs"]]
-        pair = [x for x in pair if x]
-        echo = [x for x in echo if x]
-        if not pair or not echo:
-            return None
-        return (sum(echo) / len(echo)) / (sum(pair) / len(pair))
+        return cpu_ratio(self.r)
 
     def _cpu_table(self) -> str:
         runs = self.r["saturation"]["runs"]
@@ -604,49 +838,207 @@ class _Report:
 
     def shared(self) -> None:
         s = self.r.get("shared")
-        if not s:
+        cl = self.r.get("cluster")
+        if not s and not cl:
             return
-        rows = [
-            [
-                "one instance",
-                str(s["one"]["concurrency"]),
-                _f(s["one"]["throughput"], 0),
-                _ms(s["one"]["reply_ms"], "p50"),
-                _ms(s["one"]["reply_ms"], "p99"),
+        cores = self.r["machine"]["cores"]
+        cols: list[tuple[str, dict[str, Any], list[float], float]] = []
+        runs: list[list[str]] = []
+        if s:
+            second = s["second_instance_share"]
+            cols += [
+                ("one Redis, 1 instance", s["one"], [1.0], 1.0),
+                ("one Redis, 2 instances", s["two"], [1 - second, second], s["ratio"]),
             ]
+            runs.append(self._run_row("one Redis", 1, s["one"]))
+            runs += [self._run_row("one Redis", 2, r) for r in s["two_runs"]]
+        if cl:
+            n = cl["instances"]
+            cols += [
+                ("Redis Cluster, 1 instance", cl["one"], [1.0], 1.0),
+                (f"Redis Cluster, {n} instances", cl["three"], cl["instance_shares"], cl["ratio"]),
+            ]
+            runs.append(self._run_row("Redis Cluster", 1, cl["one"]))
+            runs += [self._run_row("Redis Cluster", n, r) for r in cl["three_runs"]]
+
+        def cpu(run: dict[str, Any], key: str) -> str:
+            return _f(run.get("cpu_ms_per_request", {}).get(key), 2)
+
+        rows = [
+            ["c"] + [str(run["concurrency"]) for _, run, _, _ in cols],
+            ["pairs/s"] + [f"**{_f(run['throughput'], 0)}**" for _, run, _, _ in cols],
+            [f"{X} 1 instance (same Redis)"] + [f"{ratio:.2f} {X}" for *_, ratio in cols],
+            ["reply p50 ms"] + [_ms(run["reply_ms"], "p50") for _, run, _, _ in cols],
+            ["reply p99 ms"] + [_ms(run["reply_ms"], "p99") for _, run, _, _ in cols],
+            ["errors + lost replies"] + [_errors(run) for _, run, _, _ in cols],
+            ["service CPU ms/pair (all instances)"] + [cpu(run, "server") for _, run, _, _ in cols],
+            ["Redis CPU ms/pair (all nodes)"] + [cpu(run, "redis") for _, run, _, _ in cols],
+            ["Mosquitto CPU ms/pair"] + [cpu(run, "mosquitto") for _, run, _, _ in cols],
+            ["cores busy (instances, broker, Redis, generator)"]
+            + [
+                _f(sum(run["cpu_share"].values()), 2) if run.get("cpu_share") else NA
+                for _, run, _, _ in cols
+            ],
+            ["pairs handled per instance"]
+            + [" / ".join(f"{x:.0%}" for x in shares) for _, _, shares, _ in cols],
         ]
-        for run in s["two_runs"]:
-            rows.append(
-                [
-                    "two instances",
-                    str(run["concurrency"]),
-                    _f(run["throughput"], 0),
-                    _ms(run["reply_ms"], "p50"),
-                    _ms(run["reply_ms"], "p99"),
-                ]
-            )
         self.add(
-            "## 6. Two instances on a shared subscription",
+            "## 6. More instances: a shared subscription on one Redis and on a Redis Cluster",
             "",
-            "A second `serve` process joins the same `$share` group (`PAIRING_SHARED_GROUP`) "
-            "on the same broker and Redis; closed loop at the best concurrency of one "
-            "instance and at twice that.",
+            "More `serve` processes join the same `$share` group (`PAIRING_SHARED_GROUP`) "
+            "on the same broker; closed loop at the best concurrency of one instance (and, "
+            "in a full run, at a multiple of it). On one Redis: one instance, then a second "
+            "one. On a Redis Cluster: one instance, then three. Columns of the same Redis "
+            "are runs a few seconds apart; the ratio compares each pair of columns. CPU time "
+            "per pair is summed over the instances and over the Redis nodes.",
             "",
-            _table(["", "c", "pairs/s", "p50 ms", "p99 ms"], rows),
+            _table([""] + [title for title, *_ in cols], rows),
             "",
-            f"Two instances: **{s['ratio']:.2f} {X}** one instance; the second instance "
-            f"handled {s['second_instance_share']:.0%} of the pairs. "
+            "Every run:",
+            "",
+            _table(["Redis", "instances", "c", "pairs/s", "p50 ms", "p99 ms", "errors+lost"], runs),
+            "",
+        )
+        if s:
+            self.add(
+                f"**One Redis.** Two instances: **{s['ratio']:.2f} {X}** one instance; the "
+                f"second instance handled {s['second_instance_share']:.0%} of the pairs. "
+                + (
+                    "One service process is one event loop, so it uses at most one core; a "
+                    "second process can use CPU time the first cannot (on a machine shared "
+                    "with other work, two processes also get a larger share of it)."
+                    if s["ratio"] >= 1.3
+                    else f"On {cores} cores shared with Mosquitto, Redis and the load "
+                    "generator, a second process mostly competes for the same CPU; the "
+                    "shared subscription spreads the load, it cannot add cores."
+                ),
+                "",
+            )
+        if cl:
+            self._cluster_notes(cl, cores)
+
+    @staticmethod
+    def _run_row(where: str, instances: int, run: dict[str, Any]) -> list[str]:
+        return [
+            where,
+            str(instances),
+            str(run["concurrency"]),
+            _f(run["throughput"], 0)
+            + (" (ran out of codes)" if run.get("ran_out_of_jobs") else ""),
+            _ms(run["reply_ms"], "p50"),
+            _ms(run["reply_ms"], "p99"),
+            _errors(run),
+        ]
+
+    def _cluster_notes(self, cl: dict[str, Any], cores: int) -> None:
+        n, masters, shards = cl["instances"], cl["masters"], cl["index_shards"]
+        one, three = cl["one"], cl["three"]
+        busy = sum(three.get("cpu_share", {}).values())
+
+        def cpu(run: dict[str, Any] | None, key: str) -> float | None:
+            v = (run or {}).get("cpu_ms_per_request", {}).get(key)
+            return float(v) if v else None
+
+        def times(a: float | None, b: float | None) -> str | None:
+            return f"{b / a:.2f} {X}" if a and b else None
+
+        text = (
+            f"**Redis Cluster.** {masters} masters without replicas "
+            "(`redis-server --cluster-enabled yes` on free ports, formed by `redis-cli "
+            f"--cluster create ... --cluster-replicas 0`) on this same machine. The "
+            f"instances use `REDIS_CLUSTER_URL`, `PAIRING_INDEX_SHARDS={shards}` and "
+            f"`PAIRING_GLOBAL_FAIL_SHARDS={cl['global_fail_shards']}` "
+            f"({shards / masters:.0f} shards per master), with their own topic prefix and "
+            "`$share` group; codes are issued straight into the cluster beforehand, as in "
+            f"section 1. {n} instances: **{cl['ratio']:.2f} {X}** one instance on the "
+            "cluster"
+        )
+        if cl.get("keys_per_master"):
+            keys = " / ".join(f"{k:,}" for k in cl["keys_per_master"])
+            text += f"; keys per master after the runs: {keys}"
+        text += "."
+        single = (self.r.get("shared") or {}).get("one")
+        svc_cost = times(cpu(single, "server"), cpu(one, "server"))
+        if single and single["throughput"] and one["throughput"]:
+            text += (
+                f" One instance on the cluster makes {one['throughput'] / single['throughput']:.0%}"
+                " of the pairs one instance makes on a single Redis (first column, a minute "
+                "earlier)"
+                + (f" and needs {svc_cost} its CPU time per pair" if svc_cost else "")
+                + ": what cluster routing costs the client (the CPU time is the steadier "
+                "figure on a shared machine)."
+            )
+        svc, red = (
+            times(cpu(one, "server"), cpu(three, "server")),
+            times(cpu(one, "redis"), cpu(three, "redis")),
+        )
+        self.add(
+            text,
+            "",
+            f"**Read the {n} vs 1 ratio as coordination overhead, not scale-out headroom.** "
+            f"This machine has {cores} cores, and the {n} instances, Mosquitto, the "
+            f"{masters} Redis masters and the load generator all share them"
             + (
-                "One service process is one event loop, so it uses at most one core; a "
-                "second process can use CPU time the first cannot (on a machine shared with "
-                "other work, two processes also get a larger share of it)."
-                if s["ratio"] >= 1.3
-                else f"On {self.r['machine']['cores']} cores shared with Mosquitto, Redis and "
-                "the load generator, a second process mostly competes for the same CPU; the "
-                "shared subscription spreads the load, it cannot add cores."
+                f" (together they kept {busy:.1f} cores busy in the {n}-instance run)"
+                if busy
+                else ""
+            )
+            + ". More instances cannot bring CPU that is not there: "
+            + (
+                f"where {n} do more than 1 here, it is because one instance is one event loop, "
+                "which uses at most one core, and because on a machine shared with other work "
+                "more processes get a larger share of it. "
+                if cl["ratio"] >= 1.1
+                else f"here {n} do no more than 1, because the instances and the masters "
+                "compete with each other (and with whatever else runs) for the same cores. "
+            )
+            + "What the runs do show is what coordination "
+            "costs (the shared subscription's round robin, more connections, each instance's "
+            "cluster routing)"
+            + (
+                f": CPU time per pair with {n} instances vs 1 is {svc} for the instances"
+                + (f" and {red} for the masters" if red else "")
+                if svc
+                else ""
+            )
+            + ". How far the service scales when each instance and each master has its own "
+            "cores is sized from CPU time per pair (`docs/scaling.md`), not from this ratio."
+            + (
+                " (A run with requests still unanswered at its end overstates CPU time per "
+                "pair: the work on those requests is counted, they are not.)"
+                if any(r["lost_replies"] for r in [one, *cl["three_runs"]])
+                else ""
             ),
             "",
         )
+        runs = [one, *cl["three_runs"]]
+        problems = cl.get("log_problem_count", 0)
+        kinds: dict[str, int] = {}
+        for r in runs:
+            for k, v in r["errors"].items():
+                kinds[k] = kinds.get(k, 0) + v
+        missing = sum(r["lost_replies"] for r in runs)
+        if not (kinds or missing or problems):
+            return
+        late = sum(r.get("late_replies", 0) for r in runs)
+        wait = max((r.get("late_wait_s", 0) for r in runs), default=0)
+        text = f"**Errors and missing replies on the cluster:** {sum(kinds.values())} error replies"
+        if kinds:
+            text += " (" + ", ".join(f"`{k}` {v}" for k, v in kinds.items()) + ")"
+        text += (
+            f"; {missing} requests without a reply {DRAIN_TIMEOUT_S:.0f} s after the end of "
+            "their run (counted as lost in the tables)"
+        )
+        if missing and any("late_wait_s" in r for r in runs):
+            text += (
+                f", of which {late} got one within a further {wait:.0f} s (late, not lost: a "
+                f"backlog on starved instances) and {missing - late} never did"
+            )
+        text += f"; {problems} ERROR lines or tracebacks in the instances' logs"
+        first = cl.get("log_problems", [])[:3]
+        if first:
+            text += ": " + "; ".join(f"`{x}`" for x in first)
+        self.add(text + ".", "")
 
     def profile(self) -> None:
         p = self.r.get("profile", {})
@@ -753,15 +1145,7 @@ class _Report:
             text += "renders the events from the outbox entries and writes history records."
             if "areas" in p:
                 parts = []
-                for name, what in (
-                    ("PairingStore._guard", "Redis round trips (packing, awaiting, parsing)"),
-                    ("Dispatcher.handle", "the request up to the reply's content"),
-                    ("OutboxRelay.deliver", "outbox delivery after the reply"),
-                    ("PairingGateway.publish_events", "of which publishing the 3 events"),
-                    ("PairingStore.ack_outbox", "acknowledging the outbox"),
-                    ("OutboxRelay._record", "session.opened history"),
-                    ("PairingGateway._reply", "publishing the reply"),
-                ):
+                for name, what in PHASES:
                     share = self._svc_share(name)
                     if share is not None:
                         parts.append(f"{what} {share:.0%}")
@@ -866,6 +1250,7 @@ class _Report:
     def render(self) -> str:
         self.header()
         self.summary()
+        self.before_after()
         self.findings()
         self.throughput()
         self.latency()
@@ -878,6 +1263,13 @@ class _Report:
         return "\n".join(self.parts).rstrip() + "\n"
 
 
-def render(results: dict[str, Any], json_path: Path) -> str:
-    """The report of one run."""
-    return _Report(results, json_path).render()
+def render(
+    results: dict[str, Any],
+    json_path: Path,
+    *,
+    before: dict[str, Any] | None = None,
+    before_path: Path | None = None,
+    self_compare: bool = False,
+) -> str:
+    """The report of one run; with `before` (a baseline), also "Before and after"."""
+    return _Report(results, json_path, before, before_path, self_compare).render()

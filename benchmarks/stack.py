@@ -1,8 +1,10 @@
 """What the benchmarks run on: Redis and Mosquitto on free ports, service processes, codes.
 
 Servers come from `tests/fixtures.py` (the same ones the test suite starts): harness-owned,
-on free ports of 127.0.0.1, stopped at the end. Service instances run as subprocesses
-(`python -m mqtt_pairing serve`), so the load generator never shares their event loop.
+on free ports of 127.0.0.1, stopped at the end; the Redis Cluster too (`redis_cluster`:
+`RedisClusterServers` with 3 masters and no replicas, formed by `redis-cli --cluster
+create`). Service instances run as subprocesses (`python -m mqtt_pairing serve`), so the
+load generator never shares their event loop.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
@@ -30,7 +32,13 @@ from mqtt_pairing.config import Settings
 from mqtt_pairing.services.codes import PairingCodeService
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.store.redis_store import load_script_source
-from tests.fixtures import MosquittoBroker, RedisServer, free_port, start_with_retries
+from tests.fixtures import (
+    MosquittoBroker,
+    RedisClusterServers,
+    RedisServer,
+    free_port,
+    start_with_retries,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET = "benchmark-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -51,6 +59,20 @@ BENCH_ENV = {
 }
 
 MOSQUITTO_EXTRA = "\n# benchmarks\npersistence false\nmax_queued_messages 100000\n"
+
+# The Redis Cluster step: 3 masters, no replicas (no failover is measured), and the global
+# keys spread over 2 shards per master (docs/scaling.md: "2 to 4 shards per master").
+CLUSTER_MASTERS = 3
+CLUSTER_SHARDS = 6
+# Production's default node timeout: on a loaded machine a short one can mark a busy
+# master as failing in the middle of a run.
+CLUSTER_NODE_TIMEOUT_MS = 15_000
+
+
+class Stoppable(Protocol):
+    """Anything the harness starts and must stop: a `Process`, a `RedisClusterServers`."""
+
+    def stop(self) -> Any: ...
 
 
 def which(name: str) -> str:
@@ -100,6 +122,8 @@ class Process:
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], workdir: Path) -> None:
         self.name = name
+        self.health_port: int | None = None
+        self._terminated = False
         self.log_path = workdir / f"{name}.log"
         self._log = self.log_path.open("wb")
         full_env = {**os.environ, **env}
@@ -135,9 +159,15 @@ class Process:
         self.stop()
         raise RuntimeError(f"{self.name}: no /{pattern}/ in its log:\n{tail}")
 
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM) without waiting; `stop` then waits for it."""
+        if self.proc.poll() is None and not self._terminated:
+            self.proc.send_signal(signal.SIGTERM)
+            self._terminated = True
+
     def stop(self, timeout_s: float = 15.0) -> int | None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -162,7 +192,31 @@ def start_service(
     """`python -m mqtt_pairing serve` with the benchmark settings; returns once subscribed.
 
     With `mqtt_url` None it runs the embedded broker on `listen`, and with `redis_url`
-    None the in-memory store (fakeredis).
+    None (and no `REDIS_CLUSTER_URL` in `extra_env`) the in-memory store (fakeredis).
+    """
+    proc = launch_service(
+        name, workdir, mqtt_url=mqtt_url, redis_url=redis_url, prefix=prefix, group=group,
+        listen=listen, log_level=log_level, extra_env=extra_env,
+    )  # fmt: skip
+    wait_ready(proc)
+    return proc
+
+
+def launch_service(
+    name: str,
+    workdir: Path,
+    *,
+    mqtt_url: str | None,
+    redis_url: str | None,
+    prefix: str,
+    group: str = "bench",
+    listen: str | None = None,
+    log_level: str = "INFO",
+    extra_env: dict[str, str] | None = None,
+) -> Process:
+    """Like `start_service`, without waiting: several instances can start side by side.
+
+    Call `wait_ready` on each (it stops the process if it never gets ready).
     """
     env = {
         **BENCH_ENV,
@@ -181,12 +235,14 @@ def start_service(
     if listen:
         argv += ["--listen", listen]
     proc = Process(name, argv, env, workdir)
-    _wait_ready(proc, health_port)
+    proc.health_port = health_port
     return proc
 
 
-def _wait_ready(proc: Process, port: int, timeout_s: float = 30.0) -> None:
+def wait_ready(proc: Process, timeout_s: float = 60.0) -> None:
     """Poll `/readyz` (broker connected and subscribed, Redis answering)."""
+    port = proc.health_port
+    assert port is not None, "wait_ready needs a process from launch_service"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.proc.poll() is not None:
@@ -215,6 +271,33 @@ def start_echo(
     return proc
 
 
+def redis_cluster(workdir: Path, masters: int = CLUSTER_MASTERS) -> RedisClusterServers:
+    """A Redis Cluster of `masters` masters without replicas, not started yet.
+
+    `start()` starts the nodes on free ports (bus: port + 10000), runs `redis-cli
+    --cluster create ... --cluster-replicas 0 --cluster-yes` and waits until every node
+    says `cluster_state:ok`; `stop()` stops every node. The caller registers it for
+    stopping before starting it, so that an interrupted start leaks no node.
+    """
+    return RedisClusterServers(
+        which("redis-server"),
+        which("redis-cli"),
+        workdir / f"redis-cluster-{uuid.uuid4().hex[:4]}",
+        masters=masters,
+        replicas=0,
+        node_timeout_ms=CLUSTER_NODE_TIMEOUT_MS,
+    )
+
+
+def cluster_env(cluster: RedisClusterServers, shards: int = CLUSTER_SHARDS) -> dict[str, str]:
+    """The settings of a service instance on the cluster (`REDIS_CLUSTER_URL`, shards)."""
+    return {
+        "REDIS_CLUSTER_URL": cluster.url,
+        "PAIRING_INDEX_SHARDS": str(shards),
+        "PAIRING_GLOBAL_FAIL_SHARDS": str(shards),
+    }
+
+
 def embedded_redis_url(proc: Process) -> str:
     """The REDIS_URL the embedded service printed for its in-memory store."""
     return proc.wait_for(r"REDIS_URL=(redis://\S+)").group(1)
@@ -240,21 +323,60 @@ return 1
 """
 
 
+def _evalsha(pipe: Any, sha: str, keys: list[str], args: list[Any]) -> None:
+    """Queue EVALSHA (the script is loaded beforehand) on a plain pipeline."""
+    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+
+
+class _Pipelines:
+    """One plain pipeline, or on a cluster one per master, picked by the key's slot.
+
+    redis-py's cluster pipeline refuses `evalsha` and, given EVALSHA as a raw command,
+    asks the server for its keys (COMMAND GETKEYS) once per command: ten times slower than
+    routing by `keyslot` here, from the client's slot table.
+    """
+
+    def __init__(self, client: redis.Redis | redis.RedisCluster) -> None:
+        self.client = client
+        self.pipes: dict[str, Any] = {}
+
+    def of(self, key: str) -> Any:
+        if not isinstance(self.client, redis.RedisCluster):
+            name = ""
+            if name not in self.pipes:
+                self.pipes[name] = self.client.pipeline(transaction=False)
+            return self.pipes[name]
+        node = self.client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+        if node.name not in self.pipes:
+            self.pipes[node.name] = node.redis_connection.pipeline(transaction=False)
+        return self.pipes[node.name]
+
+    def execute(self) -> None:
+        for pipe in self.pipes.values():
+            pipe.execute()
+
+
 class CodeFactory:
     """Issues codes straight into Redis, as the `code` op would, without MQTT.
 
     Real codes (`issue`): issue_code.lua + set_runner_code.lua, the service's own scripts,
     with digests from the service's own `PairingCodeService`, pipelined 1,000 at a time.
     Filler codes (`fill`): code hashes only, 10,000 per Lua call, for "1M live codes".
+    On a `RedisCluster` client `issue` works too (each script keeps to one hash tag, and
+    the cluster pipeline sends each EVALSHA to the master of its slot); `fill` does not.
     """
 
-    def __init__(self, client: redis.Redis, secret: str = SECRET) -> None:
+    def __init__(self, client: redis.Redis | redis.RedisCluster, secret: str = SECRET) -> None:
         self.r = client
         self.keys = KeySchema(KEY_PREFIX)
         self.codes = PairingCodeService(None, bench_settings(), secret.encode())  # type: ignore[arg-type]
         self._issue = client.register_script(load_script_source("issue_code"))
         self._set_runner = client.register_script(load_script_source("set_runner_code"))
         self._fill = client.register_script(FILLER_LUA)
+        # Loaded up front (SCRIPT LOAD goes to every master of a cluster): `issue` sends
+        # EVALSHA as a raw command on plain pipelines (see `_Pipelines`).
+        for script in (self._issue, self._set_runner):
+            client.script_load(script.script)
         self._filled = 0
         self._salt = uuid.uuid4().hex[:8]
 
@@ -263,15 +385,18 @@ class CodeFactory:
         jobs: deque[Job] = deque()
         run = uuid.uuid4().hex[:6]
         for start in range(0, n, 1000):
-            pipe = self.r.pipeline(transaction=False)
+            pipes = _Pipelines(self.r)
             now_ms = int(time.time() * 1000)
             for i in range(start, min(n, start + 1000)):
                 runner = f"{tag}-{run}-{i}"
                 code = generate_code()
                 digest = self.codes.digest(code)
-                self._issue(
-                    keys=[self.keys.code(digest)],
-                    args=[
+                code_key = self.keys.code(digest)
+                _evalsha(
+                    pipes.of(code_key),
+                    self._issue.sha,
+                    [code_key],
+                    [
                         runner,
                         1,
                         CODE_TTL_S * 1000,
@@ -279,14 +404,15 @@ class CodeFactory:
                         code[0],
                         code_fingerprint(digest),
                     ],
-                    client=pipe,
                 )
-                self._set_runner(
-                    keys=[
+                _evalsha(
+                    pipes.of(self.keys.runner(runner)),
+                    self._set_runner.sha,
+                    [
                         self.keys.runner(runner),
                         self.keys.dedupe("runner", runner, "code", f"bench-{i}"),
                     ],
-                    args=[
+                    [
                         digest,
                         now_ms + CODE_TTL_S * 1000,
                         IDLE_TTL_S * 1000,
@@ -296,10 +422,9 @@ class CodeFactory:
                         "",
                         "",
                     ],
-                    client=pipe,
                 )
                 jobs.append(Job(runner, format_code(code)))
-            pipe.execute()
+            pipes.execute()
         return jobs
 
     def wrong_guesses(self, n: int) -> deque[Job]:
