@@ -11,8 +11,8 @@ Fixtures (see `tests/fixtures.py` for the server classes):
 - `make_redis_server`, `make_mosquitto` (function): factories for tests that need their
   own instance to kill; every instance made is stopped after the test.
 - `redis_url` (function): the session Redis, flushed first.
-- `store_redis_url` (function, params `redis` / `fakeredis`): a flushed URL of either, so
-  store tests run against both engines.
+- `store_redis_url` (function, params `redis` / `fakeredis`): a flushed URL of either, for
+  tests that need a URL (tests/cli); tests/store uses `store_backend` below.
 - `redis_cluster` (session): `RedisClusterServers`, 3 masters with one replica each on
   free ports (< 55536: the bus is port + 10000), formed with `redis-cli --cluster create`
   and healthy (`cluster_state:ok` everywhere, replicas in sync); `.url` (any node will do

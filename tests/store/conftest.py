@@ -1,6 +1,8 @@
-"""Fixtures of the store tests: a PairingStore and Dispatchers on `store_redis_url`.
+"""Fixtures of the store tests: a PairingStore and Dispatchers on `store_backend`.
 
-Every test that uses them runs twice: on a real redis-server and on fakeredis.
+Every test that uses them runs three times: on a real redis-server, on fakeredis and on a
+Redis Cluster (3 masters with a replica each; `client` is then the service's own
+`RedisCluster`, so plain commands of a test go to the node of their key's slot).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import redis.asyncio as aioredis
 from mqtt_pairing.config import load_settings
 from mqtt_pairing.dispatcher import Dispatcher
 from mqtt_pairing.store import KeySchema, PairingStore
+from tests.fixtures import StoreBackend
 from tests.store.helpers import SECRET, Api
 
 
@@ -24,8 +27,8 @@ def prefix(key_prefix: str) -> str:
 
 
 @pytest.fixture
-async def client(store_redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(store_redis_url, decode_responses=True)
+async def client(store_backend: StoreBackend) -> AsyncIterator[aioredis.Redis]:
+    client = store_backend.client()
     yield client
     await client.aclose()
 

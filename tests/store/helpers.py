@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Awaitable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from mqtt_pairing.dispatcher import Dispatcher
 from mqtt_pairing.services.outcome import Handled
 from mqtt_pairing.store import PairingStore
 from mqtt_pairing.store.keys import hash_tag
+from mqtt_pairing.store.redis_store import Call
 from mqtt_pairing.topics import Identity, Kind
 
 SECRET = b"s" * 32
@@ -84,13 +88,49 @@ class Api:
         return int(await client.hlen(self.store.keys.runner_sessions(runner_id)))
 
 
+_IN_BATCH: ContextVar[bool] = ContextVar("in_batch", default=False)
+
+
+class RoundTrips:
+    """Counts the round trips a store's caller waits for, one after another.
+
+    `PairingStore.round_trips` counts a single Redis pipeline as one, but on a cluster
+    `batch` sends its calls concurrently (the cluster's pipelines refuse EVALSHA) and
+    counts each of them. Here a batch is one round trip on every engine, whatever it
+    holds, and every other store call is one.
+    """
+
+    def __init__(self, store: PairingStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        guard, batch = store._guard, store.batch
+
+        async def counted_guard(awaitable: Awaitable[Any]) -> Any:
+            if not _IN_BATCH.get():
+                self.count += 1
+            return await guard(awaitable)
+
+        async def counted_batch(calls: Sequence[Call]) -> list[Any]:
+            if _IN_BATCH.get() or not calls:
+                return await batch(calls)
+            self.count += 1
+            token = _IN_BATCH.set(True)  # seen by the calls it runs, and their tasks
+            try:
+                return await batch(calls)
+            finally:
+                _IN_BATCH.reset(token)
+
+        monkeypatch.setattr(store, "_guard", counted_guard)
+        monkeypatch.setattr(store, "batch", counted_batch)
+
+
 async def redis_now_ms(client: aioredis.Redis) -> int:
     secs, micros = await client.time()
     return int(secs) * 1000 + int(micros) // 1000
 
 
 async def all_keys(client: aioredis.Redis, prefix: str) -> list[str]:
-    """Every key under `prefix:` (SCAN, so it works on a shared server)."""
+    """Every key under `prefix:` (SCAN, so it works on a shared server; on a cluster
+    redis-py scans every master)."""
     return sorted([key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)])
 
 
