@@ -870,4 +870,8 @@ class StoreBackend:
         """
         if self.cluster:
             return connect_redis(self.url, timeout_s=5.0, cluster=True)
-        return aioredis.Redis.from_url(self.url, decode_responses=True)
+        # fakeredis serves from a thread of the test process: on a busy machine a burst
+        # of 50 new connections can take longer than redis-py's 5 s connect timeout.
+        return aioredis.Redis.from_url(
+            self.url, decode_responses=True, socket_connect_timeout=30, socket_timeout=30
+        )
