@@ -290,16 +290,16 @@ def _hash_variants(client: redis.Redis, n: int = 20_000) -> list[dict[str, Any]]
     runner = "r-0123456789abcdef"
     variants: list[tuple[str, Callable[[int], str], dict[str, Any]]] = [
         (
-            "as issue_code.lua (8 fields)",
+            "before 2026-11-29: 8 fields with full names",
             lambda i: f"{KEY_PREFIX}:code:{{code:{i:032x}}}",
             {"runner_id": runner, "state": "active", "max_uses": 1, "uses_left": 1,
              "created_ms": now, "expires_ms": now + 600_000, "first": "7", "fp": "1a2b3c4d"},
         ),
         (
-            "one-letter field names",
+            "as issue_code.lua: 7 fields, one-letter names",
             lambda i: f"{KEY_PREFIX}:code:{{code:{i:032x}}}",
             {"r": runner, "s": "active", "m": 1, "u": 1, "c": now, "e": now + 600_000,
-             "f": "7", "p": "1a2b3c4d"},
+             "f": "7"},
         ),
         (
             "one-letter names, 5 fields, 22-char base64 digest, prefix `p:c:`",

@@ -306,7 +306,7 @@ def embedded_redis_url(proc: Process) -> str:
 FILLER_LUA = """
 -- Writes ARGV[2] code hashes like issue_code.lua (same fields, same TTL), keys derived
 -- from a counter: ARGV[1] key prefix, ARGV[2] count, ARGV[3] first index, ARGV[4] TTL ms,
--- ARGV[5] tombstone ms, ARGV[6] first char, ARGV[7] fingerprint, ARGV[8] salt.
+-- ARGV[5] tombstone ms, ARGV[6] first char, ARGV[7] (unused), ARGV[8] salt.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[4])
@@ -314,9 +314,8 @@ local first = tonumber(ARGV[3])
 for i = first, first + tonumber(ARGV[2]) - 1 do
   local digest = string.sub(redis.sha1hex(ARGV[8] .. i), 1, 32)
   local key = ARGV[1] .. ':code:{code:' .. digest .. '}'
-  redis.call('HSET', key, 'runner_id', 'filler-' .. i, 'state', 'active', 'max_uses', '1',
-    'uses_left', '1', 'created_ms', now, 'expires_ms', now + ttl, 'first', ARGV[6],
-    'fp', ARGV[7])
+  redis.call('HSET', key, 'r', 'filler-' .. i, 's', 'active', 'm', '1', 'u', '1',
+    'c', now, 'e', now + ttl, 'f', ARGV[6])
   redis.call('PEXPIRE', key, ttl + tonumber(ARGV[5]))
 end
 return 1

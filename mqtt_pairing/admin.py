@@ -696,10 +696,8 @@ class AdminService:
     async def _code_infos(
         self, digests: Sequence[tuple[str, str | None]], now: int
     ) -> list[CodeInfo]:
-        fields = ["runner_id", "state", "max_uses", "uses_left", "created_ms", "expires_ms"]
-        raw = await self._pipelined(
-            digests, lambda p, d: p.hmget(self.keys.code(d[0]), [*fields, "first"])
-        )
+        fields = ["r", "s", "m", "u", "c", "e", "f"]  # names: store/lua/issue_code.lua
+        raw = await self._pipelined(digests, lambda p, d: p.hmget(self.keys.code(d[0]), fields))
         out: list[CodeInfo] = []
         for (digest, owner), values in zip(digests, raw, strict=True):
             runner_id, state, max_uses, uses_left, created, expires, first = values

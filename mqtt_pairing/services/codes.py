@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 from mqtt_pairing.codes import (
     code_digest,
-    code_fingerprint,
     format_code,
     generate_code,
     mask_code,
@@ -95,7 +94,6 @@ class PairingCodeService:
                 ttl_s=ttl_s,
                 tombstone_s=s.pairing_code_tombstone_s,
                 first_char=code[0],
-                fingerprint=code_fingerprint(digest),
             )
             if created is not None:
                 break

@@ -32,7 +32,7 @@ class KeySchema:
     prefix: str = "pairing"
 
     def code(self, digest: str) -> str:
-        """Hash: runner_id, state, max_uses, uses_left, created/expires ms, mask parts."""
+        """Hash of a code; one-letter field names, listed in store/lua/issue_code.lua."""
         return f"{self.prefix}:code:{{code:{digest}}}"
 
     def code_claims(self, digest: str) -> str:

@@ -183,7 +183,6 @@ class Claim:
     max_uses: int
     repeat: bool
     first_char: str
-    fingerprint: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -614,7 +613,6 @@ class PairingStore:
         ttl_s: int,
         tombstone_s: int,
         first_char: str,
-        fingerprint: str,
     ) -> tuple[int, int] | None:
         """Create a code under `digest`.
 
@@ -633,7 +631,6 @@ class PairingStore:
                 ttl_s * MS_PER_S,
                 tombstone_s * MS_PER_S,
                 first_char,
-                fingerprint,
             ],
         )
         if int(res[0]) != 1:
@@ -729,7 +726,6 @@ class PairingStore:
                 max_uses=int(res[4]),
                 repeat=bool(int(res[5])),
                 first_char=res[6] or "?",
-                fingerprint=res[7] or "",
             )
         if status == "expired":
             raise CodeExpired

@@ -23,6 +23,18 @@ SECRET = b"s" * 32
 TAG_PATTERN = re.compile(r"(runner|app|session|global):[A-Za-z0-9._-]+|code:[0-9a-f]{32}")
 
 
+CODE_FIELDS = {
+    "r": "runner_id",
+    "s": "state",
+    "m": "max_uses",
+    "u": "uses_left",
+    "c": "created_ms",
+    "e": "expires_ms",
+    "f": "first",
+}
+"""The one-letter field names of a code record (store/lua/issue_code.lua)."""
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -80,8 +92,10 @@ class Api:
         return self.d.codes.digest(code)
 
     async def code_hash(self, code: str) -> dict[str, str]:
+        """The code's record, with the field names spelt out (stored as one letter)."""
         client = self.store.client
-        return await client.hgetall(self.store.keys.code(self.digest(code)))
+        raw = await client.hgetall(self.store.keys.code(self.digest(code)))
+        return {CODE_FIELDS.get(name, name): value for name, value in raw.items()}
 
     async def runner_session_count(self, runner_id: str) -> int:
         client = self.store.client

@@ -7,16 +7,16 @@
 -- ARGV[3] - in-flight window, ms: a use claimed this recently may still be given back
 -- returns {'not_found'} | {'expired'} | {'used'} | {'busy'} (used up, but a recent claim
 --         may still be given back: ask again shortly)
---       | {'ok', runner_id, session_id, uses_left, max_uses, repeat (0/1), first, fingerprint}
-local c = redis.call('HMGET', KEYS[1], 'runner_id', 'state', 'uses_left', 'max_uses',
-  'expires_ms', 'first', 'fp')
+--       | {'ok', runner_id, session_id, uses_left, max_uses, repeat (0/1), first}
+-- (field names: issue_code.lua)
+local c = redis.call('HMGET', KEYS[1], 'r', 's', 'u', 'm', 'e', 'f')
 if not c[1] then return {'not_found'} end
 -- claims: field -> session_id .. '\t' .. claimed_ms while in flight; session_id once
 -- settled (its session opened: settle_claim)
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
 if prev then
   local sid = string.match(prev, '^([^\t]*)')
-  return {'ok', c[1], sid, tonumber(c[3]), tonumber(c[4]), 1, c[6], c[7]}
+  return {'ok', c[1], sid, tonumber(c[3]), tonumber(c[4]), 1, c[6]}
 end
 local now = now_ms()
 if now >= tonumber(c[5]) then return {'expired'} end
@@ -33,9 +33,9 @@ if c[2] == 'used' and left <= 0 then
 end
 if c[2] ~= 'active' or left <= 0 then return {'used'} end
 left = left - 1
-redis.call('HSET', KEYS[1], 'uses_left', left)
-if left == 0 then redis.call('HSET', KEYS[1], 'state', 'used') end
+redis.call('HSET', KEYS[1], 'u', left)
+if left == 0 then redis.call('HSET', KEYS[1], 's', 'used') end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '\t' .. now)
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-return {'ok', c[1], ARGV[2], left, tonumber(c[4]), 0, c[6], c[7]}
+return {'ok', c[1], ARGV[2], left, tonumber(c[4]), 0, c[6]}

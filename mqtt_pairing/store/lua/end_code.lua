@@ -3,11 +3,11 @@
 -- ARGV[1] - new state: 'replaced' | 'cancelled'
 -- ARGV[2] - runner_id the code must belong to
 -- returns 1 if the code was live (active and not expired), else 0
-local c = redis.call('HMGET', KEYS[1], 'state', 'runner_id', 'expires_ms')
+local c = redis.call('HMGET', KEYS[1], 's', 'r', 'e')  -- field names: issue_code.lua
 if not c[1] or c[2] ~= ARGV[2] then return 0 end
 local live = 0
 if c[1] == 'active' then
   if tonumber(c[3]) > now_ms() then live = 1 end
-  redis.call('HSET', KEYS[1], 'state', ARGV[1])
+  redis.call('HSET', KEYS[1], 's', ARGV[1])
 end
 return live

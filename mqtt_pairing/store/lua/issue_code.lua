@@ -4,13 +4,16 @@
 -- ARGV[2] - max uses
 -- ARGV[3] - TTL, ms
 -- ARGV[4] - tombstone, ms (CODE_EXPIRED is told apart from CODE_NOT_FOUND this long)
--- ARGV[5] - first character of the code (for the masked form)
--- ARGV[6] - fingerprint of the digest (for the masked form)
+-- ARGV[5] - first character of the code (for the masked form; the fingerprint is the
+--           digest's own, so it is not stored)
+-- The record's fields have one-letter names (memory: the names are stored in every hash):
+-- r runner_id, s state (active | used | replaced | cancelled), m max_uses, u uses_left,
+-- c created ms, e expires ms, f first character of the code.
 -- returns {0} (collision: draw another code) | {1, created_ms, expires_ms}
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
 local now = now_ms()
 local expires = now + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'runner_id', ARGV[1], 'state', 'active', 'max_uses', ARGV[2],
-  'uses_left', ARGV[2], 'created_ms', now, 'expires_ms', expires, 'first', ARGV[5], 'fp', ARGV[6])
+redis.call('HSET', KEYS[1], 'r', ARGV[1], 's', 'active', 'm', ARGV[2], 'u', ARGV[2],
+  'c', now, 'e', expires, 'f', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + tonumber(ARGV[4]))
 return {1, now, expires}
