@@ -1172,17 +1172,19 @@ class _Report:
             text = (
                 f"**Round trips.** The request path of a successful pair makes "
                 f"{_f(rt['request_path_per_request'], 0)} (a pipeline with the app-slot check, "
-                "the budget and the claim; `open_session`; a pipeline finishing the request "
-                "with the index, expiry, refund, due mark and history)."
+                "the budget and the claim; a pipeline with the outbox due mark, the app's "
+                "index, the by-id lookup, `open_session` and the idle deadline)."
             )
             if after:
                 text += (
-                    f" After the reply it makes {_f(rt['after_reply_per_request'], 0)} more: "
+                    f" After the reply and the events it makes "
+                    f"{_f(rt['after_reply_per_request'], 0)} more: "
                     + ", ".join(f"`{x['what']}`" for x in after)
-                    + " (the outbox relay acknowledging the entries it published, dropping "
-                    "the due mark of the now empty outbox, and recording `session.opened` in "
-                    "the history). They do not delay the reply, but they count against the "
-                    "target and take event-loop time from the next requests."
+                    + " (one pipeline: the outbox relay deleting the entries it published "
+                    "and dropping the due mark, with the pair's own closing calls: remember "
+                    "the reply, settle the claim, refund the budget unit, history; "
+                    "`docs/operations.md`). It does not delay the reply, but it counts "
+                    "against the target and takes event-loop time from the next requests."
                 )
             rare = _occasional(rt)
             if rare:
@@ -1198,15 +1200,15 @@ class _Report:
         if mem:
             text = (
                 f"**Memory.** A code hash costs {_f(mem['code_hash_bytes'], 0)} bytes: "
-                "8 fields with their names stored in every hash, a 52-character key name, "
-                "and the main and expires table entries."
+                "7 fields with one-letter names, a 52-character key name, and the main and "
+                "expires table entries."
             )
             variants = mem.get("code_hash_variants") or []
             if len(variants) >= 3:
                 text += (
-                    f" One-letter field names bring it to "
-                    f"{_f(variants[1]['used_memory_per_code'], 0)}, and dropping the fields "
-                    "a lookup does not need with a shorter key to "
+                    f" With the earlier layout (8 fields, full names) it took "
+                    f"{_f(variants[0]['used_memory_per_code'], 0)}; dropping the fields "
+                    "a lookup does not need with a shorter key would bring it to "
                     f"{_f(variants[2]['used_memory_per_code'], 0)}."
                 )
             text += (
