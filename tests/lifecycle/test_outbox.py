@@ -169,7 +169,7 @@ async def test_events_survive_a_crash_before_publish(
     start_serve: StartServe, peers: Peers, wire: Wire, rdb: redis.Redis, keys: KeySchema
 ) -> None:
     sid, request = await crash_after_pair(start_serve, peers, wire, rdb, keys)
-    await wire.wait_events("runner", "r1", "session.opened", timeout_s=10)
+    await wire.wait_events("runner", "r1", "session.opened", timeout_s=30)
     await wire.wait_events("app", "a1", "session.opened", timeout_s=10)
     await wire.wait_events("runner", "r1", "code.used", timeout_s=10)
     await asyncio.sleep(COUNT_WINDOW_S)
