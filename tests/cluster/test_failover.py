@@ -259,7 +259,6 @@ async def test_calls_on_a_dead_master_fail_within_the_redis_timeout(
                     ttl_s=60,
                     tombstone_s=0,
                     first_char="A",
-                    fingerprint="f",
                 )
             except StoreUnavailable:
                 errors["SERVICE_UNAVAILABLE"] += 1

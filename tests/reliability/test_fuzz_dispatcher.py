@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fakeredis
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -100,6 +101,8 @@ def items(pool: Pool) -> st.SearchStrategy[tuple[Any, ...]]:
     return one()
 
 
+# 10,000 items take about 2 minutes on a slow shared machine: above the default.
+@pytest.mark.timeout(600)
 def test_dispatcher_fuzz() -> None:
     stats: Counter[str] = Counter()
     pool = Pool()

@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -166,6 +167,8 @@ class Expected:
             self.request_ids.setdefault(topic, set()).update(ids)
 
 
+# Its items take about 2 minutes on a slow shared machine: above the default.
+@pytest.mark.timeout(600)
 async def test_gateway_fuzz(
     start_service: StartService,
     broker_address: BrokerAddress,
