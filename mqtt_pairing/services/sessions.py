@@ -332,10 +332,14 @@ class PairingSessionService:
             session.session_id,
             masked,
         )
+        # A repeat (a retry or redelivery after the first attempt died) leaves the events
+        # the first attempt wrote to the due mark, which batch 2 renewed: after a crash
+        # the restarted instance's recovery may be publishing them right now, and two
+        # publishers would put two copies on the wire.
         return Handled(
             reply,
             remember=False,
-            outbox=opened.outbox,
+            outbox=[] if opened.repeat else opened.outbox,
             outbox_marked=True,
             after=after,
             recorded=frozenset({"session.opened"}),

@@ -17,7 +17,7 @@ from mqtt_pairing.gateway import BrokerAddress
 from tests.fixtures import REPO_ROOT, free_port
 from tests.service.support import Peers
 
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 120.0  # several serve processes start at once on a possibly slow machine
 STOP_TIMEOUT_S = 10.0
 SECRET = "s" * 40
 
