@@ -920,12 +920,6 @@ class PairingStore:
             RawCall(("DEL", self.keys.session(session_id))),
         ]
 
-    def index_call(self, session: PairingSession, *, idle_ttl_s: int) -> RawCall:
-        """The SET of a session's by-id lookup (`session:{session:<id>}`), idle TTL."""
-        return self.by_id_call(
-            session.session_id, session.runner_id, session.app_id, idle_ttl_s=idle_ttl_s
-        )
-
     def by_id_call(
         self, session_id: str, runner_id: str, app_id: str, *, idle_ttl_s: int
     ) -> RawCall:
@@ -973,14 +967,6 @@ class PairingStore:
                 (idle_ttl_s + INDEX_TTL_MARGIN_S) * MS_PER_S,
             ),
         )
-
-    async def index_session(self, session: PairingSession, *, idle_ttl_s: int) -> None:
-        """Write the by-id lookup of a session (`session:{session:<id>}`), idle TTL.
-
-        Raises:
-            StoreUnavailable: Redis is unreachable.
-        """
-        await self.call(self.index_call(session, idle_ttl_s=idle_ttl_s))
 
     async def find_session(self, session_id: str) -> tuple[str, str] | None:
         """(runner_id, app_id) of a session by id, or None.
