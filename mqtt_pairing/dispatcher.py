@@ -209,8 +209,6 @@ class Dispatcher:
                 reply=json.dumps(reply) if remembered and handled.remember else None,
                 outcome=handled.outcome,
                 allowlisted=begun.allowlisted,
-                index_session=handled.index_session,
-                drop_session_id=handled.drop_session_id,
             )
             if penalty_s:
                 handled.history.append(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mqtt_pairing.models import PairingHistoryEntry, PairingSession
+from mqtt_pairing.models import PairingHistoryEntry
 from mqtt_pairing.services.events import Event
 from mqtt_pairing.services.outbox import render
 from mqtt_pairing.store.redis_store import Call, OutboxEntry
@@ -20,8 +20,6 @@ class Handled:
         outbox: outbox entries the op's scripts wrote, to publish and then delete.
         history: audit records to append.
         outcome: for `pair`, whether it was a failed guess or a success.
-        index_session: a new session to index under the app.
-        drop_session_id: a replaced session to drop from the app's index.
         remember: whether the dispatcher still has to remember the reply (False when the
             op already stored it, as `code` does, sealed, and `pair`).
         outbox_marked: the outbox's due mark is already written (with the lease).
@@ -36,8 +34,6 @@ class Handled:
     outbox: list[OutboxEntry] = field(default_factory=list)
     history: list[PairingHistoryEntry] = field(default_factory=list)
     outcome: Literal["", "failure", "success"] = ""
-    index_session: PairingSession | None = None
-    drop_session_id: str = ""
     remember: bool = True
     outbox_marked: bool = False
     after: list[Call] = field(default_factory=list)

@@ -10,7 +10,6 @@ import uuid
 from typing import Literal
 
 from mqtt_pairing.config import Settings
-from mqtt_pairing.models import PairingSession
 from mqtt_pairing.store.redis_store import (
     Begin,
     Mismatch,
@@ -88,8 +87,6 @@ class RateLimitService:
         reply: str | None,
         outcome: Literal["", "failure", "success"] = "",
         allowlisted: bool = False,
-        index_session: PairingSession | None = None,
-        drop_session_id: str = "",
     ) -> ScriptCall:
         """The `finish_request` call: remember the reply and record a guess.
 
@@ -111,8 +108,6 @@ class RateLimitService:
             penalty_max_s=s.pairing_penalty_max_s,
             penalty_memory_s=s.pairing_penalty_memory_s,
             member=uuid.uuid4().hex,
-            index_session=index_session,
-            drop_session_id=drop_session_id,
             idle_ttl_s=s.pairing_session_idle_ttl_s,
         )
 
@@ -125,8 +120,6 @@ class RateLimitService:
         reply: str | None,
         outcome: Literal["", "failure", "success"] = "",
         allowlisted: bool = False,
-        index_session: PairingSession | None = None,
-        drop_session_id: str = "",
     ) -> int:
         """Remember the reply (None: drop the pending mark) and record a guess.
 
@@ -143,8 +136,6 @@ class RateLimitService:
             reply=reply,
             outcome=outcome,
             allowlisted=allowlisted,
-            index_session=index_session,
-            drop_session_id=drop_session_id,
         )
         penalty_s, _strikes = self.store.parse_finish(await self.store.call(call))
         return penalty_s

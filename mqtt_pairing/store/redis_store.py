@@ -498,15 +498,13 @@ class PairingStore:
         penalty_max_s: int = 86_400,
         penalty_memory_s: int = 86_400,
         member: str = "",
-        index_session: PairingSession | None = None,
-        drop_session_id: str = "",
         idle_ttl_s: int = 2_592_000,
     ) -> ScriptCall:
         """The `finish_request` call: remember the reply and record the outcome.
 
         Drops the pending mark instead when `reply` is None; records a failed guess (with
-        the doubling penalty) or clears the failure window after a success; indexes a new
-        session of an app.
+        the doubling penalty) or clears the failure window after a success. (The same
+        script indexes a session under its app: `app_index_call`.)
 
         Its result goes to `parse_finish`.
         """
@@ -533,9 +531,9 @@ class PairingStore:
                 penalty_max_s * MS_PER_S,
                 penalty_memory_s * MS_PER_S,
                 member,
-                index_session.session_id if index_session else "",
-                index_session.runner_id if index_session else "",
-                drop_session_id,
+                "",  # the app index: see app_index_call
+                "",
+                "",
                 (idle_ttl_s + INDEX_TTL_MARGIN_S) * MS_PER_S,
             ),
         )
@@ -1330,8 +1328,10 @@ class PairingStore:
                 targets.append((self.keys.history("runner", entry.runner_id), identity_max_len, 1))
             if entry.app_id:
                 targets.append((self.keys.history("app", entry.app_id), identity_max_len, 1))
-            # A session's records may come from two writers (see append_history.lua).
-            once = int(entry.session_id is not None)
+            # session.opened / session.closed may come from two writers (the request and
+            # the delivery that deleted the outbox entry; see append_history.lua); other
+            # records have one, and skip the look-back.
+            once = int(entry.event in ("session.opened", "session.closed"))
             for key, length, expires in targets:
                 calls.append(
                     ScriptCall(
