@@ -189,9 +189,11 @@ async def test_events_survive_a_crash_before_publish(
     assert rdb.exists(keys.outbox("r1")) == 0, "the outbox was drained and deleted"
 
     # The app has (or gets, on redelivery) its reply; a retry with the same request_id
-    # answers the same session and publishes nothing new.
+    # answers the same session and publishes nothing new. The crash came after the reply
+    # but before it was remembered, so a retry within the dead attempt's pending lease
+    # (PAIRING_PENDING_LEASE_S, 10 s) waits for it to run out first.
     async with peers.app("a1") as app:
-        reply = await app.request("pair", request, timeout_s=5)
+        reply = await app.request("pair", request, timeout_s=20)
         assert reply["ok"], reply
         assert reply["result"]["session"]["session_id"] == sid
         await asyncio.sleep(0.5)
