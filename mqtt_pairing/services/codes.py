@@ -71,6 +71,9 @@ class PairingCodeService:
     async def issue(self, runner_id: str, req: CodeRequest) -> tuple[IssuedCode, str]:
         """Draw a new code, store its digest and make it the runner's active code.
 
+        Two Redis round trips (three when a code is replaced): the code hash, then the
+        runner's record with the code's tombstone record (`mqtt_pairing.tombstones`).
+
         The previous code of the runner is replaced at once (it answers
         CODE_ALREADY_USED from then on). The reply is remembered sealed.
 
@@ -92,7 +95,6 @@ class PairingCodeService:
                 runner_id,
                 max_uses=max_uses,
                 ttl_s=ttl_s,
-                tombstone_s=s.pairing_code_tombstone_s,
                 first_char=code[0],
             )
             if created is not None:
@@ -109,7 +111,7 @@ class PairingCodeService:
         )
         reply = json.dumps(ok_reply(req.request_id, issued.to_wire()))
         sealed = self.sealer.seal(reply, context=self.seal_context(runner_id, req.request_id))
-        old = await self.store.set_runner_code(
+        set_code = self.store.set_runner_code_call(
             runner_id,
             digest,
             expires_ms=expires_ms,
@@ -121,6 +123,15 @@ class PairingCodeService:
             public_key=req.public_key,
             metadata=req.metadata,
         )
+        # The tombstone record goes with it: after its expiry the code answers
+        # CODE_EXPIRED. A crash before this round trip leaves no record (the code then
+        # answers CODE_NOT_FOUND after expiry), and no reply either.
+        layout = s.tombstones
+        calls = [set_code]
+        if layout.enabled:
+            calls.append(self.store.tombstone_call(layout, digest, expires_ms))
+        res = await self.store.batch(calls)
+        old = self.store.parse_set_runner_code(res[0])
         if old is not None:
             await self.store.end_code(old, runner_id, "replaced")
         masked = mask_code(code[0], digest)

@@ -39,6 +39,13 @@ class KeySchema:
         """Hash: app_id, a newline and request_id -> session_id, for every use of the code."""
         return f"{self.prefix}:code:{{code:{digest}}}:claims"
 
+    def tombstones(self, shard: int, window: int) -> str:
+        """String of 8-byte records of the codes of one shard that expire in one window.
+
+        See `mqtt_pairing.tombstones`: the `CODE_EXPIRED` answer once a code hash is gone.
+        """
+        return f"{self.prefix}:tomb:{{global:{shard}}}:{window}"
+
     def runner(self, runner_id: str) -> str:
         """Hash: active code digest, name, public key, metadata, presence."""
         return f"{self.prefix}:runner:{{runner:{runner_id}}}"

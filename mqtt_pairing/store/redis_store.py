@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterError,
@@ -26,6 +27,7 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -46,6 +48,7 @@ from mqtt_pairing.errors import (
 )
 from mqtt_pairing.models import ClosedReason, PairingHistoryEntry, PairingSession
 from mqtt_pairing.store.keys import MS_PER_S, KeySchema
+from mqtt_pairing.tombstones import FINGERPRINT_HEX, TombstoneLayout
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ SCRIPT_NAMES = (
     "finish_request",
     "reserve_budget",
     "issue_code",
+    "add_tombstone",
+    "find_tombstone",
     "set_runner_code",
     "clear_runner_code",
     "end_code",
@@ -103,10 +108,15 @@ UNAVAILABLE_RETRY_S = 2
 """`retry_after_s` of a SERVICE_UNAVAILABLE reply."""
 
 
+def load_prelude_source() -> str:
+    """The Lua functions every script starts with (store/lua/_prelude.lua)."""
+    return (resources.files("mqtt_pairing.store") / "lua" / "_prelude.lua").read_text() + "\n"
+
+
 def load_script_source(name: str) -> str:
     """The Lua source of script `name`, with the shared prelude prepended."""
     lua = resources.files("mqtt_pairing.store") / "lua"
-    return (lua / "_prelude.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+    return load_prelude_source() + (lua / f"{name}.lua").read_text()
 
 
 def connect_redis(url: str, *, timeout_s: float = 1.0, cluster: bool = False) -> aioredis.Redis:
@@ -283,6 +293,7 @@ class PairingStore:
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(load_script_source(name)) for name in SCRIPT_NAMES
         }
+        self._cluster = isinstance(client, RedisCluster)
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -312,6 +323,11 @@ class PairingStore:
         self, name: str, keys: Sequence[str], args: Sequence[str | int | float]
     ) -> Any:  # noqa: ANN401
         script = self._scripts[name]
+        if not self._cluster:
+            try:
+                return await self._one(("EVALSHA", script.sha, len(keys), *keys, *args))
+            except NoScriptError:
+                pass  # not loaded (restart, failover, SCRIPT FLUSH): as on a cluster
         try:
             # redis-py loads the script after a NOSCRIPT and runs EVALSHA once more
             return await script(keys=list(keys), args=list(args))
@@ -320,6 +336,49 @@ class PairingStore:
             # source itself, so it cannot miss.
             source = cast(str, script.script)
             return await self.client.eval(source, len(keys), *keys, *args)
+
+    async def _one(self, command: tuple[str | int | float, ...]) -> Any:  # noqa: ANN401
+        """One command by `_exchange`; an error reply is raised."""
+        (res,) = await self._exchange((command,))
+        if isinstance(res, ResponseError):
+            raise res
+        return res
+
+    async def _exchange(self, commands: Sequence[tuple[str | int | float, ...]]) -> list[Any]:
+        """Commands in one write on one pooled connection (single Redis); replies in order.
+
+        What redis-py's non-transactional pipeline does, without its per-command
+        bookkeeping (a third of the CPU time of a batch): the connection packs the
+        commands, (re)connects and health-checks as usual and times out each read; the
+        client's response callbacks shape the replies; an error reply takes its command's
+        place in the list; on a connection error or timeout the connection is dropped and
+        the exchange retried as the connection's retry policy says, as a pipeline is.
+        """
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            return await conn.retry.call_with_retry(  # type: ignore[no-any-return]
+                lambda: self._send_and_read(conn, commands),
+                lambda _error: conn.disconnect(),
+            )
+        finally:
+            await pool.release(conn)
+
+    async def _send_and_read(
+        self, conn: AbstractConnection, commands: Sequence[tuple[str | int | float, ...]]
+    ) -> list[Any]:
+        await conn.send_packed_command(conn.pack_commands(commands))
+        callbacks = self.client.response_callbacks
+        out: list[Any] = []
+        for command in commands:
+            try:
+                res = await conn.read_response()
+            except ResponseError as exc:
+                out.append(exc)
+                continue
+            callback = callbacks.get(str(command[0]))
+            out.append(res if callback is None else callback(res))
+        return out
 
     async def call(self, call: Call) -> Any:  # noqa: ANN401
         """Run one call in its own round trip.
@@ -330,14 +389,16 @@ class PairingStore:
         """
         if isinstance(call, ScriptCall):
             return await self._run(call.name, call.keys, call.args)
-        return await self._guard(self.client.execute_command(*call.args))  # type: ignore[no-untyped-call]
+        if self._cluster:
+            return await self._guard(self.client.execute_command(*call.args))  # type: ignore[no-untyped-call]
+        return await self._guard(self._one(call.args))
 
     async def batch(self, calls: Sequence[Call]) -> list[Any]:
         """Run calls in one round trip.
 
-        On a single Redis: one pipeline, in order, scripts by EVALSHA (reloaded after
-        NOSCRIPT). On a cluster: concurrent calls (its pipelines refuse EVALSHA, and calls
-        on different slots have no order anyway).
+        On a single Redis: one write of all the commands (see `_exchange`), in order,
+        scripts by EVALSHA (reloaded after NOSCRIPT). On a cluster: concurrent calls (its
+        pipelines refuse EVALSHA, and calls on different slots have no order anyway).
 
         Returns:
             The results in call order.
@@ -348,15 +409,16 @@ class PairingStore:
         """
         if not calls:
             return []
-        if isinstance(self.client, RedisCluster):
+        if self._cluster:
             return list(await asyncio.gather(*(self.call(c) for c in calls)))
-        pipe = self.client.pipeline(transaction=False)
-        for c in calls:
-            if isinstance(c, ScriptCall):
-                pipe.evalsha(self._scripts[c.name].sha, len(c.keys), *c.keys, *c.args)
-            else:
-                pipe.execute_command(*c.args)
-        results: list[Any] = await self._guard(pipe.execute(raise_on_error=False))
+        scripts = self._scripts
+        commands = [
+            ("EVALSHA", scripts[c.name].sha, len(c.keys), *c.keys, *c.args)
+            if isinstance(c, ScriptCall)
+            else c.args
+            for c in calls
+        ]
+        results = await self._guard(self._exchange(commands))
         for i, res in enumerate(results):
             if isinstance(res, NoScriptError):
                 results[i] = await self.call(calls[i])  # loads the script, runs it once
@@ -609,10 +671,9 @@ class PairingStore:
         *,
         max_uses: int,
         ttl_s: int,
-        tombstone_s: int,
         first_char: str,
     ) -> tuple[int, int] | None:
-        """Create a code under `digest`.
+        """Create a code under `digest`; its hash lives `ttl_s` seconds.
 
         Returns:
             (created_ms, expires_ms), or None if the digest is taken (draw again).
@@ -623,19 +684,63 @@ class PairingStore:
         res = await self._run(
             "issue_code",
             [self.keys.code(digest)],
-            [
-                runner_id,
-                max_uses,
-                ttl_s * MS_PER_S,
-                tombstone_s * MS_PER_S,
-                first_char,
-            ],
+            [runner_id, max_uses, ttl_s * MS_PER_S, first_char],
         )
         if int(res[0]) != 1:
             return None
         return int(res[1]), int(res[2])
 
-    async def set_runner_code(
+    def tombstone_call(self, layout: TombstoneLayout, digest: str, expires_ms: int) -> ScriptCall:
+        """The `add_tombstone` call: the record that answers `CODE_EXPIRED` after expiry.
+
+        Written with the code's issue (`mqtt_pairing.tombstones`); its result (the
+        string's length, bytes) is of no use to the caller.
+        """
+        place = layout.place(digest, expires_ms)
+        return ScriptCall(
+            "add_tombstone",
+            (self.keys.tombstones(place.shard, place.window),),
+            (place.fingerprint, place.offset, place.expire_at_ms),
+        )
+
+    def find_tombstone_call(self, layout: TombstoneLayout, digest: str, now_ms: int) -> ScriptCall:
+        """The `find_tombstone` call for a code whose hash may be gone; see `parse_tombstone`.
+
+        Args:
+            layout: the tombstone settings.
+            digest: the code's digest.
+            now_ms: this process's clock (ms): which windows to read; the script decides
+                with Redis time.
+        """
+        shard = layout.shard(digest)
+        windows = layout.lookup_windows(now_ms)
+        return ScriptCall(
+            "find_tombstone",
+            tuple(self.keys.tombstones(shard, w) for w in windows),
+            (
+                digest[FINGERPRINT_HEX],
+                layout.window_ms,
+                layout.tombstone_ms,
+                *windows,
+            ),
+        )
+
+    @staticmethod
+    def parse_tombstone(res: Any) -> bool:  # noqa: ANN401
+        """True if the code expired within the tombstone time (`CODE_EXPIRED`)."""
+        return int(res) == 1
+
+    async def find_tombstone(self, layout: TombstoneLayout, digest: str, now_ms: int) -> bool:
+        """True if the code of `digest` expired within the tombstone time.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        return self.parse_tombstone(
+            await self.call(self.find_tombstone_call(layout, digest, now_ms))
+        )
+
+    def set_runner_code_call(
         self,
         runner_id: str,
         digest: str,
@@ -648,22 +753,18 @@ class PairingStore:
         name: str | None,
         public_key: str | None,
         metadata: dict[str, Any] | None,
-    ) -> str | None:
-        """Make `digest` the runner's active code and remember the sealed reply.
+    ) -> ScriptCall:
+        """The `set_runner_code` call: make `digest` the runner's active code.
 
-        Returns:
-            The digest of the code it replaced, or None.
-
-        Raises:
-            StoreUnavailable: Redis is unreachable.
+        It also remembers the sealed reply; its result goes to `parse_set_runner_code`.
         """
-        old = await self._run(
+        return ScriptCall(
             "set_runner_code",
-            [
+            (
                 self.keys.runner(runner_id),
                 self.keys.dedupe("runner", runner_id, "code", request_id),
-            ],
-            [
+            ),
+            (
                 digest,
                 expires_ms,
                 idle_ttl_s * MS_PER_S,
@@ -672,9 +773,27 @@ class PairingStore:
                 name or "",
                 public_key or "",
                 json.dumps(metadata, separators=(",", ":")) if metadata is not None else "",
-            ],
+            ),
         )
-        return old or None
+
+    @staticmethod
+    def parse_set_runner_code(res: Any) -> str | None:  # noqa: ANN401
+        """The digest of the code that `set_runner_code` replaced, or None."""
+        return str(res) if res else None
+
+    async def set_runner_code(self, runner_id: str, digest: str, **options: Any) -> str | None:  # noqa: ANN401
+        """Make `digest` the runner's active code and remember the sealed reply.
+
+        Keyword arguments as `set_runner_code_call`.
+
+        Returns:
+            The digest of the code it replaced, or None.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        call = self.set_runner_code_call(runner_id, digest, **options)
+        return self.parse_set_runner_code(await self.call(call))
 
     async def clear_runner_code(self, runner_id: str) -> str | None:
         """Forget the runner's active code.

@@ -78,7 +78,7 @@ async def test_scripts_run_on_every_master(cluster_store: PairingStore) -> None:
     for i in range(30):
         digest = uuid.uuid4().hex
         issued = await cluster_store.issue_code(
-            digest, f"r{i}", max_uses=1, ttl_s=60, tombstone_s=60, first_char="A"
+            digest, f"r{i}", max_uses=1, ttl_s=60, first_char="A"
         )
         assert issued is not None
     sizes = await cluster_store.client.dbsize(target_nodes="primaries")  # type: ignore[call-arg]

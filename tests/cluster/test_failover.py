@@ -257,7 +257,6 @@ async def test_calls_on_a_dead_master_fail_within_the_redis_timeout(
                     "r",
                     max_uses=1,
                     ttl_s=60,
-                    tombstone_s=0,
                     first_char="A",
                 )
             except StoreUnavailable:

@@ -20,7 +20,7 @@ from mqtt_pairing.store.redis_store import Call
 from mqtt_pairing.topics import Identity, Kind
 
 SECRET = b"s" * 32
-TAG_PATTERN = re.compile(r"(runner|app|session|global):[A-Za-z0-9._-]+|code:[0-9a-f]{32}")
+TAG_PATTERN = re.compile(r"(runner|app|session|global):[A-Za-z0-9._-]+|code:[0-9a-f]{24}")
 
 
 CODE_FIELDS = {
@@ -153,7 +153,9 @@ async def dump_key(client: aioredis.Redis, key: str) -> str:
     kind = await client.type(key)
     parts: list[str] = [key, kind]
     if kind == "string":
-        parts.append(str(await client.get(key)))
+        # tombstone strings hold binary records (mqtt_pairing/tombstones.py)
+        raw = await client.execute_command("GET", key, NEVER_DECODE=True)  # type: ignore[no-untyped-call]
+        parts.append(bytes(raw).decode("latin-1"))
     elif kind == "hash":
         for field, value in (await client.hgetall(key)).items():
             parts.extend((field, value))

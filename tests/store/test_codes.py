@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from mqtt_pairing.store import PairingStore
 from mqtt_pairing.topics import Kind
-from tests.store.helpers import Api, error_code, redis_now_ms
+from tests.store.helpers import Api, all_keys, error_code, redis_now_ms
 
 
 async def test_a_new_code_replaces_the_old_one_at_once(api: Api) -> None:
@@ -61,24 +61,55 @@ async def test_a_claim_in_flight_does_not_open_after_its_code_was_replaced(
     assert await api.runner_session_count("r1") == 0
 
 
+async def _rewrite_tombstone(api: Api, code: str, expires_ms: int) -> None:
+    """Replace the code's tombstone record with one for an expiry at `expires_ms`."""
+    layout, store, digest = api.settings.tombstones, api.store, api.digest(code)
+    for window in layout.lookup_windows(expires_ms, skew_ms=10 * layout.window_ms):
+        await store.client.delete(store.keys.tombstones(layout.shard(digest), window))
+    await store.call(store.tombstone_call(layout, digest, expires_ms))
+
+
 async def test_expired_then_not_found_without_sleeping(api: Api) -> None:
     s = api.settings
     code = await api.code("r1", ttl_s=120)
     key = api.store.keys.code(api.digest(code))
     client = api.store.client
-    # the code hash lives for the code TTL plus the tombstone (DESIGN.md "Redis keys")
+    # the code hash lives as long as the code (DESIGN.md "Redis keys"); its tombstone
+    # record is written with it, in the string of its shard and expiry window
     pttl = await client.pttl(key)
-    full_ms = (120 + s.pairing_code_tombstone_s) * 1000
-    assert full_ms - 5_000 < pttl <= full_ms
-    # the code's time runs out; its tombstone is still there
+    assert 115_000 < pttl <= 120_000
+    expires = int((await api.code_hash(code))["expires_ms"])
+    place = s.tombstones.place(api.digest(code), expires)
+    tomb_key = api.store.keys.tombstones(place.shard, place.window)
+    assert await client.strlen(tomb_key) == 8
+    assert await client.pexpiretime(tomb_key) == place.expire_at_ms
+    # the code's time runs out while its hash is still there
     await client.hset(key, "e", await redis_now_ms(client) - 1)
     assert error_code(await api.pair("a1", code)) == "CODE_EXPIRED"
-    assert error_code(await api.pair("a2", code.replace("-", "").lower())) == "CODE_EXPIRED"
-    # the tombstone passes
-    await client.pexpire(key, 1)
-    while await client.exists(key):
-        await asyncio.sleep(0.005)
-    assert error_code(await api.pair("a3", code)) == "CODE_NOT_FOUND"
+    # the hash is gone: the tombstone record answers, in any spelling of the code
+    await client.delete(key)
+    assert error_code(await api.pair("a2", code)) == "CODE_NOT_FOUND"  # expiry still ahead
+    await _rewrite_tombstone(api, code, await redis_now_ms(client) - 1_000)
+    assert error_code(await api.pair("a3", code)) == "CODE_EXPIRED"
+    assert error_code(await api.pair("a4", code.replace("-", "").lower())) == "CODE_EXPIRED"
+    # the tombstone time passes
+    await _rewrite_tombstone(
+        api, code, await redis_now_ms(client) - s.pairing_code_tombstone_s * 1000 - 1_000
+    )
+    assert error_code(await api.pair("a5", code)) == "CODE_NOT_FOUND"
+
+
+async def test_without_tombstones_an_expired_code_is_not_found(
+    make_api: Callable[..., Api],
+) -> None:
+    api = make_api(pairing_code_tombstone_s=0)
+    code = await api.code("r1")
+    client = api.store.client
+    assert not [k for k in await all_keys(client, api.store.keys.prefix) if ":tomb:" in k]
+    await client.hset(api.store.keys.code(api.digest(code)), "e", await redis_now_ms(client) - 1)
+    assert error_code(await api.pair("a1", code)) == "CODE_EXPIRED"
+    await client.delete(api.store.keys.code(api.digest(code)))
+    assert error_code(await api.pair("a2", code)) == "CODE_NOT_FOUND"
 
 
 async def test_expired_wins_over_used_and_cancelled(api: Api) -> None:

@@ -8,6 +8,7 @@ import re
 from mqtt_pairing.codes import normalise_code
 from mqtt_pairing.store import PairingStore
 from mqtt_pairing.store.redis_store import INDEX_TTL_MARGIN_S
+from mqtt_pairing.tombstones import KEEP_MARGIN_MS
 from tests.store.helpers import Api, all_keys, dump_key, full_flow
 
 # DESIGN.md: every key has a TTL except permanent bans, the allowlist, the expiry sets
@@ -81,7 +82,11 @@ async def test_key_ttls_are_bounded_by_their_settings(
     s = api.settings
     bounds_s = {
         "dedupe": s.pairing_dedupe_ttl_s,
-        "code": s.pairing_code_ttl_max_s + s.pairing_code_tombstone_s,
+        "code": s.pairing_code_ttl_max_s,
+        # a tombstone string outlives the last expiry in its window by the tombstone time
+        "tomb": s.pairing_code_ttl_max_s
+        + s.pairing_code_tombstone_s
+        + (s.tombstones.window_ms + KEEP_MARGIN_MS) // 1000,
         "runner": s.pairing_session_idle_ttl_s,
         # the app's index and the by-id lookup outlive the idle TTL by a margin
         "app": s.pairing_session_idle_ttl_s + INDEX_TTL_MARGIN_S,

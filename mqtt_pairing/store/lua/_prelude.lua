@@ -44,3 +44,8 @@ local function announce(runner_key, sessions_key, outbox_key, presence, now)
   outbox_add(outbox_key, 'runner.' .. presence, '',
     cjson.encode({pv = pv, sessions = targets}), now)
 end
+
+-- Hex text to bytes ('3f9a' -> '\63\154').
+local function unhex(h)
+  return (string.gsub(h, '..', function(c) return string.char(tonumber(c, 16)) end))
+end

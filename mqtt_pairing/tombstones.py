@@ -1,0 +1,127 @@
+"""Tombstones of codes: where an expired code is remembered, and in what form (pure logic).
+
+PROTOCOL.md "Codes": an expired code answers `CODE_EXPIRED` for `PAIRING_CODE_TOMBSTONE_S`
+after its expiry, then `CODE_NOT_FOUND`. A code's own hash lives only until the code
+expires. What remains after that is an 8-byte record, written when the code is issued:
+
+- bytes 0-5: digest bytes 2-7 (hex characters 4-15 of `codes.code_digest`), 48 bits;
+- bytes 6-7: the expiry, big-endian, as a fraction of the window (1/65,536 of it).
+
+Records are appended to strings shared by every code of one shard (digest bytes 0-1)
+whose expiry falls in one window; a window is 1/`WINDOWS_PER_TOMBSTONE` of the tombstone
+time, and each string expires when the last record in it stops mattering. Per live code
+this costs about 8 bytes for every `window` of its TTL + tombstone + half a window, in
+place of a whole code hash (about 240 bytes) kept for the tombstone time.
+
+A lookup reads the strings of the digest's shard for the windows that can hold an
+expiry in [now - tombstone, now] and answers "expired" if a record with the digest's 48
+bits has an expiry in that range. Another code with the same 48 bits in the same shard
+would answer `CODE_EXPIRED` in place of `CODE_NOT_FOUND`: with n records scanned the
+chance is n / 2^48 per guess (1.6e-9 at a million records), and both count as a failed
+guess.
+
+Every string is one Redis key tagged `{global:<shard>}`, so an append and a lookup each
+touch one Redis Cluster slot (DESIGN.md "Redis keys").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WINDOWS_PER_TOMBSTONE = 6
+"""A window is this fraction of the tombstone time: more windows, less time kept past it."""
+RECORD_BYTES = 8
+FINGERPRINT_HEX = slice(4, 16)
+"""Hex characters of the digest kept in a record (48 bits)."""
+SHARD_HEX = slice(0, 4)
+"""Hex characters of the digest that pick the shard (16 bits)."""
+OFFSET_STEPS = 65_536
+KEEP_MARGIN_MS = 1_000
+"""Kept this much longer than needed, so a record never expires before it is read."""
+
+
+@dataclass(frozen=True, slots=True)
+class TombstonePlace:
+    """Where a code's record goes and what it holds.
+
+    `shard` and `window` name the string (`KeySchema.tombstones`), `fingerprint` is 12 hex
+    characters, `offset` the expiry within the window in 1/65,536 steps, and
+    `expire_at_ms` the string's expiry (ms since the epoch).
+    """
+
+    shard: int
+    window: int
+    fingerprint: str
+    offset: int
+    expire_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TombstoneLayout:
+    """The window and shard arithmetic of tombstones for one setting of them.
+
+    Args:
+        tombstone_ms: how long after its expiry a code answers `CODE_EXPIRED`
+            (`PAIRING_CODE_TOMBSTONE_S` x 1,000); 0 turns tombstones off.
+        shards: strings per window (`PAIRING_TOMBSTONE_SHARDS`); every instance must use
+            the same two settings, or lookups miss records (`CODE_NOT_FOUND`).
+    """
+
+    tombstone_ms: int
+    shards: int
+
+    @property
+    def enabled(self) -> bool:
+        """False when the tombstone time is 0: nothing is written or looked up."""
+        return self.tombstone_ms > 0
+
+    @property
+    def window_ms(self) -> int:
+        """The width of a window, ms: tombstone time / `WINDOWS_PER_TOMBSTONE`, rounded up."""
+        return max(1, -(-self.tombstone_ms // WINDOWS_PER_TOMBSTONE))
+
+    def shard(self, digest: str) -> int:
+        """The shard of a digest (24 hex characters, `codes.code_digest`)."""
+        return int(digest[SHARD_HEX], 16) % self.shards
+
+    def place(self, digest: str, expires_ms: int) -> TombstonePlace:
+        """Where the record of a code that expires at `expires_ms` (Redis time) goes.
+
+        Raises:
+            ValueError: `digest` is not hex.
+        """
+        w = self.window_ms
+        window = expires_ms // w
+        within = expires_ms - window * w
+        offset = within * OFFSET_STEPS // w
+        return TombstonePlace(
+            shard=self.shard(digest),
+            window=window,
+            fingerprint=digest[FINGERPRINT_HEX],
+            offset=offset,
+            expire_at_ms=(window + 1) * w + self.tombstone_ms + KEEP_MARGIN_MS,
+        )
+
+    def expiry_of(self, window: int, offset: int) -> int:
+        """The expiry a record stands for (ms since the epoch).
+
+        At most 1/65,536 of a window (+ 1 ms) before the true one, never after it, so the
+        answer turns to `CODE_NOT_FOUND` that much early (9 ms of an hour by default).
+        The same arithmetic as `find_tombstone.lua`.
+        """
+        w = self.window_ms
+        return window * w + offset * w // OFFSET_STEPS
+
+    def lookup_windows(self, now_ms: int, skew_ms: int = 1_000) -> range:
+        """The windows whose strings can hold an expiry in [now - tombstone, now].
+
+        `now_ms` is this process's clock; the lookup itself decides with Redis time, so
+        the range is widened by `skew_ms` (and a window) on both sides.
+        """
+        w = self.window_ms
+        skew = max(skew_ms, w)
+        return range((now_ms - self.tombstone_ms - skew) // w, (now_ms + skew) // w + 1)
+
+    def answers_expired(self, now_ms: int, expires_ms: int) -> bool:
+        """Whether a code that expired at `expires_ms` answers `CODE_EXPIRED` at `now_ms`."""
+        return expires_ms <= now_ms < expires_ms + self.tombstone_ms

@@ -1,0 +1,74 @@
+"""Tombstone records in Redis (add_tombstone.lua, find_tombstone.lua) against the pure
+arithmetic of mqtt_pairing.tombstones, on every store backend."""
+
+from __future__ import annotations
+
+import hashlib
+
+from mqtt_pairing.store import PairingStore
+from mqtt_pairing.tombstones import TombstoneLayout
+from tests.store.helpers import all_keys, redis_now_ms
+
+LAYOUT = TombstoneLayout(tombstone_ms=60_000, shards=4)  # 10 s windows, few strings
+
+
+def _digest(i: int) -> str:
+    return hashlib.sha256(f"code-{i}".encode()).hexdigest()[:24]
+
+
+async def _add(store: PairingStore, digest: str, expires_ms: int) -> None:
+    await store.call(store.tombstone_call(LAYOUT, digest, expires_ms))
+
+
+async def test_the_script_answers_as_the_arithmetic_says(store: PairingStore) -> None:
+    now = await redis_now_ms(store.client)
+    # expiries relative to now, at least 2 s from where the answer changes
+    deltas = [-62_000, -58_000, -30_000, -10_000, -2_000, 2_000, 30_000, 300_000]
+    digests = {delta: _digest(i) for i, delta in enumerate(deltas)}
+    for delta, digest in digests.items():
+        await _add(store, digest, now + delta)
+    for delta, digest in digests.items():
+        expected = -LAYOUT.tombstone_ms < delta <= 0
+        assert await store.find_tombstone(LAYOUT, digest, now) is expected, delta
+    # a code that never had a record
+    assert not await store.find_tombstone(LAYOUT, _digest(999), now)
+
+
+async def test_many_codes_share_a_string_and_each_is_found(store: PairingStore) -> None:
+    now = await redis_now_ms(store.client)
+    expired = [_digest(i) for i in range(200)]
+    for i, digest in enumerate(expired):
+        await _add(store, digest, now - 5_000 - i)
+    keys = [k for k in await all_keys(store.client, store.keys.prefix) if ":tomb:" in k]
+    assert len(keys) <= 2 * LAYOUT.shards  # one or two windows, every shard
+    assert sum([await store.client.strlen(k) for k in keys]) == 8 * len(expired)
+    for digest in expired:
+        assert await store.find_tombstone(LAYOUT, digest, now)
+    assert not await store.find_tombstone(LAYOUT, _digest(1000), now)
+
+
+async def test_only_whole_records_match(store: PairingStore) -> None:
+    # A fingerprint that appears in the string across two records, or inside one, is
+    # not a record of its own.
+    now = await redis_now_ms(store.client)
+    first = _digest(1)
+    await _add(store, first, now - 5_000)
+    place = LAYOUT.place(first, now - 5_000)
+    raw = bytes.fromhex(place.fingerprint) + place.offset.to_bytes(2, "big")
+    inside = (raw[2:8]).hex()  # 4 fingerprint bytes + the 2 offset bytes
+    shifted = first[:4] + inside + first[16:]
+    assert LAYOUT.shard(shifted) == LAYOUT.shard(first)
+    assert not await store.find_tombstone(LAYOUT, shifted, now)
+    assert await store.find_tombstone(LAYOUT, first, now)
+
+
+async def test_strings_expire_after_their_last_record_stops_mattering(
+    store: PairingStore,
+) -> None:
+    now = await redis_now_ms(store.client)
+    digest = _digest(7)
+    await _add(store, digest, now - 1_000)
+    place = LAYOUT.place(digest, now - 1_000)
+    key = store.keys.tombstones(place.shard, place.window)
+    assert await store.client.pexpiretime(key) == place.expire_at_ms
+    assert place.expire_at_ms >= now - 1_000 + LAYOUT.tombstone_ms
