@@ -173,7 +173,7 @@ class PairingCodeEntry(BaseModel):
     """A pairing code as the store keeps it: never the code itself, only its digest.
 
     Attributes:
-        digest: HMAC-SHA256(PAIRING_SECRET, code), 128 bits as hex (DESIGN.md).
+        digest: HMAC-SHA256(PAIRING_SECRET, code), 96 bits as hex (DESIGN.md).
         masked: the code as shown to operators, `7**-***-*** #3f9a1c2e`.
     """
 
