@@ -139,9 +139,9 @@ def key_figures(results: dict[str, Any]) -> dict[str, Any]:
     if mem:
         memory = {
             "code_hash_bytes": mem["code_hash_bytes"],
-            "per_live_code_with_tombstones": mem["code_hash_bytes"]
-            * (CODE_TTL_S + TOMBSTONE_S)
-            / CODE_TTL_S,
+            # measured since tombstones are records; computed for older raw results
+            "per_live_code_with_tombstones": mem.get("per_live_code")
+            or mem["code_hash_bytes"] * (CODE_TTL_S + TOMBSTONE_S) / CODE_TTL_S,
             "code_request_bytes": mem.get("code_request_bytes"),
         }
     half = next((p for p in results.get("latency", []) if abs(p["load_share"] - 0.5) < 1e-9), None)

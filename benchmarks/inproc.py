@@ -290,21 +290,22 @@ def _hash_variants(client: redis.Redis, n: int = 20_000) -> list[dict[str, Any]]
     runner = "r-0123456789abcdef"
     variants: list[tuple[str, Callable[[int], str], dict[str, Any]]] = [
         (
-            "before 2026-11-29: 8 fields with full names",
+            "until 2026-11-29: 8 fields with full names, 128-bit digest",
             lambda i: f"{KEY_PREFIX}:code:{{code:{i:032x}}}",
             {"runner_id": runner, "state": "active", "max_uses": 1, "uses_left": 1,
              "created_ms": now, "expires_ms": now + 600_000, "first": "7", "fp": "1a2b3c4d"},
         ),
         (
-            "as issue_code.lua: 7 fields, one-letter names",
+            "7 fields, one-letter names, 128-bit digest",
             lambda i: f"{KEY_PREFIX}:code:{{code:{i:032x}}}",
             {"r": runner, "s": "active", "m": 1, "u": 1, "c": now, "e": now + 600_000,
              "f": "7"},
         ),
         (
-            "one-letter names, 5 fields, 22-char base64 digest, prefix `p:c:`",
-            lambda i: f"p:c:{{{i:022x}}}",
-            {"r": runner, "s": "a", "m": 1, "u": 1, "e": now + 600_000},
+            "as issue_code.lua: 7 fields, one-letter names, 96-bit digest",
+            lambda i: f"{KEY_PREFIX}:code:{{code:{i:024x}}}",
+            {"r": runner, "s": "active", "m": 1, "u": 1, "c": now, "e": now + 600_000,
+             "f": "7"},
         ),
     ]  # fmt: skip
     out = []
@@ -402,16 +403,29 @@ async def measure_memory(
         # 3. A single-entry stream (a new identity's history) by stream-node-max-bytes.
         out["stream_prealloc"] = _stream_cost(rclient)
 
-        # 4. Code hashes alone, in bulk (same fields and TTL as issue_code.lua).
+        # 4. Live codes in bulk as the service writes them (hash + tombstone record, the
+        #    filler script), then the tombstone records of the codes that expired before
+        #    them at the same steady issue rate: the bytes per live code, all counted.
         rclient.flushall()
         factory = CodeFactory(rclient)
         m3 = _used_memory(rclient)
-        factory.fill(n_bulk, progress=lambda f: progress(0.75 + f / 4, "memory: bulk code hashes"))
+        factory.fill(n_bulk, progress=lambda f: progress(0.75 + f / 8, "memory: bulk codes"))
         m4 = _used_memory(rclient)
         out["code_hash_bytes"] = (m4 - m3) / n_bulk
         sample = [k for _, k in zip(range(200), rclient.scan_iter(match="*:code:*"), strict=False)]
         usages = [int(rclient.memory_usage(k, samples=0) or 0) for k in sample]
         out["code_hash_memory_usage"] = sum(usages) / max(1, len(usages))
+        records = factory.fill_expired(
+            n_bulk, progress=lambda f: progress(0.875 + f / 8, "memory: expired codes' records")
+        )
+        m5 = _used_memory(rclient)
+        out["expired_records"] = records
+        out["tombstone_record_bytes"] = (m5 - m4) / max(1, records)
+        out["per_live_code"] = (m5 - m3) / n_bulk
+        tomb_keys = list(rclient.scan_iter(match="*:tomb:*", count=10_000))
+        out["tombstone_strings"] = len(tomb_keys)
+        # The service's own lookup finds the filler's records (same format).
+        out["tombstone_lookup_check"] = await factory.check_expired(store, 50)
         rclient.flushall()
         out["code_hash_variants"] = _hash_variants(rclient, n=min(20_000, n_bulk))
         out["code_hash_variants_n"] = min(20_000, n_bulk)

@@ -595,15 +595,22 @@ class Suite:
             out["runs"].append(d)
             self.ui.log(f"{label}: {_lat(res)} ({live} keys)")
 
+        # Each live code comes with the tombstone records of the codes that expired
+        # before it at the same issue rate, as in a steady state (the lookup reads them).
         r.flushall()
         factory.fill(SMALL_CODES)
+        factory.fill_expired(SMALL_CODES)
         measure("1k")
-        factory.fill(big - SMALL_CODES, progress=lambda f: step(f, f"writing {big:,} codes"))
+        factory.fill(big - SMALL_CODES, progress=lambda f: step(f / 2, f"writing {big:,} codes"))
+        out["expired_records"] = factory.fill_expired(
+            big, progress=lambda f: step(0.5 + f / 2, "writing their expired codes' records")
+        )
         time.sleep(2.0)  # let Redis finish rehashing its main table
         measure("big")
         r.flushall()
         if self.plan.name != "smoke":
             factory.fill(SMALL_CODES)
+            factory.fill_expired(SMALL_CODES)
             measure("1k again")
             r.flushall()
         self.results["live_codes"] = out

@@ -10,6 +10,7 @@ load generator never shares their event loop.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -27,11 +28,11 @@ from typing import Any, Protocol
 import redis
 
 from benchmarks.loadgen import Job
-from mqtt_pairing.codes import code_fingerprint, format_code, generate_code
+from mqtt_pairing.codes import format_code, generate_code
 from mqtt_pairing.config import Settings
 from mqtt_pairing.services.codes import PairingCodeService
 from mqtt_pairing.store.keys import KeySchema
-from mqtt_pairing.store.redis_store import load_script_source
+from mqtt_pairing.store.redis_store import load_prelude_source, load_script_source
 from tests.fixtures import (
     MosquittoBroker,
     RedisClusterServers,
@@ -304,21 +305,56 @@ def embedded_redis_url(proc: Process) -> str:
 
 
 FILLER_LUA = """
--- Writes ARGV[2] code hashes like issue_code.lua (same fields, same TTL), keys derived
--- from a counter: ARGV[1] key prefix, ARGV[2] count, ARGV[3] first index, ARGV[4] TTL ms,
--- ARGV[5] tombstone ms, ARGV[6] first char, ARGV[7] (unused), ARGV[8] salt.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Bulk codes for the memory and live-code steps, written as the service writes them.
+-- ARGV[1] key prefix, ARGV[2] count, ARGV[3] first index, ARGV[4] code TTL ms,
+-- ARGV[5] tombstone ms, ARGV[6] first char, ARGV[7] tombstone shards, ARGV[8] salt,
+-- ARGV[9] mode: 'live' (code hashes like issue_code.lua, expiring evenly over the next
+-- TTL, each with its tombstone record like add_tombstone.lua) or 'expired' (only the
+-- records of codes issued at the same steady rate that expired before now and are still
+-- kept: mqtt_pairing/tombstones.py), the ARGV[3]-th to at most the (ARGV[3] + ARGV[10])-th
+-- before ARGV[11] (ms, Redis time read once), for ARGV[2] live codes' issue rate.
+-- Returns the number of records written.
+local now = now_ms()
+if ARGV[9] == 'expired' then now = tonumber(ARGV[11]) end
 local ttl = tonumber(ARGV[4])
+local tomb = tonumber(ARGV[5])
+local count = tonumber(ARGV[2])
 local first = tonumber(ARGV[3])
-for i = first, first + tonumber(ARGV[2]) - 1 do
-  local digest = string.sub(redis.sha1hex(ARGV[8] .. i), 1, 32)
-  local key = ARGV[1] .. ':code:{code:' .. digest .. '}'
-  redis.call('HSET', key, 'r', 'filler-' .. i, 's', 'active', 'm', '1', 'u', '1',
-    'c', now, 'e', now + ttl, 'f', ARGV[6])
-  redis.call('PEXPIRE', key, ttl + tonumber(ARGV[5]))
+local shards = tonumber(ARGV[7])
+local w = math.max(1, math.ceil(tomb / 6))
+local step = ttl / count  -- ms between two expiries at the steady issue rate
+local function record(digest, e)
+  local window = math.floor(e / w)
+  local off = math.floor((e - window * w) * 65536 / w)
+  local shard = tonumber(string.sub(digest, 1, 4), 16) % shards
+  local key = ARGV[1] .. ':tomb:{global:' .. shard .. '}:' .. window
+  redis.call('APPEND', key,
+    unhex(string.sub(digest, 5, 16)) .. string.char(math.floor(off / 256), off % 256))
+  redis.call('PEXPIREAT', key, (window + 1) * w + tomb + 1000)
 end
-return 1
+local written = 0
+if ARGV[9] == 'live' then
+  for i = first, first + count - 1 do
+    local digest = string.sub(redis.sha1hex(ARGV[8] .. i), 1, 24)
+    local key = ARGV[1] .. ':code:{code:' .. digest .. '}'
+    local e = math.floor(now + step * (i - first + 1))
+    redis.call('HSET', key, 'r', 'filler-' .. i, 's', 'active', 'm', '1', 'u', '1',
+      'c', e - ttl, 'e', e, 'f', ARGV[6])
+    redis.call('PEXPIREAT', key, e)
+    if tomb > 0 then record(digest, e) end
+    written = written + 1
+  end
+elseif tomb > 0 then
+  local i = first
+  local e = now - step * (i + 1)
+  while written < tonumber(ARGV[10]) and math.floor(e / w) * w + w + tomb + 1000 > now do
+    record(string.sub(redis.sha1hex(ARGV[8] .. 'x' .. i), 1, 24), math.floor(e))
+    written = written + 1
+    i = i + 1
+    e = now - step * (i + 1)
+  end
+end
+return written
 """
 
 
@@ -369,12 +405,14 @@ class CodeFactory:
         self.r = client
         self.keys = KeySchema(KEY_PREFIX)
         self.codes = PairingCodeService(None, bench_settings(), secret.encode())  # type: ignore[arg-type]
+        self.layout = bench_settings().tombstones
         self._issue = client.register_script(load_script_source("issue_code"))
+        self._tomb = client.register_script(load_script_source("add_tombstone"))
         self._set_runner = client.register_script(load_script_source("set_runner_code"))
-        self._fill = client.register_script(FILLER_LUA)
+        self._fill = client.register_script(load_prelude_source() + FILLER_LUA)
         # Loaded up front (SCRIPT LOAD goes to every master of a cluster): `issue` sends
         # EVALSHA as a raw command on plain pipelines (see `_Pipelines`).
-        for script in (self._issue, self._set_runner):
+        for script in (self._issue, self._set_runner, self._tomb):
             client.script_load(script.script)
         self._filled = 0
         self._salt = uuid.uuid4().hex[:8]
@@ -399,10 +437,17 @@ class CodeFactory:
                         runner,
                         1,
                         CODE_TTL_S * 1000,
-                        TOMBSTONE_S * 1000,
                         code[0],
-                        code_fingerprint(digest),
                     ],
+                )
+                # its tombstone record, as PairingCodeService.issue writes it
+                place = self.layout.place(digest, now_ms + CODE_TTL_S * 1000)
+                tomb_key = self.keys.tombstones(place.shard, place.window)
+                _evalsha(
+                    pipes.of(tomb_key),
+                    self._tomb.sha,
+                    [tomb_key],
+                    [place.fingerprint, place.offset, place.expire_at_ms],
                 )
                 _evalsha(
                     pipes.of(self.keys.runner(runner)),
@@ -431,27 +476,66 @@ class CodeFactory:
         return deque(Job(f"nobody-{i}", format_code(generate_code())) for i in range(n))
 
     def fill(self, n: int, progress: Any = None) -> None:
-        """Add `n` filler code hashes (10,000 per Lua call)."""
-        sample = self.codes.digest(generate_code())
+        """Add `n` filler live codes: hashes and their tombstone records (10,000 per call).
+
+        Their expiries spread evenly over the next TTL, as at a steady issue rate.
+        """
         done = 0
         while done < n:
             batch = min(10_000, n - done)
-            self._fill(
-                args=[
-                    KEY_PREFIX,
-                    batch,
-                    self._filled,
-                    CODE_TTL_S * 1000,
-                    TOMBSTONE_S * 1000,
-                    "7",
-                    code_fingerprint(sample),
-                    self._salt,
-                ]
-            )
+            self._fill(args=[*self._fill_args(batch, self._filled), "live", 0, 0])
             self._filled += batch
             done += batch
             if progress is not None:
                 progress(done / n)
+
+    def fill_expired(self, n_live: int, progress: Any = None) -> int:
+        """Add the tombstone records that `n_live` live codes have behind them.
+
+        At a steady issue rate of `n_live` per TTL: the records of the codes that
+        expired before now and whose strings are still kept (about TTL + tombstone +
+        half a window / TTL of them per live code, less the live one's own). Returns
+        the number written.
+        """
+        secs, micros = self.r.time()  # type: ignore[misc]
+        anchor = int(secs) * 1000 + int(micros) // 1000
+        expected = n_live * (TOMBSTONE_S + 600) / CODE_TTL_S
+        written = 0
+        while True:
+            got = int(
+                self._fill(args=[*self._fill_args(n_live, written), "expired", 50_000, anchor])  # type: ignore[arg-type]
+            )
+            written += got
+            if progress is not None:
+                progress(min(1.0, written / expected))
+            if got < 50_000:
+                return written
+
+    async def check_expired(self, store: Any, n: int) -> str:
+        """Whether the service's `find_tombstone` finds the first `n` `fill_expired`
+        records (and not codes that never were): "ok", or what went wrong."""
+        now = int(time.time() * 1000)
+        for i in range(n):
+            digest = hashlib.sha1(f"{self._salt}x{i}".encode()).hexdigest()[:24]
+            if not await store.find_tombstone(self.layout, digest, now):
+                return f"record {i} not found"
+        for i in range(n):
+            digest = hashlib.sha1(f"{self._salt}never{i}".encode()).hexdigest()[:24]
+            if await store.find_tombstone(self.layout, digest, now):
+                return f"a code that never was answers CODE_EXPIRED ({i})"
+        return "ok"
+
+    def _fill_args(self, count: int, first: int) -> list[Any]:
+        return [
+            KEY_PREFIX,
+            count,
+            first,
+            CODE_TTL_S * 1000,
+            TOMBSTONE_S * 1000,
+            "7",
+            self.layout.shards,
+            self._salt,
+        ]
 
     def live_code_keys(self) -> int:
         """Code hashes in Redis (SCAN; slow on millions, so call it on small sets only)."""
