@@ -1433,31 +1433,34 @@ class PairingStore:
         retention_s: int,
         shards: int,
     ) -> list[Call]:
-        """The `append_history` calls for entries: global history and each identity's."""
-        calls: list[Call] = []
+        """The `append_history` calls for entries: global history and each identity's.
+
+        One call per stream, with that stream's records in order (a pair's two records go
+        to each of its three streams in three calls, not six).
+        """
         retention_ms = retention_s * MS_PER_S
+        streams: dict[str, tuple[int, list[str | int]]] = {}
         for entry in entries:
             fields: list[str | int] = []
             for name, value in entry.model_dump(exclude={"at_ms"}, exclude_none=True).items():
                 fields += [name, str(value)]
             anchor = entry.app_id or entry.runner_id or entry.event
             shard = self.keys.shard_of(anchor, shards)
-            targets = [(self.keys.history_global(shard), max_len, 1)]
+            targets = [(self.keys.history_global(shard), max_len)]
             if entry.runner_id:
-                targets.append((self.keys.history("runner", entry.runner_id), identity_max_len, 1))
+                targets.append((self.keys.history("runner", entry.runner_id), identity_max_len))
             if entry.app_id:
-                targets.append((self.keys.history("app", entry.app_id), identity_max_len, 1))
+                targets.append((self.keys.history("app", entry.app_id), identity_max_len))
             # session.opened / session.closed may come from two writers (the request and
             # the delivery that deleted the outbox entry; see append_history.lua); other
             # records have one, and skip the look-back.
             once = int(entry.event in ("session.opened", "session.closed"))
-            for key, length, expires in targets:
-                calls.append(
-                    ScriptCall(
-                        "append_history", (key,), (length, retention_ms, expires, once, *fields)
-                    )
-                )
-        return calls
+            for key, length in targets:
+                streams.setdefault(key, (length, []))[1].extend((once, len(fields), *fields))
+        return [
+            ScriptCall("append_history", (key,), (length, retention_ms, 1, *records))
+            for key, (length, records) in streams.items()
+        ]
 
     async def append_history(
         self,
