@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
-from mqtt_pairing.config import load_settings
 from mqtt_pairing.gateway import BrokerAddress
-from mqtt_pairing.service import build_service
 from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
 from tests.cluster.support import Swarm
 from tests.fixtures import MosquittoBroker, RedisClusterServers
-from tests.service.support import SECRET, Peers, RunningService, StartService, start_running
+from tests.service.support import (
+    Peers,
+    StartService,
+    instance_settings,
+    instances,
+)
 
 
 @pytest.fixture
@@ -58,35 +60,14 @@ async def start_cluster_service(
     cluster_prefix: str,
 ) -> AsyncIterator[StartService]:
     """Factory: `await start_cluster_service(**overrides)` runs one more instance."""
-    started: list[RunningService] = []
-
-    async def start(**overrides: Any) -> RunningService:
-        values: dict[str, Any] = {
-            "mqtt_url": mosquitto_broker.url,
-            "redis_cluster_url": redis_cluster.url,
-            "pairing_secret": SECRET,
-            "pairing_topic_prefix": topic_prefix,
-            "pairing_key_prefix": cluster_prefix,
-            "mqtt_client_id": f"svc-{uuid.uuid4().hex[:12]}",
-            "pairing_shared_group": "",
-            "pairing_shutdown_grace_s": 2.0,
-            "mqtt_reconnect_max_s": 1.0,
-        }
-        values.update(overrides)
-        service = await build_service(load_settings(**values))
-        running = await start_running(service, broker_address, topic_prefix)
-        started.append(running)
-        return running
-
-    yield start
-    errors: list[Exception] = []
-    for running in reversed(started):
-        try:
-            await running.stop()
-        except Exception as exc:  # stop the others first, then report
-            errors.append(exc)
-    if errors:
-        raise errors[0]
+    base = instance_settings(
+        topic_prefix,
+        cluster_prefix,
+        mqtt_url=mosquitto_broker.url,
+        redis_cluster_url=redis_cluster.url,
+    )
+    async with instances(base) as start:
+        yield start
 
 
 @pytest.fixture

@@ -24,22 +24,19 @@ import pytest
 import redis
 
 from mqtt_pairing.client import AppClient, RunnerClient
-from mqtt_pairing.config import load_settings
 from mqtt_pairing.gateway import BrokerAddress
-from mqtt_pairing.service import build_service
 from mqtt_pairing.store.keys import KeySchema
 from tests.fixtures import MosquittoBroker, RedisServer
 from tests.lifecycle.support import (
-    SECRET,
-    LifecycleService,
+    RunningService,
     StatusLink,
     Wire,
     clear_retained,
-    run_service,
     wire_for,
 )
+from tests.service.support import instance_settings, instances
 
-StartService = Callable[..., Awaitable[LifecycleService]]
+StartService = Callable[..., Awaitable[RunningService]]
 OpenStatusLink = Callable[..., Awaitable[StatusLink]]
 
 
@@ -72,35 +69,15 @@ async def start_service(
     topic_prefix: str,
     lc_prefix: str,
 ) -> AsyncIterator[StartService]:
-    started: list[LifecycleService] = []
-
-    async def start(**overrides: Any) -> LifecycleService:
-        values: dict[str, Any] = {
-            "mqtt_url": mosquitto_broker.url,
-            "redis_url": redis_server.url,
-            "pairing_secret": SECRET,
-            "pairing_topic_prefix": topic_prefix,
-            "pairing_key_prefix": lc_prefix,
-            "mqtt_client_id": f"lc-svc-{uuid.uuid4().hex[:12]}",
-            "pairing_shared_group": "",
-            "pairing_shutdown_grace_s": 2.0,
-            "mqtt_reconnect_max_s": 1.0,
-            "pairing_sweep_interval_s": 0.2,
-        }
-        values.update(overrides)
-        running = await run_service(await build_service(load_settings(**values)))
-        started.append(running)
-        return running
-
-    yield start
-    errors: list[Exception] = []
-    for running in reversed(started):
-        try:
-            await running.stop()
-        except Exception as exc:
-            errors.append(exc)
-    if errors:
-        raise errors[0]
+    base = instance_settings(
+        topic_prefix,
+        lc_prefix,
+        mqtt_url=mosquitto_broker.url,
+        redis_url=redis_server.url,
+        pairing_sweep_interval_s=0.2,
+    )
+    async with instances(base) as start:
+        yield start
 
 
 @pytest.fixture

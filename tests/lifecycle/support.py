@@ -2,7 +2,7 @@
 
 Everything here talks to the real Mosquitto and Redis of the test session:
 
-- `LifecycleService`: a service built by `build_service` and run in a task of the test's
+- `run_service`: a service built by `build_service` and run in a task of the test's
   event loop; `stop()` is bounded.
 - `Wire`: a raw MQTT 5 client that records every event and reply of a topic prefix, with
   no deduplication, so tests can count copies (a client drops repeated `event_id`s).
@@ -38,10 +38,10 @@ from mqtt_pairing.client import AppClient, RunnerClient
 from mqtt_pairing.gateway import NODELAY, BrokerAddress
 from mqtt_pairing.service import Service
 from mqtt_pairing.store.keys import KeySchema
+from tests.service.support import RunningService, start_running
 
 SECRET = "l" * 40
 CONNECT_TIMEOUT_S = 10.0
-STOP_TIMEOUT_S = 10.0
 REPLY_TIMEOUT_S = 5.0
 EVENT_TIMEOUT_S = 5.0
 MASK_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]\*\*-\*\*\*-\*\*\* #[0-9a-f]{8}$")
@@ -57,46 +57,10 @@ def parse_ts(value: str) -> datetime:
 # ---- the service in-process --------------------------------------------------------------
 
 
-@dataclass
-class LifecycleService:
-    """A service running in a task of the test's event loop."""
-
-    service: Service
-    task: asyncio.Task[None]
-
-    @property
-    def counters(self) -> Any:
-        """The dispatcher's counters (`status` counts recorded status messages)."""
-        return self.service.gateway.dispatcher.counters
-
-    async def stop(self) -> None:
-        """Stop serving and release everything (bounded)."""
-        if not self.task.done():
-            self.service.stop()
-            try:
-                await asyncio.wait_for(asyncio.shield(self.task), STOP_TIMEOUT_S)
-            except TimeoutError:
-                self.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self.task
-                await self.service.close()
-                raise
-        await asyncio.wait_for(self.service.close(), STOP_TIMEOUT_S)
-
-
-async def run_service(service: Service) -> LifecycleService:
+async def run_service(service: Service) -> RunningService:
     """Run `service` in a task and wait (bounded) until it is connected and subscribed."""
-    task = asyncio.create_task(service.run())
-    running = LifecycleService(service, task)
-    connected = asyncio.ensure_future(service.gateway.connected.wait())
-    done, _ = await asyncio.wait(
-        {connected, task}, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
-    )
-    if connected not in done:
-        connected.cancel()
-        await running.stop()
-        pytest.fail(f"the service did not connect within {CONNECT_TIMEOUT_S} s")
-    return running
+    gateway = service.gateway
+    return await start_running(service, gateway.address, gateway.settings.pairing_topic_prefix)
 
 
 async def wait_until(
@@ -114,7 +78,7 @@ async def wait_until(
         await asyncio.sleep(interval_s)
 
 
-async def wait_statuses(services: list[LifecycleService], count: int, timeout_s: float = 5.0):
+async def wait_statuses(services: list[RunningService], count: int, timeout_s: float = 5.0):
     """Wait until the services together have recorded `count` status messages.
 
     With a shared group one instance at a time (the presence lease holder) records them;
@@ -127,7 +91,7 @@ async def wait_statuses(services: list[LifecycleService], count: int, timeout_s:
     )
 
 
-async def wait_presence_holder(service: LifecycleService, timeout_s: float = 5.0) -> None:
+async def wait_presence_holder(service: RunningService, timeout_s: float = 5.0) -> None:
     """Wait until `service` holds the presence lease (records runners' status)."""
     await wait_until(
         lambda: service.service.gateway.records_presence,

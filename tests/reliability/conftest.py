@@ -22,14 +22,11 @@ from typing import Any
 
 import pytest
 
-from mqtt_pairing.config import load_settings
-from mqtt_pairing.gateway import BrokerAddress
-from mqtt_pairing.service import build_service
 from mqtt_pairing.store.keys import KeySchema
 from tests.fixtures import free_port
 from tests.reliability.support import SECRET, ServeProcess
 from tests.service.conftest import broker_address, peers, sniffer, start_service
-from tests.service.support import RunningService, start_running
+from tests.service.support import instance_settings, instances
 
 __all__ = ["broker_address", "peers", "sniffer", "start_service"]
 
@@ -49,35 +46,9 @@ def keys(rel_prefix: str) -> KeySchema:
 
 @pytest.fixture
 async def service_on(topic_prefix: str, rel_prefix: str) -> AsyncIterator[ServiceOn]:
-    started: list[RunningService] = []
-
-    async def start(*, mqtt_url: str, redis_url: str, **overrides: Any) -> RunningService:
-        values: dict[str, Any] = {
-            "mqtt_url": mqtt_url,
-            "redis_url": redis_url,
-            "pairing_secret": SECRET,
-            "pairing_topic_prefix": topic_prefix,
-            "pairing_key_prefix": rel_prefix,
-            "mqtt_client_id": f"svc-{uuid.uuid4().hex[:12]}",
-            "pairing_shared_group": "",
-            "pairing_shutdown_grace_s": 2.0,
-            "mqtt_reconnect_max_s": 1.0,
-        }
-        values.update(overrides)
-        service = await build_service(load_settings(**values))
-        running = await start_running(service, BrokerAddress.from_url(mqtt_url), topic_prefix)
-        started.append(running)
-        return running
-
-    yield start
-    errors: list[Exception] = []
-    for running in reversed(started):
-        try:
-            await running.stop()
-        except Exception as exc:  # stop the others first, then report
-            errors.append(exc)
-    if errors:
-        raise errors[0]
+    """Factory: `await service_on(mqtt_url=..., redis_url=..., **overrides)`."""
+    async with instances(instance_settings(topic_prefix, rel_prefix)) as start:
+        yield start
 
 
 @pytest.fixture

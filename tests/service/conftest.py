@@ -18,18 +18,16 @@ from typing import Any
 
 import pytest
 
-from mqtt_pairing.config import load_settings
 from mqtt_pairing.gateway import BrokerAddress
-from mqtt_pairing.service import build_service
 from tests.fixtures import MosquittoBroker, RedisServer
 from tests.service.support import (
-    SECRET,
     Peers,
     RunningService,
     Sniffer,
     StartService,
+    instance_settings,
+    instances,
     sniffing,
-    start_running,
 )
 
 
@@ -45,37 +43,21 @@ async def start_service(
     redis_server: RedisServer,
     topic_prefix: str,
 ) -> AsyncIterator[StartService]:
-    """Factory: `await start_service(**overrides)` runs a service on Mosquitto + Redis."""
-    started: list[RunningService] = []
+    """Factory: `await start_service(**overrides)` runs a service on Mosquitto + Redis.
 
-    async def start(**overrides: Any) -> RunningService:
-        unique = uuid.uuid4().hex[:12]
-        values: dict[str, Any] = {
-            "mqtt_url": mosquitto_broker.url,
-            "redis_url": redis_server.url,
-            "pairing_secret": SECRET,
-            "pairing_topic_prefix": topic_prefix,
-            "pairing_key_prefix": f"e2e-{unique}",
-            "mqtt_client_id": f"svc-{unique}",
-            "pairing_shared_group": "",
-            "pairing_shutdown_grace_s": 2.0,
-            "mqtt_reconnect_max_s": 1.0,
-        }
-        values.update(overrides)
-        service = await build_service(load_settings(**values))
-        running = await start_running(service, broker_address, topic_prefix)
-        started.append(running)
-        return running
+    Each instance has a key prefix of its own unless told otherwise: two instances share
+    the broker and topics but not their Redis state.
+    """
+    base = instance_settings(
+        topic_prefix, "", mqtt_url=mosquitto_broker.url, redis_url=redis_server.url
+    )
+    async with instances(base) as start:
 
-    yield start
-    errors: list[Exception] = []
-    for running in reversed(started):
-        try:
-            await running.stop()
-        except Exception as exc:  # stop the others first, then report
-            errors.append(exc)
-    if errors:
-        raise errors[0]
+        async def start_apart(**overrides: Any) -> RunningService:
+            own = {"pairing_key_prefix": f"e2e-{uuid.uuid4().hex[:12]}"}
+            return await start(**{**own, **overrides})
+
+        yield start_apart
 
 
 @pytest.fixture

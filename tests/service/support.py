@@ -19,9 +19,9 @@ import aiomqtt
 import pytest
 
 from mqtt_pairing.client import AppClient, PairingClient, RunnerClient
-from mqtt_pairing.config import Settings
+from mqtt_pairing.config import Settings, load_settings
 from mqtt_pairing.gateway import NODELAY, BrokerAddress
-from mqtt_pairing.service import Service
+from mqtt_pairing.service import Service, build_service
 
 SECRET = "x" * 40
 CONNECT_TIMEOUT_S = 10.0
@@ -51,6 +51,11 @@ class RunningService:
     @property
     def settings(self) -> Settings:
         return self.service.settings
+
+    @property
+    def counters(self) -> Any:
+        """The dispatcher's counters (`status` counts recorded status messages)."""
+        return self.service.gateway.dispatcher.counters
 
     @property
     def dropped(self) -> int:
@@ -95,6 +100,46 @@ async def start_running(service: Service, address: BrokerAddress, prefix: str) -
         await running.stop()
         pytest.fail(f"the service did not connect within {CONNECT_TIMEOUT_S} s")
     return running
+
+
+def instance_settings(topic_prefix: str, key_prefix: str, **values: Any) -> dict[str, Any]:
+    """The settings every test service starts from, `values` on top: the secret, the
+    prefixes, no shared group, and short grace and reconnect times (bounded stops)."""
+    return {
+        "pairing_secret": SECRET,
+        "pairing_topic_prefix": topic_prefix,
+        "pairing_key_prefix": key_prefix,
+        "pairing_shared_group": "",
+        "pairing_shutdown_grace_s": 2.0,
+        "mqtt_reconnect_max_s": 1.0,
+        **values,
+    }
+
+
+@contextlib.asynccontextmanager
+async def instances(base: dict[str, Any]) -> AsyncIterator[StartService]:
+    """`await start(**overrides)` runs one more service with `base` and `overrides` as its
+    settings (and a client id of its own) until the context ends. Every instance is
+    stopped then, the others too if one fails to stop."""
+    started: list[RunningService] = []
+
+    async def start(**overrides: Any) -> RunningService:
+        values = {**base, "mqtt_client_id": f"svc-{uuid.uuid4().hex[:12]}", **overrides}
+        service = await build_service(load_settings(**values))
+        address = BrokerAddress.from_url(values["mqtt_url"])
+        running = await start_running(service, address, values["pairing_topic_prefix"])
+        started.append(running)
+        return running
+
+    yield start
+    errors: list[Exception] = []
+    for running in reversed(started):
+        try:
+            await running.stop()
+        except Exception as exc:  # stop the others first, then report
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 @dataclass
