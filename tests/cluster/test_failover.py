@@ -219,7 +219,9 @@ comes within the timeout; on a cluster allow two more seconds for one topology r
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    strict=True,
+    # Not strict: when the failover itself ends within the bound (seen at 2.7 s on a
+    # fast machine), the retried calls do too, and the test passes without a fix.
+    strict=False,
     reason=(
         "KNOWN: redis-py's cluster client retries a call on a dead master (3 times, "
         "re-reading a topology that still names it), so a call can hang up to the whole "
