@@ -55,6 +55,9 @@ _WRAPPED = IDEMPOTENT_OPS - {("app", "pair")}
 
 _PENDING_POLL_S = 0.05
 
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+"""`json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`, one encoder."""
+
 Handler = Callable[[Identity, Any, Begin | None, str], Awaitable[Handled]]
 """An op: (requester, request model, what the app slot said, payload hash) -> Handled."""
 
@@ -64,8 +67,7 @@ def payload_hash(obj: dict[str, Any]) -> str:
 
     A retry with its keys in another order is the same request.
     """
-    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL_JSON.encode(obj).encode()).hexdigest()
 
 
 class Dispatcher:

@@ -43,6 +43,8 @@ NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 _BACKOFF_FIRST_S = 0.2
 _STATUS_QUEUE_MAX = 10_000
 _STATUS_WORKERS = 4
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+"""What `json.dumps(obj, separators=(",", ":"))` does, without a new encoder per call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +147,10 @@ class PairingGateway:
         self.instance_id = f"{settings.mqtt_client_id}/{uuid.uuid4().hex[:8]}"
         self.records_presence = not share_group
         self.client = self._make_client()
+        # Built once: paho packs them on every publish and never changes them.
+        self._event_props = (
+            _reply_properties(None, settings.pairing_reply_expiry_s) if self.v5 else None
+        )
         self.relay = OutboxRelay(
             dispatcher.store, settings, self.publish_events, dispatcher.history
         )
@@ -189,6 +195,9 @@ class PairingGateway:
         )
         # Acknowledge a request only after its reply is out (paho 2 manual ack).
         client._client.manual_ack_set(True)  # not exposed by aiomqtt 2.5
+        # Every request in flight may wait for its reply and a few events at once:
+        # aiomqtt's default (10) would log a warning on most publishes under load.
+        client.pending_calls_threshold = max(10, 8 * s.pairing_max_inflight)
         return client
 
     def stop(self) -> None:
@@ -300,36 +309,50 @@ class PairingGateway:
             log.warning("status subscription not changed: %s", exc)
 
     async def _serve(self) -> None:
-        messages = self.client.messages
+        """Take messages until `stop` (returns) or a lost connection (raises MqttError)."""
+        # One reader task for the whole connection, cancelled on stop: cheaper than
+        # waiting for "next message or stop" anew for every message.
+        reader = asyncio.ensure_future(self._read())
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
-            while True:
-                nxt = asyncio.ensure_future(anext(messages))
-                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await nxt
-                    return
-                message = nxt.result()
-                runner_id = self.scheme.parse_status(message.topic.value)
-                if runner_id is not None:
-                    queue = self._status_queues[zlib.crc32(runner_id.encode()) % _STATUS_WORKERS]
-                    if not self.records_presence:
-                        self._ack(message)  # another instance holds the presence lease
-                        continue
-                    try:
-                        queue.put_nowait(message)
-                    except asyncio.QueueFull:
-                        self.counters["status_shed"] += 1
-                        self._ack(message)
-                    continue
-                await self._inflight.acquire()
-                task = asyncio.create_task(self._process(message))
-                self._tasks.add(task)
-                task.add_done_callback(self._task_done)
+            await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await reader
+        if not reader.cancelled():
+            with contextlib.suppress(StopAsyncIteration):
+                reader.result()  # a lost connection: MqttError
+
+    async def _read(self) -> None:
+        messages = self.client.messages
+        while True:
+            # The in-flight slot first, then the message: a stop (which cancels this
+            # task) never comes between taking a message and handing it to its task.
+            await self._inflight.acquire()
+            try:
+                message = await anext(messages)
+            except BaseException:
+                self._inflight.release()
+                raise
+            runner_id = self.scheme.parse_status(message.topic.value)
+            if runner_id is not None:
+                self._inflight.release()  # status messages have their own queues
+                queue = self._status_queues[zlib.crc32(runner_id.encode()) % _STATUS_WORKERS]
+                if not self.records_presence:
+                    self._ack(message)  # another instance holds the presence lease
+                    continue
+                try:
+                    queue.put_nowait(message)
+                except asyncio.QueueFull:
+                    self.counters["status_shed"] += 1
+                    self._ack(message)
+                continue
+            task = asyncio.create_task(self._process(message))
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
 
     @property
     def in_flight(self) -> int:
@@ -432,11 +455,13 @@ class PairingGateway:
                 topic = response_topic
             elif response_topic is not None:
                 self.counters["response_topic_refused"] += 1
-            expiry = self.settings.pairing_reply_expiry_s
             if req.op == "code" and reply.get("ok"):
-                expiry = int(reply["result"]["ttl_s"])
-            props = _reply_properties(correlation, expiry)
-        body = json.dumps(reply, separators=(",", ":")).encode()
+                props = _reply_properties(correlation, int(reply["result"]["ttl_s"]))
+            elif correlation is None:
+                props = self._event_props  # the same expiry, nothing else
+            else:
+                props = _reply_properties(correlation, self.settings.pairing_reply_expiry_s)
+        body = _COMPACT_JSON.encode(reply).encode()
         await self.client.publish(topic, body, qos=1, properties=props)
 
     async def publish_events(self, events: list[Event]) -> None:
@@ -445,10 +470,11 @@ class PairingGateway:
         Raises:
             aiomqtt.MqttError: the broker connection failed.
         """
+        bodies: dict[int, bytes] = {}  # one payload often goes to both parties
         for event in events:
             topic = self.scheme.events_topic(Identity(event.kind, event.id))
-            props = (
-                _reply_properties(None, self.settings.pairing_reply_expiry_s) if self.v5 else None
-            )
-            body = json.dumps(event.payload, separators=(",", ":")).encode()
-            await self.client.publish(topic, body, qos=1, properties=props)
+            body = bodies.get(id(event.payload))
+            if body is None:
+                body = _COMPACT_JSON.encode(event.payload).encode()
+                bodies[id(event.payload)] = body
+            await self.client.publish(topic, body, qos=1, properties=self._event_props)

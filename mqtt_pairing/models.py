@@ -10,6 +10,7 @@ as Redis `TIME` gives them.
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -27,8 +28,15 @@ MAX_PUBLIC_KEY_CHARS = 512
 
 def format_ts(at_ms: int) -> str:
     """Format epoch milliseconds as RFC 3339 UTC with milliseconds (`...T12:00:00.000Z`)."""
-    dt = datetime.fromtimestamp(at_ms / 1000, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at_ms % 1000:03d}Z"
+    secs, ms = divmod(at_ms, 1000)
+    return f"{_format_second(secs)}.{ms:03d}Z"
+
+
+@functools.lru_cache(maxsize=256)
+def _format_second(secs: int) -> str:
+    # A request formats a few timestamps of the same second or two: cached, since
+    # datetime formatting is the dearer part.
+    return datetime.fromtimestamp(secs, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _check_name(value: str) -> str:

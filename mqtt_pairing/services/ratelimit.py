@@ -6,7 +6,7 @@ enforcement is in the store's Lua scripts (one identity's slot, or a budget shar
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from typing import Literal
 
 from mqtt_pairing.config import Settings
@@ -56,7 +56,7 @@ class RateLimitService:
             op,
             request_id,
             payload_hash,
-            member=uuid.uuid4().hex,
+            member=secrets.token_hex(16),
             lease_s=s.pairing_pending_lease_s,
             dedupe_ttl_s=s.pairing_dedupe_ttl_s,
             check_ban=op in ("pair", "code"),
@@ -107,7 +107,7 @@ class RateLimitService:
             penalty_s=s.pairing_penalty_s,
             penalty_max_s=s.pairing_penalty_max_s,
             penalty_memory_s=s.pairing_penalty_memory_s,
-            member=uuid.uuid4().hex,
+            member=secrets.token_hex(16),
             idle_ttl_s=s.pairing_session_idle_ttl_s,
         )
 
