@@ -41,8 +41,11 @@ def _props() -> Properties:
     return props
 
 
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return _COMPACT_JSON.encode(obj).encode()
 
 
 class Echo:
@@ -70,6 +73,10 @@ class Echo:
             timeout=10,
         )
         self.client._client.manual_ack_set(True)
+        # As the gateway: its properties built once, and aiomqtt's pending-publish
+        # warning threshold following the in-flight limit.
+        self.client.pending_calls_threshold = 8 * MAX_INFLIGHT
+        self._props = _props()
         self._inflight = asyncio.Semaphore(MAX_INFLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
         self.handled = 0
@@ -80,22 +87,29 @@ class Echo:
                 await self.client.subscribe(self.scheme.request_filter(kind, self.group), qos=1)
             await self.client.subscribe(self.scheme.status_filter(), qos=1)
             print("echo ready", flush=True)
-            messages = self.client.messages
+            # As the gateway's serve loop: one reader task, cancelled on stop.
+            reader = asyncio.ensure_future(self._read())
             stop = asyncio.ensure_future(stopping.wait())
-            while True:
-                nxt = asyncio.ensure_future(anext(messages))
-                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await nxt
-                    break
-                await self._inflight.acquire()
-                task = asyncio.create_task(self._process(nxt.result()))
-                self._tasks.add(task)
-                task.add_done_callback(self._done)
+            await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await reader
             if self._tasks:
                 await asyncio.wait(set(self._tasks), timeout=5)
+
+    async def _read(self) -> None:
+        messages = self.client.messages
+        while True:
+            await self._inflight.acquire()
+            try:
+                message = await anext(messages)
+            except BaseException:
+                self._inflight.release()
+                raise
+            task = asyncio.create_task(self._process(message))
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -150,14 +164,15 @@ class Echo:
         }
         prefix = self.scheme.prefix
         await self.client.publish(
-            f"{prefix}/apps/{app_id}/res/pair", _dumps(reply), qos=1, properties=_props()
+            f"{prefix}/apps/{app_id}/res/pair", _dumps(reply), qos=1, properties=self._props
         )
-        for topic, payload in (
-            (f"{prefix}/runners/{runner_id}/events", opened),
-            (f"{prefix}/apps/{app_id}/events", opened),
-            (f"{prefix}/runners/{runner_id}/events", used),
+        opened_body = _dumps(opened)  # one payload for both parties, as the gateway does
+        for topic, body in (
+            (f"{prefix}/runners/{runner_id}/events", opened_body),
+            (f"{prefix}/apps/{app_id}/events", opened_body),
+            (f"{prefix}/runners/{runner_id}/events", _dumps(used)),
         ):
-            await self.client.publish(topic, _dumps(payload), qos=1, properties=_props())
+            await self.client.publish(topic, body, qos=1, properties=self._props)
         self.handled += 1
 
 
