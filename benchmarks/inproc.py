@@ -44,6 +44,7 @@ from mqtt_pairing.service import build_service
 from mqtt_pairing.services.events import Event
 from mqtt_pairing.services.outbox import OutboxRelay
 from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
+from mqtt_pairing.store.redis_store import RawCall
 from mqtt_pairing.topics import Identity, Kind
 
 Progress = Callable[[float, str], None]
@@ -200,6 +201,36 @@ async def count_round_trips(
         await asyncio.wait_for(run, 30)
         await service.close()
         rclient.close()
+
+
+async def round_trip_cpu(servers: Servers, *, batches: int) -> dict[str, Any]:
+    """The service's own CPU per Redis round trip and per command in it (µs).
+
+    `PairingStore.batch` on a connection made by `connect_redis`, one batch at a time,
+    `time.process_time` over `batches` batches of 1 and of 9 commands (GET of a missing
+    key, and EVALSHA of a small script): the fixed cost of a round trip is what a batch of
+    one costs, the cost of a command the slope. Redis's own time is not in it (the loop
+    waits in epoll meanwhile).
+    """
+    store = PairingStore(connect_redis(servers.redis.url), KeySchema(f"cpu{uuid.uuid4().hex[:4]}"))
+    try:
+        script = store.outbox_due_call("cpu-r1", delay_s=5, shards=1)
+        get = RawCall(("GET", f"{store.keys.prefix}:none"))
+        out: dict[str, Any] = {"batches": batches}
+        for name, call in (("get", get), ("evalsha", script)):
+            costs = []
+            for size in (1, 9):
+                calls = [call] * size
+                for _ in range(min(200, batches)):
+                    await store.batch(calls)
+                t = time.process_time()
+                for _ in range(batches):
+                    await store.batch(calls)
+                costs.append((time.process_time() - t) / batches * 1e6)
+            out[name] = {"batch_of_1_us": costs[0], "per_command_us": (costs[1] - costs[0]) / 8}
+        return out
+    finally:
+        await store.aclose()
 
 
 # ---- memory ---------------------------------------------------------------------------

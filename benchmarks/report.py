@@ -696,6 +696,51 @@ class _Report:
                 "",
             )
 
+    def _cpu_per_request_ms(self) -> tuple[float, float] | None:
+        """(pair, echo) service CPU ms per request, first saturation run, or None."""
+        runs = self.r.get("saturation", {}).get("runs") or []
+        echo = {x["concurrency"]: x for x in self.r.get("echo", {}).get("runs", [])}
+        for run in runs:
+            pair = run.get("cpu_ms_per_request", {}).get("server")
+            e = echo.get(run["concurrency"], {}).get("cpu_ms_per_request", {}).get("server")
+            if pair and e:
+                return float(pair), float(e)
+        return None
+
+    def _round_trip_budget(self) -> str:
+        """What the round trips alone cost the service per pair, against the target."""
+        rt = self.r.get("round_trips", {})
+        cpu, ok = rt.get("client_cpu"), rt.get("success")
+        if not cpu or not ok:
+            return ""
+        fixed = cpu["evalsha"]["batch_of_1_us"] - cpu["evalsha"]["per_command_us"]
+        per_cmd = cpu["evalsha"]["per_command_us"]
+        n_rt, n_cmd = ok["round_trips_per_request"], ok["top_level_commands_per_request"]
+        redis_us = n_rt * fixed + n_cmd * per_cmd
+        text = (
+            f"**The service's CPU per Redis round trip** (in-process, "
+            f"{cpu['batches']:,} batches each, `time.process_time`): a batch of one GET "
+            f"{_f(cpu['get']['batch_of_1_us'], 0)} µs, of one EVALSHA "
+            f"{_f(cpu['evalsha']['batch_of_1_us'], 0)} µs; each further command in the "
+            f"batch {_f(cpu['get']['per_command_us'], 1)} µs (GET) or {_f(per_cmd, 1)} µs "
+            f"(EVALSHA). So a round trip costs about {_f(fixed, 0)} µs before its commands "
+            "(the pool, the write, the event loop's wake-ups, a timeout per reply read), and "
+            f"a successful pair's {_f(n_rt, 0)} round trips with {_f(n_cmd, 0)} commands "
+            f"about **{_f(redis_us, 0)} µs** of client CPU."
+        )
+        cpu_ms = self._cpu_per_request_ms()
+        if cpu_ms:
+            pair_ms, echo_ms = cpu_ms
+            target_ms = echo_ms / (TARGET_ECHO_RATIO)
+            text += (
+                f" In section 1 the echo costs {_f(echo_ms * 1000, 0)} µs per request; at "
+                f"{TARGET_ECHO_RATIO:.0%} of it a pair may cost {_f(target_ms * 1000, 0)} µs, "
+                f"so everything a pair does beyond the echo's work must fit in "
+                f"{_f((target_ms - echo_ms) * 1000, 0)} µs, of which the round trips alone "
+                f"take {_f(redis_us, 0)}. A pair costs {_f(pair_ms * 1000, 0)} µs here."
+            )
+        return text
+
     def memory(self) -> None:
         mem = self.r.get("memory")
         if not mem:
@@ -1198,6 +1243,9 @@ class _Report:
                     "command."
                 )
             lines += [text, ""]
+            budget = self._round_trip_budget()
+            if budget:
+                lines += [budget, ""]
         if rt:
             after = [x for x in rt["round_trips"] if x["phase"] == "after"]
             text = (

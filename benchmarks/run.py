@@ -625,6 +625,10 @@ class Suite:
                     progress=step,
                 )
             )
+            step(1.0, "client CPU per round trip")
+            self.results["round_trips"]["client_cpu"] = asyncio.run(
+                inproc.round_trip_cpu(self.servers, batches=max(200, self.plan.rt_requests * 40))
+            )
 
     def memory(self) -> None:
         with self.ui.stage("Redis memory per code and per session") as step:
