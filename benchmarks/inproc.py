@@ -334,7 +334,7 @@ def _hash_variants(client: redis.Redis, n: int = 20_000) -> list[dict[str, Any]]
         ),
         (
             "as issue_code.lua: 7 fields, one-letter names, 96-bit digest",
-            lambda i: f"{KEY_PREFIX}:code:{{code:{i:024x}}}",
+            lambda i: f"{KEY_PREFIX}:code:{{c:{i % 256:02x}}}:{i:024x}",
             {"r": runner, "s": "active", "m": 1, "u": 1, "c": now, "e": now + 600_000,
              "f": "7"},
         ),

@@ -767,7 +767,7 @@ class _Report:
                 f"each in {mem['tombstone_strings']:,} strings (`mqtt_pairing/tombstones.py`: "
                 "a code hash lives only its TTL; what answers `CODE_EXPIRED` for the "
                 f"{TOMBSTONE_S} s after is its record, 8 bytes appended to the string of its "
-                "shard and expiry window). `MEMORY USAGE` of one code hash: "
+                "group (256 of them) and expiry window). `MEMORY USAGE` of one code hash: "
                 f"{_f(mem['code_hash_memory_usage'], 0)} bytes (the rest is the main and "
                 "expires tables). The service's own lookup found the filler's records: "
                 f"{mem.get('tombstone_lookup_check', 'not run')}."
@@ -1322,10 +1322,9 @@ class _Report:
                 lines += [
                     f"**Live codes.** With {_big_label(lc['big'])} live codes the p50 is "
                     f"{big / small:.2f} {X} that with 1k: a code lookup is one hash read in a "
-                    "Lua script, O(1) whatever the number of keys, and the speculative "
-                    "tombstone lookup in the same batch reads the strings of one shard (of "
-                    "256), which grow with the number of codes issued per tombstone time; "
-                    "what remains is cache misses in a bigger Redis and run-to-run noise "
+                    "Lua script, O(1) whatever the number of keys (the tombstone strings of "
+                    "its group are read only when the code's hash is gone, by a failed "
+                    "guess); what remains is cache misses in a bigger Redis and run-to-run noise "
                     "(the two 1k runs differ too: see section 4).",
                     "",
                 ]

@@ -307,7 +307,7 @@ def embedded_redis_url(proc: Process) -> str:
 FILLER_LUA = """
 -- Bulk codes for the memory and live-code steps, written as the service writes them.
 -- ARGV[1] key prefix, ARGV[2] count, ARGV[3] first index, ARGV[4] code TTL ms,
--- ARGV[5] tombstone ms, ARGV[6] first char, ARGV[7] tombstone shards, ARGV[8] salt,
+-- ARGV[5] tombstone ms, ARGV[6] first char, ARGV[7] (unused), ARGV[8] salt,
 -- ARGV[9] mode: 'live' (code hashes like issue_code.lua, expiring evenly over the next
 -- TTL, each with its tombstone record like add_tombstone.lua) or 'expired' (only the
 -- records of codes issued at the same steady rate that expired before now and are still
@@ -320,23 +320,21 @@ local ttl = tonumber(ARGV[4])
 local tomb = tonumber(ARGV[5])
 local count = tonumber(ARGV[2])
 local first = tonumber(ARGV[3])
-local shards = tonumber(ARGV[7])
 local w = math.max(1, math.ceil(tomb / 6))
 local step = ttl / count  -- ms between two expiries at the steady issue rate
 local function record(digest, e)
   local window = math.floor(e / w)
   local off = math.floor((e - window * w) * 65536 / w)
-  local shard = tonumber(string.sub(digest, 1, 4), 16) % shards
-  local key = ARGV[1] .. ':tomb:{global:' .. shard .. '}:' .. window
+  local key = ARGV[1] .. ':tomb:{c:' .. string.sub(digest, 1, 2) .. '}:' .. window
   redis.call('APPEND', key,
-    unhex(string.sub(digest, 5, 16)) .. string.char(math.floor(off / 256), off % 256))
+    unhex(string.sub(digest, 3, 14)) .. string.char(math.floor(off / 256), off % 256))
   redis.call('PEXPIREAT', key, (window + 1) * w + tomb + 1000)
 end
 local written = 0
 if ARGV[9] == 'live' then
   for i = first, first + count - 1 do
     local digest = string.sub(redis.sha1hex(ARGV[8] .. i), 1, 24)
-    local key = ARGV[1] .. ':code:{code:' .. digest .. '}'
+    local key = ARGV[1] .. ':code:{c:' .. string.sub(digest, 1, 2) .. '}:' .. digest
     local e = math.floor(now + step * (i - first + 1))
     redis.call('HSET', key, 'r', 'filler-' .. i, 's', 'active', 'm', '1', 'u', '1',
       'c', e - ttl, 'e', e, 'f', ARGV[6])
@@ -442,7 +440,7 @@ class CodeFactory:
                 )
                 # its tombstone record, as PairingCodeService.issue writes it
                 place = self.layout.place(digest, now_ms + CODE_TTL_S * 1000)
-                tomb_key = self.keys.tombstones(place.shard, place.window)
+                tomb_key = self.keys.tombstones(place.group, place.window)
                 _evalsha(
                     pipes.of(tomb_key),
                     self._tomb.sha,
@@ -533,7 +531,7 @@ class CodeFactory:
             CODE_TTL_S * 1000,
             TOMBSTONE_S * 1000,
             "7",
-            self.layout.shards,
+            0,
             self._salt,
         ]
 

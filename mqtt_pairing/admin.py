@@ -734,11 +734,11 @@ class AdminService:
             if not digest:
                 return []
             return await self._code_infos([(str(digest), runner_id)], now)
-        keys = await self._scan(_pattern(self.keys.code(_MARK_A)))
+        keys = await self._scan(self.keys.code_pattern())
         digests: list[tuple[str, str | None]] = []
         for key in keys:
-            tag_kind, _, digest = hash_tag(key).partition(":")
-            if tag_kind == "code" and digest:
+            digest = self.keys.digest_of(key)
+            if digest is not None:
                 digests.append((digest, None))
         return await self._code_infos(digests, now)
 

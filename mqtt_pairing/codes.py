@@ -61,7 +61,10 @@ _SEPARATORS = frozenset(_WHITE_SPACE + _INVISIBLE + "\u2212._")
 _UPPER_ASCII = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
 _LOOKALIKES = str.maketrans({"O": "0", "I": "1", "L": "1"})
 
-_DIGEST_HEX_CHARS = 24  # first 96 bits of HMAC-SHA256
+DIGEST_HEX_CHARS = 24
+"""A code digest: the first 96 bits of HMAC-SHA256 as hex (`code_digest`)."""
+CODE_GROUP_HEX = 2
+"""Hex characters of the digest that name its group: 256 groups."""
 _FINGERPRINT_HEX_CHARS = 8
 _DIGEST_PATTERN = re.compile(r"[0-9a-f]{24}")
 
@@ -159,7 +162,18 @@ def code_digest(secret: bytes, code: str) -> str:
     """
     normalised = normalise_code(code)
     mac = hmac.new(secret, normalised.encode("ascii"), hashlib.sha256)
-    return mac.hexdigest()[:_DIGEST_HEX_CHARS]
+    return mac.hexdigest()[:DIGEST_HEX_CHARS]
+
+
+def code_group(digest: str) -> str:
+    """The group of a code: the first two hex characters of its digest (256 groups).
+
+    A code's hash, its claims and the tombstone strings of its group share the Redis hash
+    tag `{c:<group>}` (`store.keys`), so the claim can answer `CODE_EXPIRED` from the
+    tombstones in the same script: one script, one Redis Cluster slot (DESIGN.md). 256
+    groups spread over a cluster's slots like any other tag.
+    """
+    return digest[:CODE_GROUP_HEX]
 
 
 def code_fingerprint(digest: str) -> str:

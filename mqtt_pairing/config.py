@@ -69,7 +69,6 @@ class Settings(BaseSettings):
     pairing_code_max_uses: int = Field(default=1, ge=1)
     pairing_code_max_uses_max: int = Field(default=10, ge=1)
     pairing_code_tombstone_s: int = Field(default=3600, ge=0)
-    pairing_tombstone_shards: int = Field(default=256, ge=1, le=4096)
 
     pairing_fail_limit: int = Field(default=5, ge=1)
     pairing_fail_window_s: int = Field(default=60, ge=1)
@@ -113,10 +112,7 @@ class Settings(BaseSettings):
     @property
     def tombstones(self) -> TombstoneLayout:
         """Where expired codes are remembered (`mqtt_pairing.tombstones`)."""
-        return TombstoneLayout(
-            tombstone_ms=self.pairing_code_tombstone_s * 1000,
-            shards=self.pairing_tombstone_shards,
-        )
+        return TombstoneLayout(tombstone_ms=self.pairing_code_tombstone_s * 1000)
 
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:

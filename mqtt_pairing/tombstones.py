@@ -4,37 +4,37 @@ PROTOCOL.md "Codes": an expired code answers `CODE_EXPIRED` for `PAIRING_CODE_TO
 after its expiry, then `CODE_NOT_FOUND`. A code's own hash lives only until the code
 expires. What remains after that is an 8-byte record, written when the code is issued:
 
-- bytes 0-5: digest bytes 2-7 (hex characters 4-15 of `codes.code_digest`), 48 bits;
+- bytes 0-5: digest bytes 1-6 (hex characters 2-13 of `codes.code_digest`), 48 bits;
 - bytes 6-7: the expiry, big-endian, as a fraction of the window (1/65,536 of it).
 
-Records are appended to strings shared by every code of one shard (digest bytes 0-1)
-whose expiry falls in one window; a window is 1/`WINDOWS_PER_TOMBSTONE` of the tombstone
-time, and each string expires when the last record in it stops mattering. Per live code
-this costs about 8 bytes for every `window` of its TTL + tombstone + half a window, in
-place of a whole code hash (about 240 bytes) kept for the tombstone time.
+Records are appended to strings shared by every code of one group (digest byte 0,
+`codes.code_group`) whose expiry falls in one window; a window is
+1/`WINDOWS_PER_TOMBSTONE` of the tombstone time, and each string expires when the last
+record in it stops mattering. Per live code this costs about 8 bytes for every `window` of
+its TTL + tombstone + half a window, in place of a whole code hash (about 240 bytes) kept
+for the tombstone time.
 
-A lookup reads the strings of the digest's shard for the windows that can hold an
+A lookup reads the strings of the digest's group for the windows that can hold an
 expiry in [now - tombstone, now] and answers "expired" if a record with the digest's 48
-bits has an expiry in that range. Another code with the same 48 bits in the same shard
-would answer `CODE_EXPIRED` in place of `CODE_NOT_FOUND`: with n records scanned the
-chance is n / 2^48 per guess (1.6e-9 at a million records), and both count as a failed
-guess.
-
-Every string is one Redis key tagged `{global:<shard>}`, so an append and a lookup each
-touch one Redis Cluster slot (DESIGN.md "Redis keys").
+bits has an expiry in that range. It runs inside `claim_code.lua`, and only when the
+code's hash is gone: the strings share the tag `{c:<group>}` with the group's code
+hashes, so a successful pair never reads them and a failed guess reads them in the same
+script as its claim. Another code with the same 48 bits in the same group would answer
+`CODE_EXPIRED` in place of `CODE_NOT_FOUND`: with n records scanned the chance is
+n / 2^48 per guess (1.6e-9 at a million records), and both count as a failed guess.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mqtt_pairing.codes import code_group
+
 WINDOWS_PER_TOMBSTONE = 6
 """A window is this fraction of the tombstone time: more windows, less time kept past it."""
 RECORD_BYTES = 8
-FINGERPRINT_HEX = slice(4, 16)
-"""Hex characters of the digest kept in a record (48 bits)."""
-SHARD_HEX = slice(0, 4)
-"""Hex characters of the digest that pick the shard (16 bits)."""
+FINGERPRINT_HEX = slice(2, 14)
+"""Hex characters of the digest kept in a record (48 bits, after the group's 8)."""
 OFFSET_STEPS = 65_536
 KEEP_MARGIN_MS = 1_000
 """Kept this much longer than needed, so a record never expires before it is read."""
@@ -44,12 +44,12 @@ KEEP_MARGIN_MS = 1_000
 class TombstonePlace:
     """Where a code's record goes and what it holds.
 
-    `shard` and `window` name the string (`KeySchema.tombstones`), `fingerprint` is 12 hex
+    `group` and `window` name the string (`KeySchema.tombstones`), `fingerprint` is 12 hex
     characters, `offset` the expiry within the window in 1/65,536 steps, and
     `expire_at_ms` the string's expiry (ms since the epoch).
     """
 
-    shard: int
+    group: str
     window: int
     fingerprint: str
     offset: int
@@ -58,17 +58,15 @@ class TombstonePlace:
 
 @dataclass(frozen=True, slots=True)
 class TombstoneLayout:
-    """The window and shard arithmetic of tombstones for one setting of them.
+    """The window arithmetic of tombstones for one setting of them.
 
     Args:
         tombstone_ms: how long after its expiry a code answers `CODE_EXPIRED`
-            (`PAIRING_CODE_TOMBSTONE_S` x 1,000); 0 turns tombstones off.
-        shards: strings per window (`PAIRING_TOMBSTONE_SHARDS`); every instance must use
-            the same two settings, or lookups miss records (`CODE_NOT_FOUND`).
+            (`PAIRING_CODE_TOMBSTONE_S` x 1,000); 0 turns tombstones off. Every instance
+            must use the same setting, or lookups miss records (`CODE_NOT_FOUND`).
     """
 
     tombstone_ms: int
-    shards: int
 
     @property
     def enabled(self) -> bool:
@@ -79,10 +77,6 @@ class TombstoneLayout:
     def window_ms(self) -> int:
         """The width of a window, ms: tombstone time / `WINDOWS_PER_TOMBSTONE`, rounded up."""
         return max(1, -(-self.tombstone_ms // WINDOWS_PER_TOMBSTONE))
-
-    def shard(self, digest: str) -> int:
-        """The shard of a digest (24 hex characters, `codes.code_digest`)."""
-        return int(digest[SHARD_HEX], 16) % self.shards
 
     def place(self, digest: str, expires_ms: int) -> TombstonePlace:
         """Where the record of a code that expires at `expires_ms` (Redis time) goes.
@@ -95,7 +89,7 @@ class TombstoneLayout:
         within = expires_ms - window * w
         offset = within * OFFSET_STEPS // w
         return TombstonePlace(
-            shard=self.shard(digest),
+            group=code_group(digest),
             window=window,
             fingerprint=digest[FINGERPRINT_HEX],
             offset=offset,

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -65,11 +64,6 @@ _PENDING_POLL_S = 0.05
 def new_session_id() -> str:
     """A fresh session id: a random UUID (122 bits), as text."""
     return str(uuid.uuid4())
-
-
-def _now_ms() -> int:
-    """This process's clock, ms: only to pick which tombstone strings to read."""
-    return int(time.time() * 1000)
 
 
 def _error(request_id: str, exc: PairingError) -> dict[str, object]:
@@ -140,18 +134,14 @@ class PairingSessionService:
             self.limits.begin_call(identity, "pair", rid, payload_hash),
             self.limits.budget_call(member, peek=code is None),
         ]
-        tombstones = self.settings.tombstones
         if code is not None:
-            calls.append(self.store.claim_call(digest, app_id, rid, new_session_id()))
-            if tombstones.enabled:
-                # Speculative too: read only if the code hash is gone (CODE_EXPIRED or
-                # CODE_NOT_FOUND), so that a failed guess stays at two round trips.
-                calls.append(self.store.find_tombstone_call(tombstones, digest, _now_ms()))
+            calls.append(
+                self.store.claim_call(
+                    digest, app_id, rid, new_session_id(), self.settings.tombstones
+                )
+            )
         res = await self.store.batch(calls)
         claim, claim_error = self._parse_claim(res[2]) if code is not None else (None, None)
-        expired = len(res) > 3 and self.store.parse_tombstone(res[3])
-        if isinstance(claim_error, CodeNotFound) and expired:
-            claim_error = CodeExpired()
         claim_new = claim is not None and not claim.repeat
         budget_refused: PairingError | None = None
         try:
@@ -203,15 +193,10 @@ class PairingSessionService:
             return await self._finish(identity, rid, _error(rid, InvalidCodeFormat()))
         if claim is None and claim_error is None:  # busy: a claim in flight decides
             try:
-                claim = await self.store.claim_code(digest, app_id, rid, new_session_id())
-            except CodeNotFound as exc:
-                claim_error = exc
-                tombstones = self.settings.tombstones
-                if tombstones.enabled and await self.store.find_tombstone(
-                    tombstones, digest, _now_ms()
-                ):
-                    claim_error = CodeExpired()
-            except (CodeExpired, CodeAlreadyUsed) as exc:
+                claim = await self.store.claim_code(
+                    digest, app_id, rid, new_session_id(), self.settings.tombstones
+                )
+            except (CodeNotFound, CodeExpired, CodeAlreadyUsed) as exc:
                 claim_error = exc
         if claim is None:
             assert claim_error is not None  # noqa: S101

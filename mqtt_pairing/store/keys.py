@@ -1,10 +1,12 @@
 """Every Redis key template of the service (DESIGN.md, "Redis keys").
 
-Hash tags are `{runner:<id>}`, `{app:<id>}`, `{code:<digest>}`, `{session:<id>}` and
-`{global:<n>}` only, and every Lua script touches keys of one tag, so each script runs on
-one Redis Cluster slot. The tag always comes first after the prefix and kind, so a
-`request_id` (which may hold braces) placed after it cannot move the slot. No key holds a
-live code: `<digest>` is the HMAC digest of the code (see `codes.code_digest`).
+Hash tags are `{runner:<id>}`, `{app:<id>}`, `{c:<code group>}`, `{session:<id>}` and
+`{global:<n>}` only (DESIGN.md names `{code:<digest>}`; codes are tagged by the first two
+hex characters of their digest instead, see `code_group`), and every Lua script touches
+keys of one tag, so each script runs on one Redis Cluster slot. The tag always comes
+first after the prefix and kind, so a `request_id` (which may hold braces) placed after it
+cannot move the slot. No key holds a live code: `<digest>` is the HMAC digest of the code
+(see `codes.code_digest`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
+from mqtt_pairing.codes import CODE_GROUP_HEX, DIGEST_HEX_CHARS, code_group
+
 MS_PER_S = 1000
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def hash_tag(key: str) -> str:
@@ -32,19 +40,36 @@ class KeySchema:
     prefix: str = "pairing"
 
     def code(self, digest: str) -> str:
-        """Hash of a code; one-letter field names, listed in store/lua/issue_code.lua."""
-        return f"{self.prefix}:code:{{code:{digest}}}"
+        """Hash of a code; one-letter field names, listed in store/lua/issue_code.lua.
+
+        Tagged by the code's group (`code_group`), not the whole digest, so that the
+        claim reads its group's tombstone strings in the same slot.
+        """
+        return f"{self.prefix}:code:{{c:{code_group(digest)}}}:{digest}"
 
     def code_claims(self, digest: str) -> str:
         """Hash: app_id, a newline and request_id -> session_id, for every use of the code."""
-        return f"{self.prefix}:code:{{code:{digest}}}:claims"
+        return f"{self.code(digest)}:claims"
 
-    def tombstones(self, shard: int, window: int) -> str:
-        """String of 8-byte records of the codes of one shard that expire in one window.
+    def code_pattern(self) -> str:
+        """A SCAN pattern of every code hash (not their claims)."""
+        return f"{_glob_escape(self.prefix)}:code:{{c:??}}:{'?' * DIGEST_HEX_CHARS}"
+
+    def digest_of(self, code_key: str) -> str | None:
+        """The digest in a code hash's key, or None if it is not one."""
+        head = f"{self.prefix}:code:{{c:"
+        if not code_key.startswith(head):
+            return None
+        digest = code_key[len(head) + CODE_GROUP_HEX + 2 :]
+        return digest if len(digest) == DIGEST_HEX_CHARS else None
+
+    def tombstones(self, group: str, window: int) -> str:
+        """String of 8-byte records of the codes of one group that expire in one window.
 
         See `mqtt_pairing.tombstones`: the `CODE_EXPIRED` answer once a code hash is gone.
+        Same tag as the group's code hashes.
         """
-        return f"{self.prefix}:tomb:{{global:{shard}}}:{window}"
+        return f"{self.prefix}:tomb:{{c:{group}}}:{window}"
 
     def runner(self, runner_id: str) -> str:
         """Hash: active code digest, name, public key, metadata, presence."""

@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -43,6 +44,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
 from mqtt_pairing import policy
+from mqtt_pairing.codes import code_group
 from mqtt_pairing.errors import (
     Banned,
     CodeAlreadyUsed,
@@ -771,31 +773,30 @@ class PairingStore:
         place = layout.place(digest, expires_ms)
         return ScriptCall(
             "add_tombstone",
-            (self.keys.tombstones(place.shard, place.window),),
+            (self.keys.tombstones(place.group, place.window),),
             (place.fingerprint, place.offset, place.expire_at_ms),
         )
+
+    def _tombstone_lookup(
+        self, layout: TombstoneLayout, digest: str, now_ms: int
+    ) -> tuple[tuple[str, ...], tuple[str | int, ...]]:
+        """The KEYS and ARGV of a tombstone lookup (`tombstone_expired`, _prelude.lua).
+
+        `now_ms` is this process's clock: which windows to read; the script decides with
+        Redis time.
+        """
+        group, windows = code_group(digest), layout.lookup_windows(now_ms)
+        keys = tuple(self.keys.tombstones(group, w) for w in windows)
+        args = (digest[FINGERPRINT_HEX], layout.window_ms, layout.tombstone_ms, *windows)
+        return keys, args
 
     def find_tombstone_call(self, layout: TombstoneLayout, digest: str, now_ms: int) -> ScriptCall:
         """The `find_tombstone` call for a code whose hash may be gone; see `parse_tombstone`.
 
-        Args:
-            layout: the tombstone settings.
-            digest: the code's digest.
-            now_ms: this process's clock (ms): which windows to read; the script decides
-                with Redis time.
+        (`claim_code` answers the same by itself; this is for tests and benchmarks.)
         """
-        shard = layout.shard(digest)
-        windows = layout.lookup_windows(now_ms)
-        return ScriptCall(
-            "find_tombstone",
-            tuple(self.keys.tombstones(shard, w) for w in windows),
-            (
-                digest[FINGERPRINT_HEX],
-                layout.window_ms,
-                layout.tombstone_ms,
-                *windows,
-            ),
-        )
+        keys, args = self._tombstone_lookup(layout, digest, now_ms)
+        return ScriptCall("find_tombstone", keys, args)
 
     @staticmethod
     def parse_tombstone(res: Any) -> bool:  # noqa: ANN401
@@ -890,13 +891,29 @@ class PairingStore:
         res = await self._run("end_code", [self.keys.code(digest)], [state, runner_id])
         return int(res) == 1
 
-    def claim_call(self, digest: str, app_id: str, request_id: str, session_id: str) -> ScriptCall:
-        """The `claim_code` call; its result goes to `parse_claim`."""
-        return ScriptCall(
-            "claim_code",
-            (self.keys.code(digest), self.keys.code_claims(digest)),
-            (f"{app_id}\n{request_id}", session_id, int(CLAIM_IN_FLIGHT_S * MS_PER_S)),
+    def claim_call(
+        self,
+        digest: str,
+        app_id: str,
+        request_id: str,
+        session_id: str,
+        tombstones: TombstoneLayout | None = None,
+    ) -> ScriptCall:
+        """The `claim_code` call; its result goes to `parse_claim`.
+
+        With `tombstones` (enabled), a code whose hash is gone answers `CODE_EXPIRED` from
+        its group's tombstone strings, in the same script.
+        """
+        keys: tuple[str, ...] = (self.keys.code(digest), self.keys.code_claims(digest))
+        args: tuple[str | int, ...] = (
+            f"{app_id}\n{request_id}",
+            session_id,
+            int(CLAIM_IN_FLIGHT_S * MS_PER_S),
         )
+        if tombstones is not None and tombstones.enabled:
+            t_keys, t_args = self._tombstone_lookup(tombstones, digest, int(time.time() * 1000))
+            keys, args = keys + t_keys, args + t_args
+        return ScriptCall("claim_code", keys, args)
 
     @staticmethod
     def parse_claim(res: Any) -> Claim:  # noqa: ANN401
@@ -924,7 +941,14 @@ class PairingStore:
             raise ClaimBusy
         raise CodeNotFound
 
-    async def claim_code(self, digest: str, app_id: str, request_id: str, session_id: str) -> Claim:
+    async def claim_code(
+        self,
+        digest: str,
+        app_id: str,
+        request_id: str,
+        session_id: str,
+        tombstones: TombstoneLayout | None = None,
+    ) -> Claim:
         """Take one use of the code for (app_id, request_id); a repeat returns the same.
 
         A used-up code with a claim in flight is asked again until that claim is settled
@@ -934,7 +958,7 @@ class PairingStore:
             CodeNotFound, CodeExpired, CodeAlreadyUsed: the lookup failed.
             StoreUnavailable: Redis is unreachable.
         """
-        call = self.claim_call(digest, app_id, request_id, session_id)
+        call = self.claim_call(digest, app_id, request_id, session_id, tombstones)
         deadline = asyncio.get_running_loop().time() + CLAIM_IN_FLIGHT_S
         while True:
             try:

@@ -20,7 +20,7 @@ from mqtt_pairing.store.redis_store import Call
 from mqtt_pairing.topics import Identity, Kind
 
 SECRET = b"s" * 32
-TAG_PATTERN = re.compile(r"(runner|app|session|global):[A-Za-z0-9._-]+|code:[0-9a-f]{24}")
+TAG_PATTERN = re.compile(r"(runner|app|session|global):[A-Za-z0-9._-]+|c:[0-9a-f]{2}")
 
 
 CODE_FIELDS = {

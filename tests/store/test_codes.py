@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from mqtt_pairing.codes import code_group
 from mqtt_pairing.store import PairingStore
 from mqtt_pairing.topics import Kind
 from tests.store.helpers import Api, all_keys, error_code, redis_now_ms
@@ -65,7 +66,7 @@ async def _rewrite_tombstone(api: Api, code: str, expires_ms: int) -> None:
     """Replace the code's tombstone record with one for an expiry at `expires_ms`."""
     layout, store, digest = api.settings.tombstones, api.store, api.digest(code)
     for window in layout.lookup_windows(expires_ms, skew_ms=10 * layout.window_ms):
-        await store.client.delete(store.keys.tombstones(layout.shard(digest), window))
+        await store.client.delete(store.keys.tombstones(code_group(digest), window))
     await store.call(store.tombstone_call(layout, digest, expires_ms))
 
 
@@ -80,7 +81,7 @@ async def test_expired_then_not_found_without_sleeping(api: Api) -> None:
     assert 115_000 < pttl <= 120_000
     expires = int((await api.code_hash(code))["expires_ms"])
     place = s.tombstones.place(api.digest(code), expires)
-    tomb_key = api.store.keys.tombstones(place.shard, place.window)
+    tomb_key = api.store.keys.tombstones(place.group, place.window)
     assert await client.strlen(tomb_key) == 8
     assert await client.pexpiretime(tomb_key) == place.expire_at_ms
     # the code's time runs out while its hash is still there

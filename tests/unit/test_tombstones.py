@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqtt_pairing.codes import code_digest, generate_code
+from mqtt_pairing.codes import code_digest, code_group, generate_code
 from mqtt_pairing.tombstones import (
     KEEP_MARGIN_MS,
     OFFSET_STEPS,
@@ -15,22 +15,20 @@ from mqtt_pairing.tombstones import (
 
 digests = st.binary(min_size=12, max_size=12).map(bytes.hex)
 layouts = st.builds(
-    TombstoneLayout,
-    tombstone_ms=st.integers(min_value=1, max_value=7 * 86_400_000),
-    shards=st.integers(min_value=1, max_value=4096),
+    TombstoneLayout, tombstone_ms=st.integers(min_value=1, max_value=7 * 86_400_000)
 )
 times = st.integers(min_value=0, max_value=4_102_444_800_000)  # up to 2100, ms
 
 
 def test_the_default_setting_gives_ten_minute_windows() -> None:
-    layout = TombstoneLayout(tombstone_ms=3_600_000, shards=256)
+    layout = TombstoneLayout(tombstone_ms=3_600_000)
     assert layout.window_ms == 600_000
     assert len(layout.lookup_windows(1_800_000_000_000)) == 9  # 6 + 1 + a window each side
 
 
 def test_a_zero_tombstone_turns_them_off() -> None:
-    assert not TombstoneLayout(tombstone_ms=0, shards=1).enabled
-    assert TombstoneLayout(tombstone_ms=1, shards=1).enabled
+    assert not TombstoneLayout(tombstone_ms=0).enabled
+    assert TombstoneLayout(tombstone_ms=1).enabled
 
 
 @given(layouts, digests, times)
@@ -39,8 +37,8 @@ def test_a_record_stands_for_its_expiry_or_a_step_before(
 ) -> None:
     place = layout.place(digest, expires_ms)
     assert 0 <= place.offset < OFFSET_STEPS
-    assert 0 <= place.shard < layout.shards
-    assert place.fingerprint == digest[4:16]
+    assert place.group == digest[:2]
+    assert place.fingerprint == digest[2:14]
     decoded = layout.expiry_of(place.window, place.offset)
     step = layout.window_ms / OFFSET_STEPS
     assert expires_ms - step - 1 < decoded <= expires_ms
@@ -75,11 +73,10 @@ def test_a_lookup_reads_a_bounded_number_of_strings(layout: TombstoneLayout) -> 
     assert len(layout.lookup_windows(1_800_000_000_000)) <= bound
 
 
-def test_codes_spread_over_the_shards() -> None:
-    layout = TombstoneLayout(tombstone_ms=3_600_000, shards=256)
+def test_codes_spread_over_the_groups() -> None:
     key = b"k" * 32
-    shards = {layout.shard(code_digest(key, generate_code())) for _ in range(4096)}
-    assert len(shards) > 200
+    groups = {code_group(code_digest(key, generate_code())) for _ in range(4096)}
+    assert len(groups) == 256
 
 
 @given(layouts, times, st.integers(min_value=-10_000_000, max_value=10_000_000))

@@ -1,6 +1,6 @@
 -- add_tombstone: remember a code after its expiry (mqtt_pairing/tombstones.py): append
 -- its 8-byte record to the string of its shard and expiry window.
--- KEYS[1] - tombstone string ({global:<shard>}, window)
+-- KEYS[1] - tombstone string ({c:<group>}, window)
 -- ARGV[1] - fingerprint: 12 hex characters of the digest
 -- ARGV[2] - expiry within the window, in 1/65536 steps (0..65535)
 -- ARGV[3] - when the string may go, ms since the epoch (after its window's last record

@@ -1,16 +1,23 @@
 -- claim_code: take one use of a code for (app_id, request_id). A repeat of the same pair
 -- returns the recorded session_id without a second use (DESIGN.md "A pair across slots" 2).
--- KEYS[1] - code hash ({code:<digest>})
+-- KEYS[1] - code hash ({c:<group>}, store/keys.py)
 -- KEYS[2] - claims hash of the code (same tag)
+-- KEYS[3..] - tombstone strings of the code's group (same tag), read only when the hash is
+--             gone: 'expired' or 'not_found' (none given: 'not_found')
 -- ARGV[1] - claim field: app_id .. '\n' .. request_id
 -- ARGV[2] - session_id to record for a new claim
 -- ARGV[3] - in-flight window, ms: a use claimed this recently may still be given back
+-- ARGV[4..] - with KEYS[3..]: fingerprint, window ms, tombstone ms, the keys' windows
+--             (see tombstone_expired in _prelude.lua)
 -- returns {'not_found'} | {'expired'} | {'used'} | {'busy'} (used up, but a recent claim
 --         may still be given back: ask again shortly)
 --       | {'ok', runner_id, session_id, uses_left, max_uses, repeat (0/1), first}
 -- (field names: issue_code.lua)
 local c = redis.call('HMGET', KEYS[1], 'r', 's', 'u', 'm', 'e', 'f')
-if not c[1] then return {'not_found'} end
+if not c[1] then
+  if #KEYS > 2 and tombstone_expired(3, 4, now_ms()) then return {'expired'} end
+  return {'not_found'}
+end
 -- claims: field -> session_id .. '\t' .. claimed_ms while in flight; session_id once
 -- settled (its session opened: settle_claim)
 local prev = redis.call('HGET', KEYS[2], ARGV[1])

@@ -1,5 +1,5 @@
 -- end_code: mark a code replaced or cancelled (answers CODE_ALREADY_USED from then on).
--- KEYS[1] - code hash ({code:<digest>})
+-- KEYS[1] - code hash ({c:<group>}, store/keys.py)
 -- ARGV[1] - new state: 'replaced' | 'cancelled'
 -- ARGV[2] - runner_id the code must belong to
 -- returns 1 if the code was live (active and not expired), else 0

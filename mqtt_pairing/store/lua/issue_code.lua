@@ -1,5 +1,5 @@
 -- issue_code: create a new code under its digest, unless the digest is taken.
--- KEYS[1] - code hash ({code:<digest>})
+-- KEYS[1] - code hash ({c:<group>}, store/keys.py)
 -- ARGV[1] - runner_id
 -- ARGV[2] - max uses
 -- ARGV[3] - TTL, ms

@@ -1,5 +1,5 @@
 -- unclaim_code: give back a use whose session could not open (DESIGN.md step 4).
--- KEYS[1] - code hash ({code:<digest>})
+-- KEYS[1] - code hash ({c:<group>}, store/keys.py)
 -- KEYS[2] - claims hash of the code
 -- ARGV[1] - claim field: app_id .. '\n' .. request_id
 -- returns 1 if a use was given back, else 0
