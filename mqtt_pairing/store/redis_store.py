@@ -441,6 +441,23 @@ class PairingStore:
     async def _send_and_read(
         self, conn: AbstractConnection, commands: Sequence[tuple[str | int | float, ...]]
     ) -> list[Any]:
+        # One timeout for the whole exchange, not one per reply (redis-py wraps every
+        # read, and every write in a Task, when the connection has a socket timeout):
+        # the connection is ours until released, so its timeout is lifted meanwhile.
+        timeout = conn.socket_timeout
+        conn.socket_timeout = None
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._exchange_on(conn, commands)
+        except TimeoutError:
+            await conn.disconnect(nowait=True)  # a reply may still be on its way
+            raise RedisTimeoutError("Timeout reading from Redis") from None
+        finally:
+            conn.socket_timeout = timeout
+
+    async def _exchange_on(
+        self, conn: AbstractConnection, commands: Sequence[tuple[str | int | float, ...]]
+    ) -> list[Any]:
         await conn.send_packed_command(conn.pack_commands(commands))
         callbacks = self.client.response_callbacks
         out: list[Any] = []

@@ -9,12 +9,14 @@ the connection out of step, NOSCRIPT reloads, the same bytes on the wire.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import pytest
 from redis.asyncio.connection import Connection
 
-from mqtt_pairing.errors import InternalError
+from mqtt_pairing.errors import InternalError, StoreUnavailable
 from mqtt_pairing.store import PairingStore, connect_redis, redis_store
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.store.redis_store import RawCall
@@ -97,3 +99,34 @@ async def test_the_service_client_packs_with_its_own_connections(store_redis_url
         assert await store.call(store.outbox_due_call("r1", delay_s=5, shards=4)) is not None
     finally:
         await client.aclose()
+
+
+async def test_a_silent_redis_times_out_the_batch_not_the_service() -> None:
+    # A server that takes the commands and never answers: the whole exchange runs under
+    # one timeout (not one per reply), the connection is dropped and its own socket
+    # timeout is back in place for redis-py's other calls.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect_redis(f"redis://127.0.0.1:{port}", timeout_s=0.2)
+    store = PairingStore(client, KeySchema("silent"))
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        with pytest.raises(StoreUnavailable):
+            await store.batch([RawCall(("GET", "a")), RawCall(("GET", "b"))])
+        assert loop.time() - started < 3.0  # the timeout, and redis-py's retries of it
+        pool = client.connection_pool
+        idle = list(pool._available_connections)
+        assert idle, "the connection went back to the pool"
+        assert all(c.socket_timeout == 0.2 for c in idle)
+        assert not any(c.is_connected for c in idle)
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
