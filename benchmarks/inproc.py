@@ -238,12 +238,21 @@ async def round_trip_cpu(servers: Servers, *, batches: int) -> dict[str, Any]:
 _TAG = re.compile(r"\{(\w+):[^}]*\}")
 
 
+_AFTER_TAG = re.compile(r"^(code:\{c:\*\}):[0-9a-f]{24}|^(tomb:\{c:\*\}):\d+")
+
+
 def key_family(key: str) -> str:
-    """`pairing:runner:{runner:r-1}:sessions` -> `runner:{runner:*}:sessions`."""
+    """`pairing:runner:{runner:r-1}:sessions` -> `runner:{runner:*}:sessions`.
+
+    A code's digest and a tombstone string's window after the tag become `<digest>` and
+    `<window>`.
+    """
     fam = _TAG.sub(r"{\1:*}", key.removeprefix(f"{KEY_PREFIX}:"))
     if fam.startswith("dedupe:"):
         fam = fam.rsplit(":", 1)[0] + ":<request_id>"
-    return fam
+    return _AFTER_TAG.sub(
+        lambda m: f"{m.group(1)}:<digest>" if m.group(1) else f"{m.group(2)}:<window>", fam
+    )
 
 
 def memory_by_family(client: redis.Redis) -> dict[str, dict[str, int]]:

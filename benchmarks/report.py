@@ -146,8 +146,10 @@ class _Report:
             "rates: the machine is shared, and what else runs on it moves pairs/s and "
             "echo/s alike.",
             "",
-            "It needs `redis-server`, `redis-cli` and `mosquitto` on the machine (Debian "
-            "packages) and starts its own on free ports of 127.0.0.1, stopping them at the "
+            "It needs the venv with the test and bench extras (`.venv/bin/pip install -e "
+            "'.[test,bench]'`: the harness reuses the test fixtures that start servers), "
+            "and `redis-server`, `redis-cli` and `mosquitto` on the machine (Debian "
+            "packages). It starts its own on free ports of 127.0.0.1, stopping them at the "
             "end; the Redis Cluster of section 6 (3 masters) only for its step. The "
             "profile step uses `py-spy` from the venv and is skipped without it. Run it on "
             "an otherwise idle machine: the service, the broker, Redis and the load "
