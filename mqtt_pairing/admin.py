@@ -130,7 +130,7 @@ class BanEntry:
         return self.type == "ban" and self.until_ms is None
 
     def to_json(self) -> dict[str, Any]:
-        """The `--json` object (docs/admin.md): every key always present."""
+        """The `--json` object (README.md, Administration): every key always present."""
         return {
             "type": self.type,
             "kind": self.kind,
@@ -158,7 +158,7 @@ class CodeInfo:
     expires_in_s: int
 
     def to_json(self) -> dict[str, Any]:
-        """The `--json` object (docs/admin.md)."""
+        """The `--json` object (README.md, Administration)."""
         return {
             "runner_id": self.runner_id,
             "code": self.masked,
@@ -185,7 +185,7 @@ class HistoryRecord:
     entry: PairingHistoryEntry
 
     def to_json(self) -> dict[str, Any]:
-        """The `--json` object (docs/admin.md): every key always present."""
+        """The `--json` object (README.md, Administration): every key always present."""
         e = self.entry
         return {
             "id": self.stream_id,
@@ -228,7 +228,7 @@ class Stats:
     budget_window_s: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        """The `--json` object (docs/admin.md)."""
+        """The `--json` object (README.md, Administration)."""
         return {
             "window_s": self.window_s,
             "from": format_ts(self.from_ms),

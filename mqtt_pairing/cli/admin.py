@@ -3,7 +3,7 @@
 They talk to the service's Redis (settings as for `serve`: `REDIS_URL`, the `REDIS_HOST`
 group or `REDIS_CLUSTER_URL`, `PAIRING_KEY_PREFIX`, `PAIRING_INDEX_SHARDS`; `PAIRING_SECRET`
 is not needed) through `AdminService`. Output is a rich table by default and one JSON object per
-line with `--json` (the fields are documented in docs/admin.md and kept stable).
+line with `--json` (the fields are documented in README.md, Administration, and kept stable).
 
 Exit codes: 0 success, 1 a domain or runtime error (no such session, Redis unreachable),
 2 bad usage (a malformed id, duration, time or cursor; no Redis setting). Errors are one
@@ -260,7 +260,8 @@ def _length(duration_s: int | None) -> str:
 # ---- options ----------------------------------------------------------------------------
 
 JsonOpt = Annotated[
-    bool, typer.Option("--json", help="One JSON object per line (fields: docs/admin.md).")
+    bool,
+    typer.Option("--json", help="One JSON object per line (fields: README.md, Administration)."),
 ]
 KindArg = Annotated[str, typer.Argument(metavar="{app|runner}", help="app or runner.")]
 IdArg = Annotated[str, typer.Argument(metavar="ID", help="The app_id or runner_id.")]
@@ -701,7 +702,7 @@ def stats(
         typer.Option("--window", metavar="DURATION", help="How far back: 15m, 1h, 1d, 7d ..."),
     ] = "1h",
     as_json: Annotated[
-        bool, typer.Option("--json", help="One JSON object (docs/admin.md).")
+        bool, typer.Option("--json", help="One JSON object (README.md, Administration).")
     ] = False,
 ) -> None:
     """Pairs succeeded and failed (by error code), bans, sessions, codes, failure budget.
