@@ -238,7 +238,7 @@ async def round_trip_cpu(servers: Servers, *, batches: int) -> dict[str, Any]:
 _TAG = re.compile(r"\{(\w+):[^}]*\}")
 
 
-_AFTER_TAG = re.compile(r"^(code:\{c:\*\}):[0-9a-f]{24}|^(tomb:\{c:\*\}):\d+")
+_AFTER_TAG = re.compile(r"^(code:\{c:\*\}):[0-9a-f]{24}|^(tomb:\{c:\*\}):\d+:\d+")
 
 
 def key_family(key: str) -> str:
@@ -251,7 +251,8 @@ def key_family(key: str) -> str:
     if fam.startswith("dedupe:"):
         fam = fam.rsplit(":", 1)[0] + ":<request_id>"
     return _AFTER_TAG.sub(
-        lambda m: f"{m.group(1)}:<digest>" if m.group(1) else f"{m.group(2)}:<window>", fam
+        lambda m: f"{m.group(1)}:<digest>" if m.group(1) else f"{m.group(2)}:<window>:<bucket>",
+        fam,
     )
 
 

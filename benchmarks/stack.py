@@ -325,7 +325,9 @@ local step = ttl / count  -- ms between two expiries at the steady issue rate
 local function record(digest, e)
   local window = math.floor(e / w)
   local off = math.floor((e - window * w) * 65536 / w)
-  local key = ARGV[1] .. ':tomb:{c:' .. string.sub(digest, 1, 2) .. '}:' .. window
+  local bucket = math.floor(tonumber(string.sub(digest, 3, 3), 16) / 4)
+  local key = ARGV[1] .. ':tomb:{c:' .. string.sub(digest, 1, 2) .. '}:' .. window .. ':'
+    .. bucket
   redis.call('APPEND', key,
     unhex(string.sub(digest, 3, 14)) .. string.char(math.floor(off / 256), off % 256))
   redis.call('PEXPIREAT', key, (window + 1) * w + tomb + 1000)
@@ -440,7 +442,7 @@ class CodeFactory:
                 )
                 # its tombstone record, as PairingCodeService.issue writes it
                 place = self.layout.place(digest, now_ms + CODE_TTL_S * 1000)
-                tomb_key = self.keys.tombstones(place.group, place.window)
+                tomb_key = self.keys.tombstones(place.group, place.window, place.bucket)
                 _evalsha(
                     pipes.of(tomb_key),
                     self._tomb.sha,

@@ -11,8 +11,9 @@ Records are appended to strings shared by every code of one group (digest byte 0
 `codes.code_group`) whose expiry falls in one window; a window is
 1/`WINDOWS_PER_TOMBSTONE` of the tombstone time, and each string expires when the last
 record in it stops mattering. Per live code this costs about 8 bytes for every `window` of
-its TTL + tombstone + half a window, in place of a whole code hash (about 240 bytes) kept
-for the tombstone time.
+its TTL + tombstone + half a window, plus what `APPEND` preallocates as a string grows (up
+to as much again; `scripts/bench` measures the whole: 284 bytes per live code with its
+hash), in place of a whole code hash (about 240 bytes) kept for the tombstone time.
 
 A lookup reads the strings of the digest's group for the windows that can hold an
 expiry in [now - tombstone, now] and answers "expired" if a record with the digest's 48
@@ -35,6 +36,10 @@ WINDOWS_PER_TOMBSTONE = 6
 RECORD_BYTES = 8
 FINGERPRINT_HEX = slice(2, 14)
 """Hex characters of the digest kept in a record (48 bits, after the group's 8)."""
+BUCKETS = 4
+"""Strings per group and window, by the top 2 bits of the fingerprint: a failed guess reads
+a quarter of its group's records (what a lookup reads is what it costs Redis, about
+1.5 ns a byte), for a few more keys (about 6 bytes per live code at 100k codes)."""
 OFFSET_STEPS = 65_536
 KEEP_MARGIN_MS = 1_000
 """Kept this much longer than needed, so a record never expires before it is read."""
@@ -44,13 +49,14 @@ KEEP_MARGIN_MS = 1_000
 class TombstonePlace:
     """Where a code's record goes and what it holds.
 
-    `group` and `window` name the string (`KeySchema.tombstones`), `fingerprint` is 12 hex
+    `group`, `window` and `bucket` name the string (`KeySchema.tombstones`), `fingerprint` is 12 hex
     characters, `offset` the expiry within the window in 1/65,536 steps, and
     `expire_at_ms` the string's expiry (ms since the epoch).
     """
 
     group: str
     window: int
+    bucket: int
     fingerprint: str
     offset: int
     expire_at_ms: int
@@ -78,6 +84,11 @@ class TombstoneLayout:
         """The width of a window, ms: tombstone time / `WINDOWS_PER_TOMBSTONE`, rounded up."""
         return max(1, -(-self.tombstone_ms // WINDOWS_PER_TOMBSTONE))
 
+    @staticmethod
+    def bucket(digest: str) -> int:
+        """The string of its group and window that holds a code's record (0 to 3)."""
+        return int(digest[FINGERPRINT_HEX.start], 16) * BUCKETS // 16
+
     def place(self, digest: str, expires_ms: int) -> TombstonePlace:
         """Where the record of a code that expires at `expires_ms` (Redis time) goes.
 
@@ -90,6 +101,7 @@ class TombstoneLayout:
         offset = within * OFFSET_STEPS // w
         return TombstonePlace(
             group=code_group(digest),
+            bucket=self.bucket(digest),
             window=window,
             fingerprint=digest[FINGERPRINT_HEX],
             offset=offset,

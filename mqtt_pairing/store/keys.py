@@ -63,13 +63,13 @@ class KeySchema:
         digest = code_key[len(head) + CODE_GROUP_HEX + 2 :]
         return digest if len(digest) == DIGEST_HEX_CHARS else None
 
-    def tombstones(self, group: str, window: int) -> str:
-        """String of 8-byte records of the codes of one group that expire in one window.
+    def tombstones(self, group: str, window: int, bucket: int) -> str:
+        """String of 8-byte records: the codes of one group and bucket expiring in a window.
 
         See `mqtt_pairing.tombstones`: the `CODE_EXPIRED` answer once a code hash is gone.
         Same tag as the group's code hashes.
         """
-        return f"{self.prefix}:tomb:{{c:{group}}}:{window}"
+        return f"{self.prefix}:tomb:{{c:{group}}}:{window}:{bucket}"
 
     def runner(self, runner_id: str) -> str:
         """Hash: active code digest, name, public key, metadata, presence."""

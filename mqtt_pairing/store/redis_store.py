@@ -790,7 +790,7 @@ class PairingStore:
         place = layout.place(digest, expires_ms)
         return ScriptCall(
             "add_tombstone",
-            (self.keys.tombstones(place.group, place.window),),
+            (self.keys.tombstones(place.group, place.window, place.bucket),),
             (place.fingerprint, place.offset, place.expire_at_ms),
         )
 
@@ -803,7 +803,8 @@ class PairingStore:
         Redis time.
         """
         group, windows = code_group(digest), layout.lookup_windows(now_ms)
-        keys = tuple(self.keys.tombstones(group, w) for w in windows)
+        bucket = layout.bucket(digest)
+        keys = tuple(self.keys.tombstones(group, w, bucket) for w in windows)
         args = (digest[FINGERPRINT_HEX], layout.window_ms, layout.tombstone_ms, *windows)
         return keys, args
 
@@ -823,9 +824,13 @@ class PairingStore:
     async def find_tombstone(self, layout: TombstoneLayout, digest: str, now_ms: int) -> bool:
         """True if the code of `digest` expired within the tombstone time.
 
+        False when tombstones are off.
+
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
+        if not layout.enabled:
+            return False
         return self.parse_tombstone(
             await self.call(self.find_tombstone_call(layout, digest, now_ms))
         )
@@ -975,9 +980,10 @@ class PairingStore:
             CodeNotFound, CodeExpired, CodeAlreadyUsed: the lookup failed.
             StoreUnavailable: Redis is unreachable.
         """
-        call = self.claim_call(digest, app_id, request_id, session_id, tombstones)
         deadline = asyncio.get_running_loop().time() + CLAIM_IN_FLIGHT_S
         while True:
+            # Built anew each time: the tombstone windows follow the clock.
+            call = self.claim_call(digest, app_id, request_id, session_id, tombstones)
             try:
                 return self.parse_claim(await self.call(call))
             except ClaimBusy:

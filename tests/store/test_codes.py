@@ -66,7 +66,9 @@ async def _rewrite_tombstone(api: Api, code: str, expires_ms: int) -> None:
     """Replace the code's tombstone record with one for an expiry at `expires_ms`."""
     layout, store, digest = api.settings.tombstones, api.store, api.digest(code)
     for window in layout.lookup_windows(expires_ms, skew_ms=10 * layout.window_ms):
-        await store.client.delete(store.keys.tombstones(code_group(digest), window))
+        await store.client.delete(
+            store.keys.tombstones(code_group(digest), window, layout.bucket(digest))
+        )
     await store.call(store.tombstone_call(layout, digest, expires_ms))
 
 
@@ -81,7 +83,7 @@ async def test_expired_then_not_found_without_sleeping(api: Api) -> None:
     assert 115_000 < pttl <= 120_000
     expires = int((await api.code_hash(code))["expires_ms"])
     place = s.tombstones.place(api.digest(code), expires)
-    tomb_key = api.store.keys.tombstones(place.group, place.window)
+    tomb_key = api.store.keys.tombstones(place.group, place.window, place.bucket)
     assert await client.strlen(tomb_key) == 8
     assert await client.pexpiretime(tomb_key) == place.expire_at_ms
     # the code's time runs out while its hash is still there

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mqtt_pairing.codes import code_digest, code_group, generate_code
 from mqtt_pairing.tombstones import (
+    BUCKETS,
     KEEP_MARGIN_MS,
     OFFSET_STEPS,
     WINDOWS_PER_TOMBSTONE,
@@ -39,6 +42,7 @@ def test_a_record_stands_for_its_expiry_or_a_step_before(
     assert 0 <= place.offset < OFFSET_STEPS
     assert place.group == digest[:2]
     assert place.fingerprint == digest[2:14]
+    assert 0 <= place.bucket < BUCKETS
     decoded = layout.expiry_of(place.window, place.offset)
     step = layout.window_ms / OFFSET_STEPS
     assert expires_ms - step - 1 < decoded <= expires_ms
@@ -77,6 +81,11 @@ def test_codes_spread_over_the_groups() -> None:
     key = b"k" * 32
     groups = {code_group(code_digest(key, generate_code())) for _ in range(4096)}
     assert len(groups) == 256
+    buckets = Counter(
+        TombstoneLayout.bucket(code_digest(key, generate_code())) for _ in range(4096)
+    )
+    assert sorted(buckets) == list(range(BUCKETS))
+    assert min(buckets.values()) > 4096 / BUCKETS / 2
 
 
 @given(layouts, times, st.integers(min_value=-10_000_000, max_value=10_000_000))

@@ -61,9 +61,12 @@ local function tombstone_expired(first, a, now)
   local w = tonumber(ARGV[a + 1])
   local tomb = tonumber(ARGV[a + 2])
   for i = first, #KEYS do
-    local s = redis.call('GET', KEYS[i])
+    local base = tonumber(ARGV[a + 3 + i - first]) * w
+    -- Only windows that can hold an expiry e with now - tomb < e <= now are read: the
+    -- window of live codes' records (e > now) and those past their time are skipped.
+    local s = false
+    if base <= now and base + w + tomb > now then s = redis.call('GET', KEYS[i]) end
     if s then
-      local base = tonumber(ARGV[a + 3 + i - first]) * w
       local from = 1
       while true do
         local p = string.find(s, fp, from, true)
