@@ -324,13 +324,14 @@ local w = math.max(1, math.ceil(tomb / 6))
 local step = ttl / count  -- ms between two expiries at the steady issue rate
 local function record(digest, e)
   local window = math.floor(e / w)
-  local off = math.floor((e - window * w) * 65536 / w)
+  local off = math.floor((e - window * w) * 256 / w)
   local bucket = math.floor(tonumber(string.sub(digest, 3, 3), 16) / 4)
   local key = ARGV[1] .. ':tomb:{c:' .. string.sub(digest, 1, 2) .. '}:' .. window .. ':'
     .. bucket
-  redis.call('APPEND', key,
-    unhex(string.sub(digest, 3, 14)) .. string.char(math.floor(off / 256), off % 256))
-  redis.call('PEXPIREAT', key, (window + 1) * w + tomb + 1000)
+  -- as add_tombstone.lua: the string rewritten whole, at its exact size
+  local s = redis.call('GET', key) or ''
+  redis.call('SET', key, s .. unhex(string.sub(digest, 3, 12)) .. string.char(off),
+    'PXAT', (window + 1) * w + tomb + 1000)
 end
 local written = 0
 if ARGV[9] == 'live' then

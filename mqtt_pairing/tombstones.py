@@ -2,27 +2,28 @@
 
 PROTOCOL.md "Codes": an expired code answers `CODE_EXPIRED` for `PAIRING_CODE_TOMBSTONE_S`
 after its expiry, then `CODE_NOT_FOUND`. A code's own hash lives only until the code
-expires. What remains after that is an 8-byte record, written when the code is issued:
+expires. What remains after that is a 6-byte record, written when the code is issued:
 
-- bytes 0-5: digest bytes 1-6 (hex characters 2-13 of `codes.code_digest`), 48 bits;
-- bytes 6-7: the expiry, big-endian, as a fraction of the window (1/65,536 of it).
+- bytes 0-4: digest bytes 1-5 (hex characters 2-11 of `codes.code_digest`), 40 bits;
+- byte 5: the expiry, as a fraction of the window (1/256 of it).
 
 Records are appended to strings shared by every code of one group (digest byte 0,
 `codes.code_group`) whose expiry falls in one window; a window is
 1/`WINDOWS_PER_TOMBSTONE` of the tombstone time, and each string expires when the last
-record in it stops mattering. Per live code this costs about 8 bytes for every `window` of
-its TTL + tombstone + half a window, plus what `APPEND` preallocates as a string grows (up
-to as much again; `scripts/bench` measures the whole: 284 bytes per live code with its
-hash), in place of a whole code hash (about 240 bytes) kept for the tombstone time.
+record in it stops mattering. Per live code this costs about 6 bytes for every `window` of
+its TTL + tombstone + half a window (strings are rewritten whole, at their exact size:
+`APPEND` would preallocate up to as much again), in place of a whole code hash (about 240
+bytes) kept for the tombstone time; `scripts/bench` measures the whole.
 
 A lookup reads the strings of the digest's group for the windows that can hold an
 expiry in [now - tombstone, now] and answers "expired" if a record with the digest's 48
 bits has an expiry in that range. It runs inside `claim_code.lua`, and only when the
 code's hash is gone: the strings share the tag `{c:<group>}` with the group's code
 hashes, so a successful pair never reads them and a failed guess reads them in the same
-script as its claim. Another code with the same 48 bits in the same group would answer
+script as its claim. Another code with the same 40 bits in the same group would answer
 `CODE_EXPIRED` in place of `CODE_NOT_FOUND`: with n records scanned the chance is
-n / 2^48 per guess (1.6e-9 at a million records), and both count as a failed guess.
+n / 2^40 per guess (about 5e-9 for the ~6,000 records a miss reads among a million live
+codes' tombstones), and both count as a failed guess.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ from mqtt_pairing.codes import code_group
 
 WINDOWS_PER_TOMBSTONE = 6
 """A window is this fraction of the tombstone time: more windows, less time kept past it."""
-RECORD_BYTES = 8
-FINGERPRINT_HEX = slice(2, 14)
-"""Hex characters of the digest kept in a record (48 bits, after the group's 8)."""
+RECORD_BYTES = 6
+FINGERPRINT_HEX = slice(2, 12)
+"""Hex characters of the digest kept in a record (40 bits, after the group's 8)."""
 BUCKETS = 4
 """Strings per group and window, by the top 2 bits of the fingerprint: a failed guess reads
 a quarter of its group's records (what a lookup reads is what it costs Redis, about
 1.5 ns a byte), for a few more keys (about 6 bytes per live code at 100k codes)."""
-OFFSET_STEPS = 65_536
+OFFSET_STEPS = 256
 KEEP_MARGIN_MS = 1_000
 """Kept this much longer than needed, so a record never expires before it is read."""
 
@@ -49,8 +50,8 @@ KEEP_MARGIN_MS = 1_000
 class TombstonePlace:
     """Where a code's record goes and what it holds.
 
-    `group`, `window` and `bucket` name the string (`KeySchema.tombstones`), `fingerprint` is 12 hex
-    characters, `offset` the expiry within the window in 1/65,536 steps, and
+    `group`, `window` and `bucket` name the string (`KeySchema.tombstones`), `fingerprint` is 10 hex
+    characters, `offset` the expiry within the window in 1/256 steps, and
     `expire_at_ms` the string's expiry (ms since the epoch).
     """
 
@@ -111,8 +112,8 @@ class TombstoneLayout:
     def expiry_of(self, window: int, offset: int) -> int:
         """The expiry a record stands for (ms since the epoch).
 
-        At most 1/65,536 of a window (+ 1 ms) before the true one, never after it, so the
-        answer turns to `CODE_NOT_FOUND` that much early (9 ms of an hour by default).
+        At most 1/256 of a window (+ 1 ms) before the true one, never after it, so the
+        answer turns to `CODE_NOT_FOUND` that much early (2.3 s of an hour by default).
         The same arithmetic as `find_tombstone.lua`.
         """
         w = self.window_ms

@@ -64,7 +64,7 @@ class KeySchema:
         return digest if len(digest) == DIGEST_HEX_CHARS else None
 
     def tombstones(self, group: str, window: int, bucket: int) -> str:
-        """String of 8-byte records: the codes of one group and bucket expiring in a window.
+        """String of 6-byte records: the codes of one group and bucket expiring in a window.
 
         See `mqtt_pairing.tombstones`: the `CODE_EXPIRED` answer once a code hash is gone.
         Same tag as the group's code hashes.

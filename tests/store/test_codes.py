@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from mqtt_pairing.codes import code_group
 from mqtt_pairing.store import PairingStore
+from mqtt_pairing.tombstones import RECORD_BYTES
 from mqtt_pairing.topics import Kind
 from tests.store.helpers import Api, all_keys, error_code, redis_now_ms
 
@@ -84,7 +85,7 @@ async def test_expired_then_not_found_without_sleeping(api: Api) -> None:
     expires = int((await api.code_hash(code))["expires_ms"])
     place = s.tombstones.place(api.digest(code), expires)
     tomb_key = api.store.keys.tombstones(place.group, place.window, place.bucket)
-    assert await client.strlen(tomb_key) == 8
+    assert await client.strlen(tomb_key) == RECORD_BYTES
     assert await client.pexpiretime(tomb_key) == place.expire_at_ms
     # the code's time runs out while its hash is still there
     await client.hset(key, "e", await redis_now_ms(client) - 1)

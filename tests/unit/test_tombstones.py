@@ -41,7 +41,7 @@ def test_a_record_stands_for_its_expiry_or_a_step_before(
     place = layout.place(digest, expires_ms)
     assert 0 <= place.offset < OFFSET_STEPS
     assert place.group == digest[:2]
-    assert place.fingerprint == digest[2:14]
+    assert place.fingerprint == digest[2:12]
     assert 0 <= place.bucket < BUCKETS
     decoded = layout.expiry_of(place.window, place.offset)
     step = layout.window_ms / OFFSET_STEPS

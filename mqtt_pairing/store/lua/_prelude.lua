@@ -50,10 +50,10 @@ local function unhex(h)
   return (string.gsub(h, '..', function(c) return string.char(tonumber(c, 16)) end))
 end
 
--- Did a code expire within the tombstone time? (mqtt_pairing/tombstones.py: 8-byte
--- records, 6 of fingerprint, 2 of expiry within the window in 1/65536 steps.)
+-- Did a code expire within the tombstone time? (mqtt_pairing/tombstones.py: 6-byte
+-- records, 5 of fingerprint, 1 of expiry within the window in 1/256 steps.)
 -- KEYS[first], KEYS[first + 1], ... are the strings of the code's group; ARGV[a] is the
--- fingerprint (12 hex), ARGV[a + 1] the window (ms), ARGV[a + 2] the tombstone (ms),
+-- fingerprint (10 hex), ARGV[a + 1] the window (ms), ARGV[a + 2] the tombstone (ms),
 -- ARGV[a + 3], ... the window of each of those keys, in order.
 -- Returns true if a record's expiry e has e <= now < e + tombstone.
 local function tombstone_expired(first, a, now)
@@ -71,11 +71,10 @@ local function tombstone_expired(first, a, now)
       while true do
         local p = string.find(s, fp, from, true)
         if not p then break end
-        if (p - 1) % 8 == 0 then
-          local off = string.byte(s, p + 6) * 256 + string.byte(s, p + 7)
-          local e = base + math.floor(off * w / 65536)
+        if (p - 1) % 6 == 0 then
+          local e = base + math.floor(string.byte(s, p + 5) * w / 256)
           if e <= now and now < e + tomb then return true end
-          from = p + 8
+          from = p + 6
         else
           from = p + 1
         end

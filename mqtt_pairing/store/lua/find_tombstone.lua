@@ -2,7 +2,7 @@
 -- (claim_code.lua asks the same when the code's hash is gone; this one is for the admin
 -- and the tests.)
 -- KEYS[i] - tombstone strings of one code group ({c:<group>}), window ARGV[3 + i]
--- ARGV[1] - fingerprint: 12 hex characters of the digest
+-- ARGV[1] - fingerprint: 10 hex characters of the digest
 -- ARGV[2] - window, ms
 -- ARGV[3] - tombstone, ms
 -- ARGV[3 + i] - the window of KEYS[i]
