@@ -322,16 +322,28 @@ local count = tonumber(ARGV[2])
 local first = tonumber(ARGV[3])
 local w = math.max(1, math.ceil(tomb / 6))
 local step = ttl / count  -- ms between two expiries at the steady issue rate
+local pending, order = {}, {}
 local function record(digest, e)
   local window = math.floor(e / w)
   local off = math.floor((e - window * w) * 256 / w)
   local bucket = math.floor(tonumber(string.sub(digest, 3, 3), 16) / 4)
   local key = ARGV[1] .. ':tomb:{c:' .. string.sub(digest, 1, 2) .. '}:' .. window .. ':'
     .. bucket
-  -- as add_tombstone.lua: the string rewritten whole, at its exact size
-  local s = redis.call('GET', key) or ''
-  redis.call('SET', key, s .. unhex(string.sub(digest, 3, 12)) .. string.char(off),
-    'PXAT', (window + 1) * w + tomb + 1000)
+  if not pending[key] then
+    pending[key] = {parts = {}, at = (window + 1) * w + tomb + 1000}
+    order[#order + 1] = key
+  end
+  local parts = pending[key].parts
+  parts[#parts + 1] = unhex(string.sub(digest, 3, 12)) .. string.char(off)
+end
+-- As add_tombstone.lua leaves them: each string at its exact size (SET, not APPEND); the
+-- records of one call are added with one SET per string.
+local function flush()
+  for _, key in ipairs(order) do
+    local p = pending[key]
+    local s = redis.call('GET', key) or ''
+    redis.call('SET', key, s .. table.concat(p.parts), 'PXAT', p.at)
+  end
 end
 local written = 0
 if ARGV[9] == 'live' then
@@ -355,6 +367,7 @@ elseif tomb > 0 then
     e = now - step * (i + 1)
   end
 end
+flush()
 return written
 """
 
