@@ -49,7 +49,7 @@ from mqtt_pairing.config import Settings
 from mqtt_pairing.errors import InternalError, SessionNotFound, StoreUnavailable
 from mqtt_pairing.models import ClosedReason, PairingHistoryEntry, PairingSession, format_ts
 from mqtt_pairing.services.history import HISTORY_EVENTS, PairingHistoryService
-from mqtt_pairing.store.keys import MS_PER_S, hash_tag
+from mqtt_pairing.store.keys import MS_PER_S, glob_escape, hash_tag
 from mqtt_pairing.store.redis_store import UNAVAILABLE_RETRY_S, PairingStore
 
 __all__ = [
@@ -74,17 +74,12 @@ _SCAN_COUNT = 1000
 _PIPELINE_CHUNK = 500
 _HISTORY_BATCH_MAX = 1000
 _CURSOR_RE = re.compile(r"^(\d{1,20})-(\d{1,20})(?:@(\d{1,4}))?$")
-_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 _MARK_A, _MARK_B = "\x01", "\x02"
-
-
-def _glob_escape(text: str) -> str:
-    return _GLOB_SPECIAL.sub(r"\\\1", text)
 
 
 def _pattern(template: str) -> str:
     """A SCAN pattern from a key built with the markers in place of its variable parts."""
-    return _glob_escape(template).replace(_MARK_A, "*").replace(_MARK_B, "*")
+    return glob_escape(template).replace(_MARK_A, "*").replace(_MARK_B, "*")
 
 
 def _remaining_s(until_ms: int, now_ms: int) -> int:

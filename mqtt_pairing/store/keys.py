@@ -11,6 +11,7 @@ cannot move the slot. No key holds a live code: `<digest>` is the HMAC digest of
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -19,8 +20,12 @@ from mqtt_pairing.codes import CODE_GROUP_HEX, DIGEST_HEX_CHARS, code_group
 MS_PER_S = 1000
 
 
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+
+def glob_escape(text: str) -> str:
+    """`text` with the characters special to SCAN's MATCH escaped."""
+    return _GLOB_SPECIAL.sub(r"\\\1", text)
 
 
 def hash_tag(key: str) -> str:
@@ -53,7 +58,7 @@ class KeySchema:
 
     def code_pattern(self) -> str:
         """A SCAN pattern of every code hash (not their claims)."""
-        return f"{_glob_escape(self.prefix)}:code:{{c:??}}:{'?' * DIGEST_HEX_CHARS}"
+        return f"{glob_escape(self.prefix)}:code:{{c:??}}:{'?' * DIGEST_HEX_CHARS}"
 
     def digest_of(self, code_key: str) -> str | None:
         """The digest in a code hash's key, or None if it is not one."""

@@ -876,20 +876,6 @@ class PairingStore:
         """The digest of the code that `set_runner_code` replaced, or None."""
         return str(res) if res else None
 
-    async def set_runner_code(self, runner_id: str, digest: str, **options: Any) -> str | None:  # noqa: ANN401
-        """Make `digest` the runner's active code and remember the sealed reply.
-
-        Keyword arguments as `set_runner_code_call`.
-
-        Returns:
-            The digest of the code it replaced, or None.
-
-        Raises:
-            StoreUnavailable: Redis is unreachable.
-        """
-        call = self.set_runner_code_call(runner_id, digest, **options)
-        return self.parse_set_runner_code(await self.call(call))
-
     async def clear_runner_code(self, runner_id: str) -> str | None:
         """Forget the runner's active code.
 
