@@ -4,7 +4,7 @@ Everything here works on the same keys as the service (`store.keys`), so it need
 `REDIS_URL` and `PAIRING_KEY_PREFIX`, never `PAIRING_SECRET`: codes are read by their
 digest and shown masked (`codes.mask_code`).
 
-Where the data is found (DESIGN.md, "Redis keys"):
+Where the data is found (docs/design.md, "Redis keys"):
 
 - bans: `ban:{<kind>:<id>}` hashes; automatic penalties: `limit:{<kind>:<id>}` hashes
   (strikes, penalty_until_ms, penalty_ms); the allowlist: `allow:{<kind>:<id>}`. Listed
@@ -338,7 +338,7 @@ class AdminService:
             raise InternalError(f"Redis error: {type(exc).__name__}") from None
 
     async def now_ms(self) -> int:
-        """Redis time, ms (DESIGN.md: time comes from Redis, never from the host clock).
+        """Redis time, ms (docs/design.md: time comes from Redis, never from the host clock).
 
         Raises:
             StoreUnavailable: Redis is unreachable.

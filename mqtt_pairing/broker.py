@@ -103,7 +103,7 @@ def without_nagle(server: socketserver.BaseServer) -> None:
     """Set TCP_NODELAY on a socketserver's connections (`disable_nagle_algorithm`).
 
     fakeredis's TCP server writes each reply of a pipeline on its own; with Nagle's
-    algorithm on, every pipeline then waits ~40 ms for a delayed ACK (DESIGN.md: "Nagle's
+    algorithm on, every pipeline then waits ~40 ms for a delayed ACK (docs/design.md: "Nagle's
     algorithm costs about 40 ms per hop on loopback").
     """
     handler = cast(type[socketserver.StreamRequestHandler], server.RequestHandlerClass)

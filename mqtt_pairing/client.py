@@ -1,4 +1,4 @@
-"""RunnerClient and AppClient: the protocol from the other side (PROTOCOL.md).
+"""RunnerClient and AppClient: the protocol from the other side (docs/protocol.md).
 
 Small asyncio clients over aiomqtt, used by the simulated `runner` and `app` commands,
 the tests and the benchmarks. Replies are matched to requests by `request_id` (which

@@ -1,7 +1,7 @@
 """Pairing codes: generation, normalisation, digests and safe display (pure, no I/O).
 
 A code is 9 characters of Crockford base32 (45 bits), shown as ``ABC-DEF-GHJ``
-(PROTOCOL.md, "Codes"). The store never keeps a code in the clear: it is looked up by
+(docs/protocol.md, "Codes"). The store never keeps a code in the clear: it is looked up by
 `code_digest` (an HMAC keyed with a secret derived from ``PAIRING_SECRET``), and shown to
 operators only as `mask_code` (its first character and a fingerprint of the digest).
 """
@@ -48,7 +48,7 @@ _ALPHABET_SET = frozenset(ALPHABET)
 _GROUP = 3
 _MASK_TAIL = "**-***-***"  # everything of ABC-DEF-GHJ after the first character
 
-# PROTOCOL.md "Codes": separators removed after NFKC (White_Space, U+2212, '.', '_' and
+# docs/protocol.md "Codes": separators removed after NFKC (White_Space, U+2212, '.', '_' and
 # invisible characters; dash punctuation, category Pd, is tested separately). The list is
 # explicit on purpose: str.isspace() also matches U+001C-U+001F, which must stay invalid.
 _WHITE_SPACE = (
@@ -74,7 +74,7 @@ def generate_code(randbits: Callable[[int], int] = secrets.randbits) -> str:
 
     Calls ``randbits(45)`` once and maps each 5-bit group (most significant first) to an
     alphabet character. The alphabet has exactly 32 symbols, so every code is equally
-    likely and there is no modulo bias (PROTOCOL.md, "Codes").
+    likely and there is no modulo bias (docs/protocol.md, "Codes").
 
     Args:
         randbits: a CSPRNG ``k -> int in [0, 2**k)``; replaceable only in tests.
@@ -117,7 +117,7 @@ def format_code(code: str) -> str:
 
 
 def normalise_code(raw: str) -> str:
-    """Normalise a code typed or pasted by a person (PROTOCOL.md, "Codes").
+    """Normalise a code typed or pasted by a person (docs/protocol.md, "Codes").
 
     In this order: Unicode NFKC; remove White_Space characters, dash punctuation
     (category Pd), U+2212, ``.``, ``_`` and invisible characters (U+00AD, U+200B-U+200D,
@@ -170,7 +170,7 @@ def code_group(digest: str) -> str:
 
     A code's hash, its claims and the tombstone strings of its group share the Redis hash
     tag `{c:<group>}` (`store.keys`), so the claim can answer `CODE_EXPIRED` from the
-    tombstones in the same script: one script, one Redis Cluster slot (DESIGN.md). 256
+    tombstones in the same script: one script, one Redis Cluster slot (docs/design.md). 256
     groups spread over a cluster's slots like any other tag.
     """
     return digest[:CODE_GROUP_HEX]
@@ -197,7 +197,7 @@ def code_fingerprint(digest: str) -> str:
 
 
 def mask_code(first_char: str, digest: str) -> str:
-    """Show a code to an operator without revealing it (PROTOCOL.md, "Codes").
+    """Show a code to an operator without revealing it (docs/protocol.md, "Codes").
 
     Args:
         first_char: the first character of the normalised code.
@@ -224,7 +224,7 @@ def pairing_uri(code: str, runner_id: str) -> str:
 
     Returns:
         ``mqtt-pairing://pair?code=7KQM2X9PZ&runner=<url-encoded runner_id>``
-        (PROTOCOL.md, runner ``code``).
+        (docs/protocol.md, runner ``code``).
 
     Raises:
         InvalidCodeFormat: `code` does not normalise to a valid code.

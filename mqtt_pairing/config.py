@@ -1,7 +1,7 @@
 """Settings of the service, read from the environment (pydantic-settings).
 
 Every name is the environment variable upper-cased (`redis_port` is `REDIS_PORT`). The
-table is in the README; defaults of the limits come from PROTOCOL.md, "Default limits".
+table is in the README; defaults of the limits come from docs/protocol.md, "Default limits".
 Durations are whole seconds (`*_s`).
 """
 
@@ -19,7 +19,7 @@ from mqtt_pairing.errors import ConfigError
 from mqtt_pairing.tombstones import TombstoneLayout
 
 MIN_SECRET_BYTES = 32
-"""PROTOCOL.md: `PAIRING_SECRET` is at least 32 bytes."""
+"""docs/protocol.md: `PAIRING_SECRET` is at least 32 bytes."""
 
 
 def _default_client_id() -> str:
@@ -147,7 +147,7 @@ class Settings(BaseSettings):
     def resolved_redis_url(self) -> str | None:
         """The Redis URL to connect to, or None for the in-memory store.
 
-        `REDIS_URL` wins over the `REDIS_HOST` group (DESIGN.md, settings).
+        `REDIS_URL` wins over the `REDIS_HOST` group (docs/design.md, settings).
         """
         if self.redis_url:
             return self.redis_url

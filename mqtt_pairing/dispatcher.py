@@ -1,6 +1,6 @@
 """Dispatcher: (identity, op, payload bytes) -> reply and events. No MQTT here.
 
-Order of checks (PROTOCOL.md "Payloads", "App pair"): the payload is parsed and validated
+Order of checks (docs/protocol.md "Payloads", "App pair"): the payload is parsed and validated
 first (size before parsing; an invalid payload gets INVALID_REQUEST with request_id null
 when it cannot be trusted), then the replay check, ban and limits in the identity's slot,
 then the op. Errors are turned into error replies here and nowhere else: `PairingError`

@@ -1,6 +1,6 @@
 """Error codes of the wire protocol and the exception tree of the service.
 
-Error codes are those of PROTOCOL.md, "Error codes". Exceptions are raised by the pure
+Error codes are those of docs/protocol.md, "Error codes". Exceptions are raised by the pure
 core, the store and the services, and turned into an error reply in one place, the
 dispatcher::
 
@@ -20,7 +20,7 @@ dispatcher::
         ├── StoreUnavailable        SERVICE_UNAVAILABLE (retry_after_s set)
         └── InternalError           INTERNAL_ERROR
 
-Messages never echo client input (PROTOCOL.md: a code must not come back in an error).
+Messages never echo client input (docs/protocol.md: a code must not come back in an error).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import ClassVar
 
 
 class PairingErrorCode(StrEnum):
-    """The error codes of PROTOCOL.md, "Error codes"."""
+    """The error codes of docs/protocol.md, "Error codes"."""
 
     INVALID_REQUEST = "INVALID_REQUEST"
     INVALID_FORMAT = "INVALID_FORMAT"
@@ -47,12 +47,12 @@ class PairingErrorCode(StrEnum):
 
     @property
     def is_failed_guess(self) -> bool:
-        """Whether a `pair` ending with this code counts as a failed guess (PROTOCOL.md)."""
+        """Whether a `pair` ending with this code counts as a failed guess (docs/protocol.md)."""
         return self in _FAILED_GUESS
 
     @property
     def is_remembered(self) -> bool:
-        """Whether a reply with this code is remembered for idempotency (PROTOCOL.md).
+        """Whether a reply with this code is remembered for idempotency (docs/protocol.md).
 
         Replies with RATE_LIMITED, BANNED, RUNNER_OFFLINE, SERVICE_UNAVAILABLE and
         INTERNAL_ERROR are not remembered: a retry is handled afresh.

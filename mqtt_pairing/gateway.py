@@ -1,6 +1,6 @@
 """PairingGateway: the MQTT side of the service (aiomqtt). Only this module knows MQTT.
 
-Delivery (DESIGN.md "Delivery" and "Verified facts"): the connection uses clean start
+Delivery (docs/design.md "Delivery" and "Verified facts"): the connection uses clean start
 off, a stable client id and (MQTT 5) a Session Expiry Interval, so requests published
 while the service is away are kept by the broker; incoming QoS 1 messages are
 acknowledged manually after their reply is published; TCP_NODELAY is set on the socket;
@@ -258,7 +258,7 @@ class PairingGateway:
         for kind in Kind:
             topic = self.scheme.request_filter(kind, self.share_group)
             await self.client.subscribe(topic, qos=1)
-        # Without $share: shared subscriptions get no retained messages (DESIGN.md). An
+        # Without $share: shared subscriptions get no retained messages (docs/design.md). An
         # instance that does not record presence drops a subscription its persistent
         # session may keep from an earlier run.
         await self._toggle_status_subscription(self.records_presence)

@@ -32,7 +32,7 @@ class GatewayCollector(Collector):
         mqtt_pairing_broker_connected{instance}: 1 while the broker connection is up.
         mqtt_pairing_requests_in_flight{instance}: messages being processed now.
         mqtt_pairing_replies_total{instance, op, outcome}: replies by op and by `ok` or
-            error code (PROTOCOL.md "Error codes").
+            error code (docs/protocol.md "Error codes").
         mqtt_pairing_events_total{instance, name}: everything else counted (`replay`,
             `status`, `dropped.<reason>`, `publish_failed`, `internal_error`, ...).
         mqtt_pairing_redis_round_trips_total{instance}: Redis round trips (a pipeline is

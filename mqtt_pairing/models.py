@@ -1,6 +1,6 @@
 """Domain records and wire messages (pydantic 2).
 
-Wire messages follow PROTOCOL.md, "Payloads": unknown fields are ignored, integer fields
+Wire messages follow docs/protocol.md, "Payloads": unknown fields are ignored, integer fields
 refuse floats and booleans (strict mode), names are at most 64 characters without Unicode
 Cc/Cf characters, `metadata` is an object of at most 1024 bytes as compact UTF-8 JSON,
 `public_key` is at most 512 characters. Timestamps on the wire are RFC 3339 UTC with
@@ -70,7 +70,7 @@ class _Request(BaseModel):
 
 
 class CodeRequest(_Request):
-    """Runner `code` request (PROTOCOL.md, "Runner code")."""
+    """Runner `code` request (docs/protocol.md, "Runner code")."""
 
     request_id: RequestId
     ttl_s: StrictInt | None = None
@@ -81,7 +81,7 @@ class CodeRequest(_Request):
 
 
 class PairRequest(_Request):
-    """App `pair` request (PROTOCOL.md, "App pair")."""
+    """App `pair` request (docs/protocol.md, "App pair")."""
 
     request_id: RequestId
     code: str
@@ -126,7 +126,7 @@ class SessionState(StrEnum):
 
 
 class ClosedReason(StrEnum):
-    """Why a session closed (PROTOCOL.md, "Session object")."""
+    """Why a session closed (docs/protocol.md, "Session object")."""
 
     UNPAIRED_BY_APP = "unpaired_by_app"
     UNPAIRED_BY_RUNNER = "unpaired_by_runner"
@@ -152,7 +152,7 @@ class PairingSession(BaseModel):
     closed_at_ms: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        """The Session object of PROTOCOL.md (RFC 3339 timestamps)."""
+        """The Session object of docs/protocol.md (RFC 3339 timestamps)."""
         out: dict[str, Any] = {
             "session_id": self.session_id,
             "runner_id": self.runner_id,
@@ -181,7 +181,7 @@ class PairingCodeEntry(BaseModel):
     """A pairing code as the store keeps it: never the code itself, only its digest.
 
     Attributes:
-        digest: HMAC-SHA256(PAIRING_SECRET, code), 96 bits as hex (DESIGN.md).
+        digest: HMAC-SHA256(PAIRING_SECRET, code), 96 bits as hex (docs/design.md).
         masked: the code as shown to operators, `7**-***-*** #3f9a1c2e`.
     """
 
@@ -209,7 +209,7 @@ class IssuedCode(BaseModel):
     pairing_uri: str
 
     def to_wire(self) -> dict[str, Any]:
-        """The result object of the runner `code` op (PROTOCOL.md)."""
+        """The result object of the runner `code` op (docs/protocol.md)."""
         return {
             "code": self.code,
             "expires_at": format_ts(self.expires_at_ms),
@@ -233,7 +233,7 @@ class RateLimitEntry(BaseModel):
 
 
 class PairingHistoryEntry(BaseModel):
-    """One audit record; codes appear only masked (PROTOCOL.md, "Codes")."""
+    """One audit record; codes appear only masked (docs/protocol.md, "Codes")."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -248,7 +248,7 @@ class PairingHistoryEntry(BaseModel):
 
 
 def ok_reply(request_id: str | None, result: dict[str, Any]) -> dict[str, Any]:
-    """The success envelope of PROTOCOL.md: `{"request_id", "ok": true, "result"}`."""
+    """The success envelope of docs/protocol.md: `{"request_id", "ok": true, "result"}`."""
     return {"request_id": request_id, "ok": True, "result": result}
 
 
@@ -258,7 +258,7 @@ def error_reply(
     message: str,
     retry_after_s: int | None = None,
 ) -> dict[str, Any]:
-    """The error envelope of PROTOCOL.md, with `retry_after_s` when given."""
+    """The error envelope of docs/protocol.md, with `retry_after_s` when given."""
     error: dict[str, Any] = {"code": code.value, "message": message}
     if retry_after_s is not None:
         error["retry_after_s"] = retry_after_s

@@ -1,6 +1,6 @@
 """Request payload parsing and small payload checks (pure, no I/O).
 
-PROTOCOL.md, "Payloads": UTF-8 JSON objects of at most 4096 bytes, nested at most 32
+docs/protocol.md, "Payloads": UTF-8 JSON objects of at most 4096 bytes, nested at most 32
 deep, with no duplicate keys and no NaN/Infinity. `parse_payload` enforces exactly that
 and nothing else; field-level validation (types, lengths, names) belongs to the models.
 
@@ -49,7 +49,7 @@ class InvalidPayload(InvalidRequest):
 
     Attributes:
         request_id: the request_id the error reply carries, or None when the payload is
-            not a trustworthy JSON object (PROTOCOL.md: ``request_id`` is null only when
+            not a trustworthy JSON object (docs/protocol.md: ``request_id`` is null only when
             the payload is not a JSON object or its request_id is missing or invalid).
     """
 
@@ -110,7 +110,7 @@ def _content_problem(value: object) -> str | None:
 
 
 def parse_payload(data: bytes) -> dict[str, Any]:
-    """Parse a request payload (PROTOCOL.md, "Payloads").
+    """Parse a request payload (docs/protocol.md, "Payloads").
 
     The size is checked before anything is decoded; then strict UTF-8, JSON without
     duplicate keys and without NaN/Infinity (including numbers that overflow to

@@ -1,7 +1,7 @@
 """Pure rules of limits, penalties and presence (no I/O; time is a parameter).
 
 These are the model of the rules that the Lua scripts enforce; tests compare the two.
-Numbers come from PROTOCOL.md "Default limits" and "Presence" through the settings.
+Numbers come from docs/protocol.md "Default limits" and "Presence" through the settings.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 def penalty_ms(strikes: int, *, first_ms: int, max_ms: int) -> int:
     """Length of the `strikes`-th automatic penalty in a row: doubling, capped.
 
-    PROTOCOL.md: 300 s first; each further penalty within 24 h doubles, up to 24 h.
+    docs/protocol.md: 300 s first; each further penalty within 24 h doubles, up to 24 h.
 
     Args:
         strikes: 1 for the first penalty, 2 for the next within the memory, ...
@@ -120,7 +120,7 @@ def presence(
     *,
     heartbeat_online_ms: int = 30_000,
 ) -> bool | None:
-    """A runner's presence by PROTOCOL.md "Presence".
+    """A runner's presence by docs/protocol.md "Presence".
 
     Offline (False) if the newest of its status messages and heartbeats is a status
     `offline`; online (True) if not offline and either its last status is `online` or a

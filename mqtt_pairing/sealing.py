@@ -1,6 +1,6 @@
 """Keys derived from `PAIRING_SECRET`, and sealing of remembered replies that hold a code.
 
-PROTOCOL.md: a remembered `code` reply is stored sealed with a key derived from
+docs/protocol.md: a remembered `code` reply is stored sealed with a key derived from
 `PAIRING_SECRET`, never in the clear. Sealing is AES-256-GCM (the `cryptography`
 package) with a random 96-bit nonce; the sealed form is `v1.` + urlsafe base64 of
 nonce || ciphertext || tag.

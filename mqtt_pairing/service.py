@@ -45,7 +45,7 @@ def resolve_secret(settings: Settings) -> tuple[bytes, bool]:
         (secret, generated).
 
     Raises:
-        ConfigError: Redis is external and no secret is set (PROTOCOL.md: all instances
+        ConfigError: Redis is external and no secret is set (docs/protocol.md: all instances
             must share it; the service refuses to start without it).
     """
     if settings.pairing_secret is not None:

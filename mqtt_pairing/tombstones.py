@@ -1,6 +1,6 @@
 """Tombstones of codes: where an expired code is remembered, and in what form (pure logic).
 
-PROTOCOL.md "Codes": an expired code answers `CODE_EXPIRED` for `PAIRING_CODE_TOMBSTONE_S`
+docs/protocol.md "Codes": an expired code answers `CODE_EXPIRED` for `PAIRING_CODE_TOMBSTONE_S`
 after its expiry, then `CODE_NOT_FOUND`. A code's own hash lives only until the code
 expires. What remains after that is a 6-byte record, written when the code is issued:
 

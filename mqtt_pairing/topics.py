@@ -1,13 +1,13 @@
 """MQTT topic scheme: building, parsing and the Response Topic rule (pure, no I/O).
 
-Topics are those of PROTOCOL.md, "Topics", under a configurable prefix ``P``::
+Topics are those of docs/protocol.md, "Topics", under a configurable prefix ``P``::
 
     P/runners/{runner_id}/req/{op}    P/apps/{app_id}/req/{op}
     P/runners/{runner_id}/res/{op}    P/apps/{app_id}/res/{op}
     P/runners/{runner_id}/events      P/apps/{app_id}/events
     P/runners/{runner_id}/status
 
-Ids and ops are checked with full-match semantics (PROTOCOL.md, "Identities"): a message
+Ids and ops are checked with full-match semantics (docs/protocol.md, "Identities"): a message
 on a topic with a malformed id or op is dropped with no reply; a well-formed but unknown
 op is answered with INVALID_REQUEST by the caller.
 """
@@ -37,10 +37,10 @@ __all__ = [
 ]
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-"""runner_id / app_id (PROTOCOL.md, "Identities"); use `is_valid_id` (full match)."""
+"""runner_id / app_id (docs/protocol.md, "Identities"); use `is_valid_id` (full match)."""
 
 OP_PATTERN = re.compile(r"^[a-z][a-z-]{0,31}$")
-"""Op segment (PROTOCOL.md, "Identities"); use `is_valid_op` (full match)."""
+"""Op segment (docs/protocol.md, "Identities"); use `is_valid_op` (full match)."""
 
 MAX_TOPIC_BYTES = 65535
 """Longest MQTT topic name, in UTF-8 bytes."""
@@ -61,10 +61,10 @@ class Kind(StrEnum):
 _KIND_BY_SEGMENT = {kind.segment: kind for kind in Kind}
 
 RUNNER_OPS = frozenset({"code", "cancel-code", "sessions", "unpair", "heartbeat"})
-"""Ops a runner may request (PROTOCOL.md, "Topics")."""
+"""Ops a runner may request (docs/protocol.md, "Topics")."""
 
 APP_OPS = frozenset({"pair", "sessions", "unpair", "status"})
-"""Ops an app may request (PROTOCOL.md, "Topics")."""
+"""Ops an app may request (docs/protocol.md, "Topics")."""
 
 DropReason = Literal["bad_prefix", "bad_kind", "bad_id", "bad_op", "bad_shape"]
 
@@ -173,7 +173,7 @@ def _check_level_name(value: str, what: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class TopicScheme:
-    """Builds and parses the topics of PROTOCOL.md under one prefix.
+    """Builds and parses the topics of docs/protocol.md under one prefix.
 
     Attributes:
         prefix: the topic prefix ``P`` (setting ``PAIRING_TOPIC_PREFIX``); one or more
@@ -291,7 +291,7 @@ class TopicScheme:
         return f"{self._base(Identity(Kind.RUNNER, runner_id))}/status"
 
     def accept_response_topic(self, identity: Identity, response_topic: str | None) -> bool:
-        """Whether an MQTT 5 Response Topic may be honoured (PROTOCOL.md, "Topics").
+        """Whether an MQTT 5 Response Topic may be honoured (docs/protocol.md, "Topics").
 
         It must lie strictly under the requester's own subtree ``P/{segment}/{id}/``, not
         under (or equal to) its ``req``, not be its ``status``, and hold no wildcard, no

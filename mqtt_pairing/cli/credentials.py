@@ -1,6 +1,6 @@
 """`mqtt-pairing credentials`: provision broker identities in Mosquitto password files.
 
-The broker, not the service, authenticates clients (DESIGN.md, "Security model"), and
+The broker, not the service, authenticates clients (docs/design.md, "Security model"), and
 `broker-config/mosquitto.conf` gives each kind of client its own listener and password
 file, so a username belongs to one kind only. These commands add and remove one entry of
 one of those files. Hashing is Mosquitto's own: the entry is written by `mosquitto_passwd`
@@ -110,7 +110,7 @@ def generate_password() -> str:
 
 
 def check_username(username: str) -> None:
-    """Refuse a username that is not a well-formed id (PROTOCOL.md, "Identities").
+    """Refuse a username that is not a well-formed id (docs/protocol.md, "Identities").
 
     Mosquitto would substitute such a name into `%u` ACL patterns, or (with `:`) break
     the password file; the id rule excludes `/`, `+`, `#`, `:` and whitespace.

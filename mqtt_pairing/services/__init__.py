@@ -2,7 +2,7 @@
 
 `PairingCodeService` issues and cancels codes, `PairingSessionService` pairs, lists and
 closes sessions, `RateLimitService` applies the limits, bans and idempotency of
-PROTOCOL.md. The dispatcher composes them.
+docs/protocol.md. The dispatcher composes them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PairingCodeService: issue and cancel a runner's pairing code (PROTOCOL.md "Runner code")."""
+"""PairingCodeService: issue and cancel a runner's pairing code (docs/protocol.md "Runner code")."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class PairingCodeService:
 
     Args:
         store: the Redis store.
-        settings: TTL and use bounds (PROTOCOL.md defaults), tombstone time.
+        settings: TTL and use bounds (docs/protocol.md defaults), tombstone time.
         secret: `PAIRING_SECRET` as bytes (digests and sealing).
         draw: the code generator (tests inject a deterministic one).
     """

@@ -1,4 +1,4 @@
-"""Events sent to runners and apps on their `events` topics (PROTOCOL.md)."""
+"""Events sent to runners and apps on their `events` topics (docs/protocol.md)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def event_id(*parts: str) -> str:
     """A deterministic event id (UUID 5) for what happened, e.g. (session_id, "opened").
 
     Deterministic so that an event sent again after a retry or redelivery carries the
-    same `event_id`, and clients drop the copy (PROTOCOL.md: "a client that sees one
+    same `event_id`, and clients drop the copy (docs/protocol.md: "a client that sees one
     twice drops the copy").
     """
     return str(uuid.uuid5(_EVENT_NS, "\n".join(parts)))
@@ -37,7 +37,7 @@ def session_opened(
     app_public_key: str | None,
     app_metadata: dict[str, Any] | None,
 ) -> list[Event]:
-    """`session.opened` to both parties (PROTOCOL.md "App pair")."""
+    """`session.opened` to both parties (docs/protocol.md "App pair")."""
     payload = {
         "event": "session.opened",
         "event_id": event_id(session.session_id, "opened"),
@@ -53,7 +53,7 @@ def session_opened(
 
 
 def session_closed(session: PairingSession) -> list[Event]:
-    """`session.closed` to both parties (PROTOCOL.md "Session object")."""
+    """`session.closed` to both parties (docs/protocol.md "Session object")."""
     at_ms = session.closed_at_ms if session.closed_at_ms is not None else session.last_seen_at_ms
     payload = {
         "event": "session.closed",
@@ -68,7 +68,7 @@ def session_closed(session: PairingSession) -> list[Event]:
 
 
 def code_used(runner_id: str, session_id: str, uses_left: int, at_ms: int) -> Event:
-    """`code.used` to the runner after each successful use (PROTOCOL.md "Runner code")."""
+    """`code.used` to the runner after each successful use (docs/protocol.md "Runner code")."""
     return Event(
         Kind.RUNNER,
         runner_id,

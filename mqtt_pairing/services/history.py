@@ -1,11 +1,11 @@
-"""PairingHistoryService: the audit trail (DESIGN.md "Redis keys": history streams).
+"""PairingHistoryService: the audit trail (docs/design.md "Redis keys": history streams).
 
 Records go to a global stream (`history:{global:<n>}`) and to the stream of each identity
 involved (`history:{runner:<id>}`, `history:{app:<id>}`), so queries by runner or app read
 only that identity's stream. Streams are trimmed by count (`PAIRING_HISTORY_MAX_LEN`,
 `PAIRING_HISTORY_IDENTITY_MAX_LEN`) and age (`PAIRING_HISTORY_RETENTION_S`), and an
 identity's stream expires when idle for the retention. Codes appear only masked
-(PROTOCOL.md "Codes"). Recording is best effort: a failure is logged, never raised, since
+(docs/protocol.md "Codes"). Recording is best effort: a failure is logged, never raised, since
 the change it describes has already happened.
 """
 

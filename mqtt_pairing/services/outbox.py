@@ -1,6 +1,6 @@
 """The outbox relay: publishes the events that state-changing scripts wrote.
 
-DESIGN.md "Delivery": a crash between a change and its publish loses nothing.
+docs/design.md "Delivery": a crash between a change and its publish loses nothing.
 
 Every event starts as an entry in the runner's outbox stream, written by the same Lua
 script that changed the state. The instance that ran the script publishes the entries
@@ -37,7 +37,7 @@ _CLAIM_BATCH = 100
 
 
 def render(entry: OutboxEntry) -> list[Event]:
-    """The wire events of one outbox entry (PROTOCOL.md payloads)."""
+    """The wire events of one outbox entry (docs/protocol.md payloads)."""
     s = entry.session
     if entry.type == "session.opened" and s is not None:
         return events.session_opened(

@@ -1,6 +1,6 @@
 """RateLimitService: idempotency, admin bans, penalties, request rates, failure budget.
 
-The numbers come from settings whose defaults are PROTOCOL.md "Default limits"; the
+The numbers come from settings whose defaults are docs/protocol.md "Default limits"; the
 enforcement is in the store's Lua scripts (one identity's slot, or a budget shard).
 """
 
@@ -39,7 +39,7 @@ def _unique_member() -> str:
 
 
 class RateLimitService:
-    """Limits and idempotency of requests, per PROTOCOL.md.
+    """Limits and idempotency of requests, per docs/protocol.md.
 
     Args:
         store: the Redis store.

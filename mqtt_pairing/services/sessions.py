@@ -1,6 +1,6 @@
-"""PairingSessionService: pair, list, unpair (PROTOCOL.md "App pair", "Other ops").
+"""PairingSessionService: pair, list, unpair (docs/protocol.md "App pair", "Other ops").
 
-A pair crosses slots as DESIGN.md "A pair across slots" lays out; the app-slot steps
+A pair crosses slots as docs/design.md "A pair across slots" lays out; the app-slot steps
 (replay, ban, limits; remembering the reply) are the dispatcher's and RateLimitService's,
 this service runs the budget, code, runner and by-id steps in between.
 """
@@ -97,7 +97,7 @@ class PairingSessionService:
     async def pair(self, app_id: str, req: PairRequest, payload_hash: str) -> Handled:
         """A whole `pair`, in three Redis round trips when it succeeds, two when it fails.
 
-        DESIGN.md "A pair across slots", with the independent steps batched:
+        docs/design.md "A pair across slots", with the independent steps batched:
         1. app slot (replay, ban, limits, pending mark) + budget shard (reserve a unit) +
            code slot (claim a use), in one batch. The claim is speculative: when the app
            slot or the budget refuses, its outcome is never told and the use is given back.

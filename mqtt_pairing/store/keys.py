@@ -1,7 +1,7 @@
-"""Every Redis key template of the service (DESIGN.md, "Redis keys").
+"""Every Redis key template of the service (docs/design.md, "Redis keys").
 
 Hash tags are `{runner:<id>}`, `{app:<id>}`, `{c:<code group>}`, `{session:<id>}` and
-`{global:<n>}` only (DESIGN.md names `{code:<digest>}`; codes are tagged by the first two
+`{global:<n>}` only (docs/design.md names `{code:<digest>}`; codes are tagged by the first two
 hex characters of their digest instead, see `code_group`), and every Lua script touches
 keys of one tag, so each script runs on one Redis Cluster slot. The tag always comes
 first after the prefix and kind, so a `request_id` (which may hold braces) placed after it

@@ -1304,7 +1304,7 @@ class PairingStore:
     async def presence(
         self, runner_ids: Sequence[str], *, heartbeat_online_s: int = 30
     ) -> dict[str, bool | None]:
-        """Presence of runners by PROTOCOL.md "Presence" (True, False, or None: unknown).
+        """Presence of runners by docs/protocol.md "Presence" (True, False, or None: unknown).
 
         Raises:
             StoreUnavailable: Redis is unreachable.
@@ -1355,7 +1355,7 @@ class PairingStore:
         The batch is `ack_outbox` (deletes the entries; an emptied outbox is removed),
         `ZREM` of the runner's due mark, then `also` (calls of the caller's own to run in
         the same round trip). The mark cannot be dropped in the script (it lives in an
-        index shard's slot, DESIGN.md), so it is dropped unconditionally and written again
+        index shard's slot, docs/design.md), so it is dropped unconditionally and written again
         when entries are left (another writer's, still in flight: due in `lease_s`
         seconds, the writer's own lease), a rare second round trip.
         On a single Redis the two commands of one pipeline run back to back; on a cluster
@@ -1598,7 +1598,7 @@ class PairingStore:
     ) -> None:
         """Ban an app or runner for `duration_s` seconds (None: permanent).
 
-        Banning a runner cancels its active code (PROTOCOL.md "Runner code").
+        Banning a runner cancels its active code (docs/protocol.md "Runner code").
 
         Raises:
             StoreUnavailable: Redis is unreachable.

@@ -1,7 +1,7 @@
 """A cluster master's process is killed (SIGKILL) while pairs run; its replica takes over.
 
 During the fault a request gets SERVICE_UNAVAILABLE or succeeds, nothing else; apps retry
-with the same request_id, as PROTOCOL.md asks, and every pair ends exactly once: no code
+with the same request_id, as docs/protocol.md asks, and every pair ends exactly once: no code
 gives more than `max_uses` uses, no app gets two sessions, every session in Redis is one
 that an app was told about. The service keeps running (no restart) and pairs new codes
 after the failover. The master killed is the very node `REDIS_CLUSTER_URL` names.

@@ -148,7 +148,7 @@ class Wire:
     def presence_events(self, app_id: str, *, copies: bool = False) -> list[dict[str, Any]]:
         """`runner.online` / `runner.offline` events an app received, in order.
 
-        The outbox may publish an event twice (DESIGN.md "Delivery": never lost, maybe
+        The outbox may publish an event twice (docs/design.md "Delivery": never lost, maybe
         repeated); a copy carries the same `event_id` and clients drop it. So by default a
         copy is dropped here too, after checking it is identical to the first; with
         `copies` every message on the wire counts.

@@ -1,4 +1,4 @@
-"""Session expiry (PROTOCOL.md "Session object", DESIGN.md "Redis keys": expiry sets).
+"""Session expiry (docs/protocol.md "Session object", docs/design.md "Redis keys": expiry sets).
 
 The idle TTL is at least 60 s, so time is moved instead of waited for: a session's
 `last_seen_at_ms` (runner sessions hash) is set 61 s into the past and its deadline in the
@@ -184,7 +184,7 @@ async def test_session_kept_alive_by_runner_traffic_stays_visible_to_the_app(
         app_keys = (keys.app_sessions("a1"), keys.session(sid))
         for key in app_keys:
             assert rdb.pttl(key) > (IDLE_TTL_S - 5) * 1000
-        await runner.heartbeat()  # traffic that refreshes the session (PROTOCOL.md)
+        await runner.heartbeat()  # traffic that refreshes the session (docs/protocol.md)
         for key in app_keys:
             rdb.pexpire(key, 2000)
         make_expiry_due(rdb, keys, "r1", sid)

@@ -1,4 +1,4 @@
-"""History (DESIGN.md "Redis keys": history streams; PROTOCOL.md "Codes": masking).
+"""History (docs/design.md "Redis keys": history streams; docs/protocol.md "Codes": masking).
 
 Every kind of record, through the running service; masking; trimming by count
 (`XADD MAXLEN ~` trims whole stream nodes, so only an upper bound is exact) and by age;
@@ -179,7 +179,7 @@ async def test_every_kind_of_record_masked(
         "pair.failed",
         "penalty",
     ]
-    # Streams expire when idle for the retention (refreshed on write, DESIGN.md).
+    # Streams expire when idle for the retention (refreshed on write, docs/design.md).
     retention_ms = 30 * 86_400 * 1000
     for key in streams:
         assert retention_ms - 60_000 < rdb.pttl(key) <= retention_ms, key

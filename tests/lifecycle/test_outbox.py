@@ -1,4 +1,4 @@
-"""Outbox (DESIGN.md "Delivery"): a crash between a state change and its publish loses no
+"""Outbox (docs/design.md "Delivery"): a crash between a state change and its publish loses no
 event, and a restart publishes it once.
 
 `python -m mqtt_pairing serve` runs as a real process with the fault point

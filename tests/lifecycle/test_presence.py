@@ -1,4 +1,4 @@
-"""Presence (PROTOCOL.md "Presence"): retained status, Last Will, heartbeats, events.
+"""Presence (docs/protocol.md "Presence"): retained status, Last Will, heartbeats, events.
 
 Paired apps get exactly one `runner.online` / `runner.offline` per change between online
 and offline, however many service instances run, and none for a retained status the

@@ -1,4 +1,4 @@
-"""Hypothesis strategies and oracles of the fuzz tests (PROTOCOL.md is the oracle).
+"""Hypothesis strategies and oracles of the fuzz tests (docs/protocol.md is the oracle).
 
 - Topics: well-formed request topics, and hostile shapes (bad kinds, ids, ops, levels,
   Unicode, control characters); `request_topic_oracle` says which ones are requests.
@@ -6,7 +6,7 @@
   NaN, too deep, too large, wrong field types), some well-formed requests that reach
   Redis; codes and session ids can come from a pool the test fills with live ones.
 - `expected_request_id`: what a reply's `request_id` must be for a payload.
-- `check_envelope`: a reply is a well-formed envelope of PROTOCOL.md.
+- `check_envelope`: a reply is a well-formed envelope of docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def topics(prefix: str) -> st.SearchStrategy[str]:
 
 
 def request_topic_oracle(prefix: str, topic: str) -> tuple[str, str, str] | None:
-    """(kind, id, op) when `topic` is a request topic by PROTOCOL.md, else None."""
+    """(kind, id, op) when `topic` is a request topic by docs/protocol.md, else None."""
     head = f"{prefix}/"
     if not topic.startswith(head):
         return None
@@ -419,7 +419,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def decode_object(payload: bytes) -> dict[str, Any] | None:
-    """The payload as a trustworthy JSON object (PROTOCOL.md "Payloads"), else None.
+    """The payload as a trustworthy JSON object (docs/protocol.md "Payloads"), else None.
 
     Not trusted: more than 4096 bytes, not UTF-8, not JSON, duplicate keys anywhere, not an
     object. NaN, depth and lone surrogates make a request invalid but leave it trusted.
@@ -445,7 +445,7 @@ def expected_request_id(payload: bytes) -> str | None:
 
 
 def check_envelope(reply: Any) -> None:
-    """Assert that `reply` is a reply envelope of PROTOCOL.md, serialisable as strict JSON."""
+    """Assert that `reply` is a reply envelope of docs/protocol.md, serialisable as strict JSON."""
     assert isinstance(reply, dict), reply
     json.dumps(reply, allow_nan=False)
     rid = reply.get("request_id")

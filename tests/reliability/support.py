@@ -378,7 +378,7 @@ def app_sessions(client: redis.Redis, keys: KeySchema, app_id: str) -> dict[str,
 
 
 def exempt_from_ttl(prefix: str, key: str, client: redis.Redis) -> bool:
-    """Keys DESIGN.md lets live without a TTL ("Redis keys" and the issue's list)."""
+    """Keys docs/design.md lets live without a TTL ("Redis keys" and the issue's list)."""
     rest = key.removeprefix(f"{prefix}:")
     if rest.startswith("ban:"):
         until = client.hget(key, "until_ms")

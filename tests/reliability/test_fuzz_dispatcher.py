@@ -2,7 +2,7 @@
 
 Over fakeredis (the same Lua scripts, in-process), ten items per Hypothesis example, one
 after another: the topic goes through `TopicScheme.parse_request` (checked against the
-PROTOCOL.md rules), a request topic's payload through `Dispatcher.handle`, and now and
+docs/protocol.md rules), a request topic's payload through `Dispatcher.handle`, and now and
 then a payload through `Dispatcher.handle_status`. About a third of the items are
 well-formed requests shaped for their op (they reach the Lua scripts); the rest are
 anything on any topic. `FUZZ_ITEMS` changes the count (default 10,000).

@@ -123,7 +123,7 @@ def delivered_to_service(prefix: str, topic: str) -> str | None:
 
 
 def expectations(prefix: str, messages: list[tuple[str, bytes]]) -> Expected:
-    """What the service must do with `messages`, by PROTOCOL.md (the oracle)."""
+    """What the service must do with `messages`, by docs/protocol.md (the oracle)."""
     expected = Expected()
     for topic, payload in messages:
         seen_as = delivered_to_service(prefix, topic)

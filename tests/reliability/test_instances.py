@@ -36,7 +36,7 @@ PAIRS = 1000
 IN_FLIGHT = 100
 """Apps pairing at the same moment (the 1,000 pairs go through this many at a time)."""
 SESSION_EXPIRY_S = "5"
-"""MQTT_SESSION_EXPIRY_S of the instances: short, as DESIGN.md advises for a shared group,
+"""MQTT_SESSION_EXPIRY_S of the instances: short, as docs/design.md advises for a shared group,
 so the broker stops parking a dead instance's share of the requests soon."""
 
 

@@ -6,7 +6,7 @@ commands time out, and the ones already sent run when it wakes up) while apps ke
 pairing. During the outage every request gets SERVICE_UNAVAILABLE with `retry_after_s`,
 each within about a second; afterwards the same service (not restarted) pairs every app
 that retries with the same request_id, nothing stays stuck, no reply is INTERNAL_ERROR,
-and no key is left without a TTL except those DESIGN.md exempts.
+and no key is left without a TTL except those docs/design.md exempts.
 """
 
 from __future__ import annotations

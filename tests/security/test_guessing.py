@@ -1,4 +1,4 @@
-"""A distributed guesser against the global failure budget (PROTOCOL.md, "Default limits").
+"""A distributed guesser against the global failure budget (docs/protocol.md, "Default limits").
 
 Many app identities guess at once against a handful of live codes, with per-app limits
 set out of the way so that only the global budget (`PAIRING_GLOBAL_FAIL_LIMIT` per

@@ -1,6 +1,6 @@
 """Identity binding: a username is one identity of one kind, and the service acts only for it.
 
-The service trusts the id in the topic (PROTOCOL.md, "Identities") because the broker lets
+The service trusts the id in the topic (docs/protocol.md, "Identities") because the broker lets
 a client publish only under its own username's subtree, on its own kind's listener. These
 tests try to break each half of that with broker-config/ as shipped.
 """

@@ -1,6 +1,6 @@
 """No secret leaves the service: not in logs at DEBUG, error replies, history or Redis.
 
-Secrets (DESIGN.md, "Security model"): pairing codes, `PAIRING_SECRET`, broker and Redis
+Secrets (docs/design.md, "Security model"): pairing codes, `PAIRING_SECRET`, broker and Redis
 passwords. A pairing runs with every logger at DEBUG (the service, aiomqtt/paho, redis-py,
 amqtt, asyncio) along with the mistakes a client makes with a code in hand (near miss,
 bad format, reuse, oversized and malformed payloads, unknown op, invalid fields), with

@@ -1,6 +1,6 @@
 """Oversized messages: refused by the service above 4096 bytes, by the broker above its limit.
 
-PROTOCOL.md: payloads are at most 4096 bytes and larger ones are not parsed (they get
+docs/protocol.md: payloads are at most 4096 bytes and larger ones are not parsed (they get
 INVALID_REQUEST with `request_id` null). broker-config/mosquitto.conf sets
 `max_packet_size`: Mosquitto drops the connection of a client that sends a larger packet.
 Neither may disturb the other clients.

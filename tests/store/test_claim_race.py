@@ -1,4 +1,4 @@
-"""Claim races (PROTOCOL.md "App pair"): exactly `max_uses` winners, session limit kept.
+"""Claim races (docs/protocol.md "App pair"): exactly `max_uses` winners, session limit kept.
 
 All of a pair must look atomic: of any number of racing apps exactly `max_uses` win, no
 runner ever exceeds its session limit, and a use that cannot open its session is given

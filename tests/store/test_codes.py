@@ -1,4 +1,4 @@
-"""Codes in the store: replace, cancel, expiry vs not found (PROTOCOL.md "Codes")."""
+"""Codes in the store: replace, cancel, expiry vs not found (docs/protocol.md "Codes")."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ async def test_cancel_after_the_code_was_used_up(api: Api) -> None:
 async def test_a_claim_in_flight_does_not_open_after_its_code_was_replaced(
     api: Api, store: PairingStore
 ) -> None:
-    # DESIGN.md "A pair across slots", step 3: the session opens only if the code is
+    # docs/design.md "A pair across slots", step 3: the session opens only if the code is
     # still the runner's active code; the use is given back (step 4) and the app is told
     # CODE_ALREADY_USED.
     old = await api.code("r1", max_uses=2)
@@ -78,7 +78,7 @@ async def test_expired_then_not_found_without_sleeping(api: Api) -> None:
     code = await api.code("r1", ttl_s=120)
     key = api.store.keys.code(api.digest(code))
     client = api.store.client
-    # the code hash lives as long as the code (DESIGN.md "Redis keys"); its tombstone
+    # the code hash lives as long as the code (docs/design.md "Redis keys"); its tombstone
     # record is written with it, in the string of its shard and expiry window
     pttl = await client.pttl(key)
     assert 115_000 < pttl <= 120_000

@@ -1,5 +1,5 @@
-"""Idempotency of ops with effects (PROTOCOL.md "Idempotency") and crashes between steps
-of a pair (DESIGN.md "A pair across slots")."""
+"""Idempotency of ops with effects (docs/protocol.md "Idempotency") and crashes between steps
+of a pair (docs/design.md "A pair across slots")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """What the store leaves behind after a full flow: TTLs and no live code
-(DESIGN.md "Redis keys")."""
+(docs/design.md "Redis keys")."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from mqtt_pairing.store.redis_store import INDEX_TTL_MARGIN_S
 from mqtt_pairing.tombstones import KEEP_MARGIN_MS
 from tests.store.helpers import Api, all_keys, dump_key, full_flow
 
-# DESIGN.md: every key has a TTL except permanent bans, the allowlist, the expiry sets
+# docs/design.md: every key has a TTL except permanent bans, the allowlist, the expiry sets
 # and the outbox.
 _NO_TTL_FAMILIES = re.compile(r":(allow|expiry|outbox):\{")
 
@@ -58,7 +58,7 @@ async def test_every_key_has_a_ttl_except_those_design_exempts(
         if pttl < 0 and not await _exempt(store, key):
             without_ttl.append(key)
     assert without_ttl == []
-    # and the exempt ones are what DESIGN.md says
+    # and the exempt ones are what docs/design.md says
     assert await store.client.pttl(store.keys.ban("app", "banned-for-good")) == -1
     assert await store.client.pttl(store.keys.ban("runner", "r-banned-for-good")) == -1
     assert await store.client.pttl(store.keys.allow("app", "vip")) == -1

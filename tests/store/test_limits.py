@@ -1,4 +1,4 @@
-"""Limits, penalties, the global budget and bans (PROTOCOL.md "Default limits")."""
+"""Limits, penalties, the global budget and bans (docs/protocol.md "Default limits")."""
 
 from __future__ import annotations
 
@@ -249,6 +249,6 @@ async def test_requests_refused_by_the_app_slot_spend_no_budget(
         assert error_code(await api.pair("banned", WRONG)) == "BANNED"
         assert error_code(await api.pair("guesser", WRONG)) == "RATE_LIMITED"
     assert await store.client.zcard(budget) == 5
-    # PROTOCOL.md: a guess reserves a unit "before the lookup"; none of these got there
+    # docs/protocol.md: a guess reserves a unit "before the lookup"; none of these got there
     for i in range(3):
         assert error_code(await api.pair(f"innocent{i}", WRONG)) == "CODE_NOT_FOUND"

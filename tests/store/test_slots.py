@@ -1,4 +1,4 @@
-"""Every script touches keys of one hash tag (DESIGN.md "Redis keys", cluster-ready).
+"""Every script touches keys of one hash tag (docs/design.md "Redis keys", cluster-ready).
 
 The commands are recorded where redis-py packs them, so scripts run one by one, in
 pipelines, or reloaded after NOSCRIPT are all seen, whatever store method sent them.

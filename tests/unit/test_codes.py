@@ -1,4 +1,4 @@
-"""Tests of mqtt_pairing.codes: PROTOCOL.md "Codes" and vectors/code-normalisation.json."""
+"""Tests of mqtt_pairing.codes: docs/protocol.md "Codes" and tests/data/vectors/code-normalisation.json."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from mqtt_pairing.codes import (
 )
 from mqtt_pairing.errors import InvalidCodeFormat, PairingErrorCode
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parents[1] / "data" / "vectors"
 SECRET = b"test-secret-0123456789abcdef0123"
 
 
@@ -43,7 +43,7 @@ NORMALISATION_CASES = _load_cases()
 
 codes_st = st.text(alphabet=ALPHABET, min_size=CODE_LENGTH, max_size=CODE_LENGTH)
 
-# Everything normalise_code must remove (PROTOCOL.md "Codes"), Pd taken from the database.
+# Everything normalise_code must remove (docs/protocol.md "Codes"), Pd taken from the database.
 WHITE_SPACE = (
     "\t\n\v\f\r \u0085\u00a0\u1680"
     + "".join(chr(c) for c in range(0x2000, 0x200B))

@@ -1,4 +1,4 @@
-"""Tests of mqtt_pairing.payload: PROTOCOL.md "Payloads" and vectors/payloads.json."""
+"""Tests of mqtt_pairing.payload: docs/protocol.md "Payloads" and tests/data/vectors/payloads.json."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from mqtt_pairing.payload import (
     parse_payload,
 )
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parents[1] / "data" / "vectors"
 
 
 def _load_pair_cases() -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Tests of mqtt_pairing.topics: PROTOCOL.md "Identities" and "Topics"."""
+"""Tests of mqtt_pairing.topics: docs/protocol.md "Identities" and "Topics"."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
--- Prepended to every script. Time always comes from Redis (DESIGN.md), in milliseconds.
+-- Prepended to every script. Time always comes from Redis (docs/design.md), in milliseconds.
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- The outbox of a runner's slot (DESIGN.md "Delivery"): events written by the script that
+-- The outbox of a runner's slot (docs/design.md "Delivery"): events written by the script that
 -- changes state; entries are t (event type), s (session JSON, internal form), x (extra
 -- JSON) and at (ms). Published and deleted (ack_outbox) by whichever instance drains it.
 local function outbox_add(key, kind, session_json, extra_json, at)
@@ -15,7 +15,7 @@ local function outbox_all(key)
   return redis.call('XRANGE', key, '-', '+', 'COUNT', 200)
 end
 
--- Presence by PROTOCOL.md "Presence": 'offline' | 'online' | 'unknown'.
+-- Presence by docs/protocol.md "Presence": 'offline' | 'online' | 'unknown'.
 local function presence_of(status, status_ms, hb_ms, now, hb_window_ms)
   status_ms = tonumber(status_ms or '0')
   hb_ms = tonumber(hb_ms or '0')

@@ -1,5 +1,5 @@
 -- begin_request: replay check, admin ban, penalty and request rate of one identity, and
--- the pending mark of the request (PROTOCOL.md "Idempotency", "App pair" checks 1-3).
+-- the pending mark of the request (docs/protocol.md "Idempotency", "App pair" checks 1-3).
 -- All keys carry the identity's tag ({app:<id>} or {runner:<id>}).
 -- KEYS[1] - dedupe hash of (kind, id, op, request_id)
 -- KEYS[2] - ban hash of the identity

@@ -1,5 +1,5 @@
 -- claim_code: take one use of a code for (app_id, request_id). A repeat of the same pair
--- returns the recorded session_id without a second use (DESIGN.md "A pair across slots" 2).
+-- returns the recorded session_id without a second use (docs/design.md "A pair across slots" 2).
 -- KEYS[1] - code hash ({c:<group>}, store/keys.py)
 -- KEYS[2] - claims hash of the code (same tag)
 -- KEYS[3..] - tombstone strings of the code's group (same tag), read only when the hash is

@@ -1,4 +1,4 @@
--- expire_session: close a session that has been idle for the idle TTL (PROTOCOL.md:
+-- expire_session: close a session that has been idle for the idle TTL (docs/protocol.md:
 -- closed_reason "expired"), found through the expiry sets by the sweeper.
 -- KEYS[1] - runner sessions hash ({runner:<id>})
 -- KEYS[2] - runner outbox stream (same tag)

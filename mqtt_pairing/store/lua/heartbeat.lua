@@ -1,5 +1,5 @@
 -- heartbeat: a runner's heartbeat; refreshes its presence and the last_seen_at of its
--- sessions (PROTOCOL.md "Session object"), without a dedupe key, and announces a change
+-- sessions (docs/protocol.md "Session object"), without a dedupe key, and announces a change
 -- from offline to online to its paired apps.
 -- KEYS[1] - runner hash ({runner:<id>})
 -- KEYS[2] - runner sessions hash (same tag)

@@ -1,4 +1,4 @@
--- open_session: open the session of a claimed use, in the runner's slot (DESIGN.md step 3):
+-- open_session: open the session of a claimed use, in the runner's slot (docs/design.md step 3):
 -- only if the code is still the runner's active code, the runner is not known to be
 -- offline and its session limit allows. An earlier session of the same app is replaced
 -- (and does not count toward the limit). Opening the same session_id again returns it.

@@ -1,6 +1,6 @@
 -- record_status: a runner's retained status message (or its Last Will). Every instance
 -- sees every status message (no $share, so retained ones are replayed); this script
--- decides whether presence changed, so apps hear of a change once (PROTOCOL.md).
+-- decides whether presence changed, so apps hear of a change once (docs/protocol.md).
 -- KEYS[1] - runner hash ({runner:<id>})
 -- KEYS[2] - runner sessions hash (same tag)
 -- KEYS[3] - runner outbox stream (same tag)

@@ -1,5 +1,5 @@
 -- reserve_budget: take one unit of the global failure budget before a code lookup, so that
--- concurrent guesses cannot overshoot it (PROTOCOL.md "Default limits"). A success gives
+-- concurrent guesses cannot overshoot it (docs/protocol.md "Default limits"). A success gives
 -- the unit back (ZREM of the member).
 -- KEYS[1] - budget sorted set of one shard ({global:<n>})
 -- ARGV[1] - member: unique per request (the same member again is already reserved)

@@ -1,5 +1,5 @@
 -- set_ban: an admin ban of an app or runner; a runner's active code is cancelled with it
--- (PROTOCOL.md "Runner code": banning a runner cancels its code).
+-- (docs/protocol.md "Runner code": banning a runner cancels its code).
 -- KEYS[1] - ban hash ({app:<id>} or {runner:<id>})
 -- KEYS[2] - runner hash of the same tag (for an app: any key of the tag, left untouched)
 -- ARGV[1] - reason

@@ -1,5 +1,5 @@
 -- touch_sessions: list a runner's active sessions (all, or those of one app) and refresh
--- their last_seen_at (PROTOCOL.md: a request that lists a session refreshes it).
+-- their last_seen_at (docs/protocol.md: a request that lists a session refreshes it).
 -- KEYS[1] - runner sessions hash ({runner:<id>})
 -- KEYS[2] - runner hash (same tag)
 -- ARGV[1] - session idle TTL, ms

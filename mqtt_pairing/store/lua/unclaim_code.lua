@@ -1,4 +1,4 @@
--- unclaim_code: give back a use whose session could not open (DESIGN.md step 4).
+-- unclaim_code: give back a use whose session could not open (docs/design.md step 4).
 -- KEYS[1] - code hash ({c:<group>}, store/keys.py)
 -- KEYS[2] - claims hash of the code
 -- ARGV[1] - claim field: app_id .. '\n' .. request_id
