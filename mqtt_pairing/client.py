@@ -17,7 +17,7 @@ from typing import Any, Literal, Self
 
 import aiomqtt
 
-from mqtt_pairing.gateway import NODELAY, BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress, open_connection
 from mqtt_pairing.topics import Identity, Kind, TopicScheme
 
 _DEFAULT_TIMEOUT_S = 10.0
@@ -68,23 +68,23 @@ class PairingClient:
         self._seen_events: set[str] = set()
         self._reader: asyncio.Task[None] | None = None
         self.client = aiomqtt.Client(
-            address.host,
-            address.port,
-            username=address.username,
-            password=address.password,
+            **address.client_options(),  # host, credentials, transport, verified TLS, NODELAY
             identifier=client_id or f"{kind.value}-{ident}-{uuid.uuid4().hex[:8]}"[:64],
             protocol=(
                 aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
             ),
-            transport=address.transport,
-            websocket_path=address.websocket_path,
-            socket_options=[NODELAY],
             will=will,
             timeout=_DEFAULT_TIMEOUT_S,
         )
 
     async def __aenter__(self) -> Self:
-        await self.client.__aenter__()
+        """Connect and subscribe to the client's replies and events.
+
+        Raises:
+            BrokerUnreachable: the connection failed (a one-line message; an
+                `aiomqtt.MqttError`).
+        """
+        await open_connection(self.client, self.address)
         base = f"{self.scheme.prefix}/{self.identity.kind.segment}/{self.identity.id}"
         await self.client.subscribe(f"{base}/res/+", qos=1)
         await self.client.subscribe(self.scheme.events_topic(self.identity), qos=1)

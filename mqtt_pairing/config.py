@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     mqtt_protocol: Literal["5", "3.1.1"] = "5"
     mqtt_username: str | None = None
     mqtt_password: SecretStr | None = None
+    mqtt_ca_file: str | None = None
+    mqtt_tls_insecure: bool = False
     mqtt_client_id: str = Field(default_factory=_default_client_id, min_length=1, max_length=64)
     mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
     mqtt_session_expiry_s: int = Field(default=60, ge=0, le=86400)

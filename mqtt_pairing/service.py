@@ -29,8 +29,9 @@ from mqtt_pairing.broker import (
 from mqtt_pairing.config import Settings, redact_url
 from mqtt_pairing.dispatcher import Dispatcher
 from mqtt_pairing.errors import ConfigError, PairingError
-from mqtt_pairing.gateway import BrokerAddress, PairingGateway
+from mqtt_pairing.gateway import PairingGateway
 from mqtt_pairing.health import HealthServer
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,11 @@ async def _attach_broker(
         assert settings.mqtt_url is not None  # noqa: S101 - not embedded
         password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
         address = BrokerAddress.from_url(
-            settings.mqtt_url, username=settings.mqtt_username, password=password
+            settings.mqtt_url,
+            username=settings.mqtt_username,
+            password=password,
+            ca_file=settings.mqtt_ca_file,
+            tls_insecure=settings.mqtt_tls_insecure,
         )
         log.info("MQTT broker: %s", redact_url(settings.mqtt_url))
         return address, settings.mqtt_protocol, settings.pairing_shared_group, None

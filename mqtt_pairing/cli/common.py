@@ -11,8 +11,8 @@ import typer
 
 from mqtt_pairing.config import redact_url
 from mqtt_pairing.errors import ConfigError
-from mqtt_pairing.gateway import BrokerAddress
 from mqtt_pairing.logs import LOG_FORMAT, InstanceFilter
+from mqtt_pairing.mqtt_address import BrokerAddress
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -33,14 +33,29 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     raise typer.Exit(code)
 
 
-def peer_address(mqtt_url: str | None) -> BrokerAddress:
-    """The broker a simulated peer connects to: `--mqtt-url`, `MQTT_URL`, or 127.0.0.1:1883."""
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+def peer_address(
+    mqtt_url: str | None, *, ca_file: str | None = None, tls_insecure: bool = False
+) -> BrokerAddress:
+    """The broker a simulated peer connects to: `--mqtt-url`, `MQTT_URL`, or 127.0.0.1:1883.
+
+    `--ca-file` and `--tls-insecure` fall back to `MQTT_CA_FILE` and `MQTT_TLS_INSECURE`;
+    a usage error (exit 2) is one line.
+    """
     url = mqtt_url or os.environ.get("MQTT_URL") or "mqtt://127.0.0.1:1883"
+    ca_file = ca_file or os.environ.get("MQTT_CA_FILE") or None
+    insecure = tls_insecure or os.environ.get("MQTT_TLS_INSECURE", "").lower() in _TRUE
     try:
         return BrokerAddress.from_url(
             url,
             username=os.environ.get("MQTT_USERNAME"),
             password=os.environ.get("MQTT_PASSWORD"),
+            ca_file=ca_file,
+            tls_insecure=insecure,
+            setting="--mqtt-url" if mqtt_url else "MQTT_URL",
+            ca_setting="--ca-file",
         )
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)

@@ -12,9 +12,9 @@ import aiomqtt
 import segno
 import typer
 
-from mqtt_pairing.cli.common import fail, peer_address
+from mqtt_pairing.cli.common import fail, peer_address, setup_logging
 from mqtt_pairing.client import AppClient, PairingClient, ReplyError, RunnerClient
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress, describe_connect_error
 from mqtt_pairing.topics import is_valid_id
 
 app_cli = typer.Typer(help="A simulated app: pair with a code, list and close sessions.")
@@ -28,6 +28,26 @@ Protocol = Annotated[
     str, typer.Option("--protocol", help="MQTT version: 5, 3.1.1, or auto (5, else 3.1.1).")
 ]
 AppId = Annotated[str, typer.Option("--id", help="The app's id.")]
+CaFile = Annotated[
+    str | None,
+    typer.Option(
+        "--ca-file",
+        help="PEM file of the CA that signed the broker's certificate, for mqtts:// and "
+        "wss:// (default: $MQTT_CA_FILE, else the system's trust store).",
+    ),
+]
+TlsInsecure = Annotated[
+    bool,
+    typer.Option(
+        "--tls-insecure",
+        help="Do not verify the broker's TLS certificate (prints a warning; testing only).",
+    ),
+]
+
+
+def _address(mqtt_url: str | None, ca_file: str | None, tls_insecure: bool) -> BrokerAddress:
+    setup_logging("WARNING")  # the warning of --tls-insecure, as a log line on stderr
+    return peer_address(mqtt_url, ca_file=ca_file, tls_insecure=tls_insecure)
 
 
 def _check_id(value: str) -> str:
@@ -55,7 +75,8 @@ async def _connect(
             last = exc
             continue
         return client
-    return fail(f"cannot connect to the broker at {address.host}:{address.port}: {last}")
+    assert last is not None  # noqa: S101 - at least one version was tried
+    return fail(describe_connect_error(last, address))
 
 
 def _print_json(value: object) -> None:
@@ -72,6 +93,8 @@ def runner(
     mqtt_url: MqttUrl = None,
     prefix: Prefix = "pairing",
     protocol: Protocol = "auto",
+    ca_file: CaFile = None,
+    tls_insecure: TlsInsecure = False,
 ) -> None:
     """Run a simulated runner: print a pairing code (and QR code), then session events.
 
@@ -80,7 +103,8 @@ def runner(
         mqtt-pairing runner --id build-01 --name "Build box"
     """
     _check_id(runner_id)
-    asyncio.run(_runner(runner_id, name, ttl_s, max_uses, once, qr, mqtt_url, prefix, protocol))
+    address = _address(mqtt_url, ca_file, tls_insecure)
+    asyncio.run(_runner(runner_id, name, ttl_s, max_uses, once, qr, address, prefix, protocol))
 
 
 async def _runner(
@@ -90,11 +114,10 @@ async def _runner(
     max_uses: int | None,
     once: bool,
     qr: bool,
-    mqtt_url: str | None,
+    address: BrokerAddress,
     prefix: str,
     protocol: str,
 ) -> None:
-    address = peer_address(mqtt_url)
     client = await _connect(RunnerClient, runner_id, address, prefix, protocol)
     assert isinstance(client, RunnerClient)  # noqa: S101
     fields: dict[str, Any] = {}
@@ -141,6 +164,8 @@ def app_pair(
     mqtt_url: MqttUrl = None,
     prefix: Prefix = "pairing",
     protocol: Protocol = "auto",
+    ca_file: CaFile = None,
+    tls_insecure: TlsInsecure = False,
 ) -> None:
     """Pair with a runner's code and print the session (exit 1 with the error code).
 
@@ -150,16 +175,23 @@ def app_pair(
     """
     _check_id(app_id)
     fields = {"app_name": name} if name else {}
-    asyncio.run(_app_call(app_id, "pair", {"code": code, **fields}, mqtt_url, prefix, protocol))
+    address = _address(mqtt_url, ca_file, tls_insecure)
+    asyncio.run(_app_call(app_id, "pair", {"code": code, **fields}, address, prefix, protocol))
 
 
 @app_cli.command("sessions")
 def app_sessions(
-    app_id: AppId, mqtt_url: MqttUrl = None, prefix: Prefix = "pairing", protocol: Protocol = "auto"
+    app_id: AppId,
+    mqtt_url: MqttUrl = None,
+    prefix: Prefix = "pairing",
+    protocol: Protocol = "auto",
+    ca_file: CaFile = None,
+    tls_insecure: TlsInsecure = False,
 ) -> None:
     """List the app's active sessions."""
     _check_id(app_id)
-    asyncio.run(_app_call(app_id, "sessions", {}, mqtt_url, prefix, protocol))
+    address = _address(mqtt_url, ca_file, tls_insecure)
+    asyncio.run(_app_call(app_id, "sessions", {}, address, prefix, protocol))
 
 
 @app_cli.command("unpair")
@@ -169,30 +201,38 @@ def app_unpair(
     mqtt_url: MqttUrl = None,
     prefix: Prefix = "pairing",
     protocol: Protocol = "auto",
+    ca_file: CaFile = None,
+    tls_insecure: TlsInsecure = False,
 ) -> None:
     """Close one of the app's sessions."""
     _check_id(app_id)
-    asyncio.run(_app_call(app_id, "unpair", {"session_id": session_id}, mqtt_url, prefix, protocol))
+    address = _address(mqtt_url, ca_file, tls_insecure)
+    asyncio.run(_app_call(app_id, "unpair", {"session_id": session_id}, address, prefix, protocol))
 
 
 @app_cli.command("status")
 def app_status(
-    app_id: AppId, mqtt_url: MqttUrl = None, prefix: Prefix = "pairing", protocol: Protocol = "auto"
+    app_id: AppId,
+    mqtt_url: MqttUrl = None,
+    prefix: Prefix = "pairing",
+    protocol: Protocol = "auto",
+    ca_file: CaFile = None,
+    tls_insecure: TlsInsecure = False,
 ) -> None:
     """Show the app's paired runners and whether they are online."""
     _check_id(app_id)
-    asyncio.run(_app_call(app_id, "status", {}, mqtt_url, prefix, protocol))
+    address = _address(mqtt_url, ca_file, tls_insecure)
+    asyncio.run(_app_call(app_id, "status", {}, address, prefix, protocol))
 
 
 async def _app_call(
     app_id: str,
     op: str,
     body: dict[str, Any],
-    mqtt_url: str | None,
+    address: BrokerAddress,
     prefix: str,
     protocol: str,
 ) -> None:
-    address = peer_address(mqtt_url)
     client = await _connect(AppClient, app_id, address, prefix, protocol)
     try:
         try:

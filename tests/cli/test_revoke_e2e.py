@@ -12,7 +12,7 @@ import pytest
 
 from mqtt_pairing.client import AppClient, PairingClient, RunnerClient
 from mqtt_pairing.config import load_settings
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.service import Service, build_service
 from tests.cli.support import json_lines, run_cli
 from tests.fixtures import MosquittoBroker, RedisServer

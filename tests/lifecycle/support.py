@@ -35,7 +35,7 @@ import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mqtt_pairing.client import AppClient, RunnerClient
-from mqtt_pairing.gateway import NODELAY, BrokerAddress
+from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from mqtt_pairing.service import Service
 from mqtt_pairing.store.keys import KeySchema
 from tests.service.support import RunningService, start_running

@@ -14,7 +14,7 @@ import json
 import uuid
 from collections import Counter
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.topics import Kind
 from tests.fixtures import MosquittoBroker, RedisServer

@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from mqtt_pairing.cli.main import app as cli_app
 from mqtt_pairing.client import AppClient, RunnerClient
 from mqtt_pairing.config import load_settings
-from mqtt_pairing.gateway import NODELAY, BrokerAddress
+from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from mqtt_pairing.service import Service, build_service
 from tests.fixtures import MosquittoBroker, free_port, port_is_open
 from tests.security.mosquitto_conf import BROKER_CONFIG, render_for_test

@@ -20,7 +20,7 @@ import pytest
 
 from mqtt_pairing.client import AppClient, PairingClient, RunnerClient
 from mqtt_pairing.config import Settings, load_settings
-from mqtt_pairing.gateway import NODELAY, BrokerAddress
+from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from mqtt_pairing.service import Service, build_service
 
 SECRET = "x" * 40

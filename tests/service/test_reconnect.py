@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable
 
 from mqtt_pairing.config import load_settings
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.service import build_service
 from tests.fixtures import MosquittoBroker, RedisServer
 from tests.service.support import SECRET, Peers, start_running
