@@ -88,7 +88,6 @@ async def test_no_runner_or_app_can_take_requests_from_the_service_group(
         apps=app_ids + [a.ident for a in attackers if a.kind == "app"],
     )
     async with running_service(broker, redis_server.url, key_prefix) as service:
-        assert service.gateway.share_group not in GROUPS  # the default: derived, secret
         async with contextlib.AsyncExitStack() as stack:
             sniffers = {}
             for attacker in attackers:
@@ -109,6 +108,7 @@ async def test_no_runner_or_app_can_take_requests_from_the_service_group(
             for attacker, sniffer in sniffers.items():
                 await ask_own_sessions(attacker, sniffer)
                 assert_only_its_own_replies(attacker, sniffer)
+        assert service.gateway.share_group not in GROUPS  # the default: derived, secret
 
 
 async def test_a_session_resumed_from_the_public_group_leaves_it(
