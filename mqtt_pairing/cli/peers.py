@@ -15,9 +15,11 @@ import typer
 from mqtt_pairing.cli.common import fail, peer_address, setup_logging
 from mqtt_pairing.client import AppClient, PairingClient, ReplyError, RunnerClient
 from mqtt_pairing.mqtt_address import BrokerAddress, describe_connect_error
-from mqtt_pairing.topics import is_valid_id
+from mqtt_pairing.topics import TopicScheme, is_valid_id
 
-app_cli = typer.Typer(help="A simulated app: pair with a code, list and close sessions.")
+app_cli = typer.Typer(
+    help="A simulated app: pair with a code, list and close sessions.", no_args_is_help=True
+)
 
 MqttUrl = Annotated[
     str | None,
@@ -48,6 +50,12 @@ TlsInsecure = Annotated[
 def _address(mqtt_url: str | None, ca_file: str | None, tls_insecure: bool) -> BrokerAddress:
     setup_logging("WARNING")  # the warning of --tls-insecure, as a log line on stderr
     return peer_address(mqtt_url, ca_file=ca_file, tls_insecure=tls_insecure)
+
+
+_OFFLINE = json.dumps({"state": "offline"})
+"""The runner's Last Will payload (docs/protocol.md "Presence")."""
+_GOODBYE_TIMEOUT_S = 5.0
+"""How long a stopping runner waits for its `offline` status to be acknowledged."""
 
 
 def _check_id(value: str) -> str:
@@ -98,7 +106,11 @@ def runner(
 ) -> None:
     """Run a simulated runner: print a pairing code (and QR code), then session events.
 
-    The code is renewed when it expires. For example:
+    The code is renewed when it expires. The runner announces itself as a real one would
+    (docs/protocol.md "Presence"): a retained `{"state":"online"}` on its status topic
+    and a Last Will `{"state":"offline"}` (retained) that the broker publishes if the
+    connection drops; on a clean stop (Ctrl-C, --once) it publishes `offline` itself.
+    For example:
 
         mqtt-pairing runner --id build-01 --name "Build box"
     """
@@ -118,7 +130,8 @@ async def _runner(
     prefix: str,
     protocol: str,
 ) -> None:
-    client = await _connect(RunnerClient, runner_id, address, prefix, protocol)
+    will = aiomqtt.Will(TopicScheme(prefix).status_topic(runner_id), _OFFLINE, qos=1, retain=True)
+    client = await _connect(RunnerClient, runner_id, address, prefix, protocol, will=will)
     assert isinstance(client, RunnerClient)  # noqa: S101
     fields: dict[str, Any] = {}
     if name:
@@ -128,6 +141,11 @@ async def _runner(
     if max_uses is not None:
         fields["max_uses"] = max_uses
     try:
+        try:
+            await client.publish_status("online")
+        except aiomqtt.MqttError as exc:
+            fail(f"lost the connection to the broker: {exc}")
+        typer.echo("presence: online (retained; Last Will: offline)")
         while True:
             try:
                 result = await client.request_code(**fields)
@@ -135,6 +153,8 @@ async def _runner(
                 fail(str(exc))
             except TimeoutError:
                 fail("no reply from the service (is `mqtt-pairing serve` running on this broker?)")
+            except aiomqtt.MqttError as exc:
+                fail(f"lost the connection to the broker: {exc}")
             typer.echo(f"pairing code: {result['code']}  (expires {result['expires_at']})")
             typer.echo(f"pairing uri:  {result['pairing_uri']}")
             if qr:
@@ -152,6 +172,9 @@ async def _runner(
                     return
             typer.echo("code expired; asking for a new one")
     finally:
+        # A clean stop says so; the Last Will covers every other way of going away.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.publish_status("offline"), _GOODBYE_TIMEOUT_S)
         with contextlib.suppress(Exception):
             await client.__aexit__(None, None, None)
 
@@ -242,6 +265,8 @@ async def _app_call(
             fail(f"{exc.code}: {exc.message}{retry}")
         except TimeoutError:
             fail("no reply from the service (is `mqtt-pairing serve` running?)")
+        except aiomqtt.MqttError as exc:
+            fail(f"lost the connection to the broker: {exc}")
         _print_json(result)
     finally:
         with contextlib.suppress(Exception):
