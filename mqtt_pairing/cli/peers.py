@@ -56,6 +56,13 @@ _OFFLINE = json.dumps({"state": "offline"})
 """The runner's Last Will payload (docs/protocol.md "Presence")."""
 _GOODBYE_TIMEOUT_S = 5.0
 """How long a stopping runner waits for its `offline` status to be acknowledged."""
+_PROBE_TIMEOUT_S = 3.0
+"""With `--protocol auto`, how long to wait for the MQTT 5 CONNACK before trying 3.1.1.
+
+amqtt (the embedded broker, MQTT 3.1.1 only) refuses an MQTT 5 CONNECT at once, except
+one with a Last Will: it misreads the will properties and waits for bytes that never
+come, so without this bound a runner would wait the whole client timeout (10 s).
+"""
 
 
 def _check_id(value: str) -> str:
@@ -75,13 +82,24 @@ async def _connect(
     versions: list[Literal["5", "3.1.1"]]
     versions = ["5", "3.1.1"] if protocol == "auto" else [protocol]  # type: ignore[list-item]
     last: Exception | None = None
-    for version in versions:
+    loop = asyncio.get_running_loop()
+    for i, version in enumerate(versions):
         client = client_type(ident, address, prefix=prefix, protocol=version, **kwargs)
+        probing = i < len(versions) - 1
+        timeout_s = client.client.timeout
+        if probing:
+            client.client.timeout = _PROBE_TIMEOUT_S
+        started = loop.time()
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as exc:
             last = exc
+            if loop.time() - started >= _PROBE_TIMEOUT_S:
+                # Timed out on an open socket: close it, so the broker stops waiting too.
+                with contextlib.suppress(Exception):
+                    await client.__aexit__(None, None, None)
             continue
+        client.client.timeout = timeout_s
         return client
     assert last is not None  # noqa: S101 - at least one version was tried
     return fail(describe_connect_error(last, address))

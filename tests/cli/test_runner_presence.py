@@ -25,7 +25,9 @@ from typing import Any, Literal
 import aiomqtt
 import pytest
 
-from mqtt_pairing.client import AppClient
+from mqtt_pairing.broker import start_embedded_broker
+from mqtt_pairing.cli import peers
+from mqtt_pairing.client import AppClient, RunnerClient
 from mqtt_pairing.config import load_settings
 from mqtt_pairing.gateway import BrokerAddress
 from mqtt_pairing.service import build_service
@@ -40,6 +42,8 @@ PRESENCE_TIMEOUT_S = 15.0
 """Bound on status -> service -> app: the broker's part (Will on a dropped socket) included."""
 STOP_TIMEOUT_S = 15.0
 POLL_S = 0.1
+CLIENT_TIMEOUT_S = 10.0
+"""The peers' MQTT client timeout (mqtt_pairing.client): what a stuck CONNECT would cost."""
 
 CODE_LINE = re.compile(r"^pairing code: (\S+)")
 
@@ -231,3 +235,29 @@ async def test_runner_is_online_then_offline_when_killed_or_stopped(
             assert await online_of(app, runner_id) is False
             assert code_on_exit == 130
             assert "Traceback" not in await runner.stderr()
+
+
+async def test_auto_protocol_gives_up_mqtt5_with_a_will_on_amqtt_in_time(topic_prefix: str) -> None:
+    # amqtt answers an MQTT 5 CONNECT carrying a Last Will with silence (it misreads the
+    # will properties), so `--protocol auto` must not wait the whole client timeout
+    # before falling back to 3.1.1.
+    port = free_port()
+    broker = await start_embedded_broker("127.0.0.1", port)
+    try:
+        will = aiomqtt.Will(
+            f"{topic_prefix}/runners/r1/status", '{"state":"offline"}', qos=1, retain=True
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        client = await peers._connect(
+            RunnerClient, "r1", BrokerAddress("127.0.0.1", port), topic_prefix, "auto", will=will
+        )
+        elapsed_s = loop.time() - started
+        try:
+            assert client.protocol == "3.1.1"
+            assert elapsed_s < CLIENT_TIMEOUT_S, elapsed_s
+            assert client.client.timeout == CLIENT_TIMEOUT_S  # restored after the probe
+        finally:
+            await client.__aexit__(None, None, None)
+    finally:
+        await broker.shutdown()
