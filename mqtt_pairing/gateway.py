@@ -25,7 +25,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_pairing.config import Settings
+from mqtt_pairing.config import LEGACY_SHARED_GROUP, Settings
 from mqtt_pairing.dispatcher import Dispatcher
 from mqtt_pairing.errors import PairingError
 from mqtt_pairing.faults import fault_point
@@ -209,6 +209,11 @@ class PairingGateway:
         for kind in Kind:
             topic = self.scheme.request_filter(kind, self.share_group)
             await self.client.subscribe(topic, qos=1)
+            if self.share_group != LEGACY_SHARED_GROUP:
+                # A session resumed from a version with the public default group still
+                # holds it, and a runner or app could share it (docs/security.md).
+                legacy = self.scheme.request_filter(kind, LEGACY_SHARED_GROUP)
+                await self.client.unsubscribe(legacy)
         # Without $share: shared subscriptions get no retained messages (docs/design.md). An
         # instance that does not record presence drops a subscription its persistent
         # session may keep from an earlier run.

@@ -60,7 +60,7 @@ def serving(
             pairing_secret="x" * 40,
             pairing_topic_prefix=topic_prefix,
             pairing_key_prefix=prefix,
-            mqtt_client_id=f"svc-{uuid.uuid4().hex[:12]}",
+            mqtt_client_id=f"svc:{uuid.uuid4().hex[:12]}",
             pairing_shared_group="",
             pairing_shutdown_grace_s=1.0,
         )

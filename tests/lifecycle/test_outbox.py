@@ -99,7 +99,7 @@ async def start_serve(
     Every process shares the client id, key prefix and topic prefix of the test.
     """
     started: list[Serve] = []
-    client_id = f"lc-serve-{uuid.uuid4().hex[:12]}"
+    client_id = f"lc-serve:{uuid.uuid4().hex[:12]}"
 
     async def start(fault: str | None = None) -> Serve:
         env = serve_env(

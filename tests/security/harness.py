@@ -149,8 +149,7 @@ async def running_service(
         pairing_secret=PAIRING_SECRET,
         pairing_topic_prefix="pairing",
         pairing_key_prefix=key_prefix.rstrip(":"),
-        mqtt_client_id=f"svc-{tag}",
-        pairing_shared_group=f"g{tag}",
+        mqtt_client_id=f"svc:{tag}",
         **overrides,
     )
     service = await build_service(settings)

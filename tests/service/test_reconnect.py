@@ -34,7 +34,7 @@ async def test_service_reconnects_after_broker_restart(
         pairing_secret=SECRET,
         pairing_topic_prefix=topic_prefix,
         pairing_key_prefix=f"e2e-{unique}",
-        mqtt_client_id=f"svc-{unique}",
+        mqtt_client_id=f"svc:{unique}",
         pairing_shared_group="",
         pairing_shutdown_grace_s=2.0,
         mqtt_reconnect_max_s=0.5,
