@@ -58,7 +58,7 @@ async def serve(
     for name in list(os.environ):
         if name.startswith(("MQTT_", "REDIS_", "PAIRING_")):
             monkeypatch.delenv(name)
-    client_id = f"svc-{uuid.uuid4().hex[:12]}"
+    client_id = f"svc:{uuid.uuid4().hex[:12]}"
     if request.param == "mosquitto":
         broker: MosquittoBroker = request.getfixturevalue("mosquitto_broker")
         redis: RedisServer = request.getfixturevalue("redis_server")
