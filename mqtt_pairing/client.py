@@ -106,22 +106,26 @@ class PairingClient:
 
     async def _read(self) -> None:
         async for message in self.client.messages:
-            try:
-                body = json.loads(bytes(message.payload))
-            except (ValueError, TypeError):
-                continue
-            if not isinstance(body, dict):
-                continue
-            if "event" in body:
-                event_id = str(body.get("event_id"))
-                if event_id in self._seen_events:
-                    continue
-                self._seen_events.add(event_id)
-                self.events.put_nowait(body)
-                continue
-            future = self._waiting.pop(str(body.get("request_id")), None)
-            if future is not None and not future.done():
-                future.set_result(body)
+            self._handle(message)
+
+    def _handle(self, message: aiomqtt.Message) -> None:
+        """Route one incoming message: an event to `events`, a reply to its request."""
+        try:
+            body = json.loads(bytes(message.payload))
+        except (ValueError, TypeError):
+            return
+        if not isinstance(body, dict):
+            return
+        if "event" in body:
+            event_id = str(body.get("event_id"))
+            if event_id in self._seen_events:
+                return
+            self._seen_events.add(event_id)
+            self.events.put_nowait(body)
+            return
+        future = self._waiting.pop(str(body.get("request_id")), None)
+        if future is not None and not future.done():
+            future.set_result(body)
 
     async def publish_raw(self, op: str, payload: bytes, **publish_kwargs: Any) -> None:  # noqa: ANN401
         """Publish raw bytes on one of this client's request topics (for tests)."""
