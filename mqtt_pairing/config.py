@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     pairing_topic_prefix: str = "pairing"
     pairing_key_prefix: str = "pairing"
     pairing_shared_group: str | None = None
-    pairing_session_idle_ttl_s: int = Field(default=2_592_000, ge=60)
+    pairing_session_idle_ttl_s: int = Field(default=2_592_000, ge=1)
     pairing_max_sessions_per_runner: int = Field(default=10, ge=1)
 
     pairing_code_ttl_s: int = Field(default=600, ge=1)

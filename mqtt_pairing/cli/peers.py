@@ -15,9 +15,11 @@ import typer
 from mqtt_pairing.cli.common import fail, peer_address, setup_logging
 from mqtt_pairing.client import AppClient, PairingClient, ReplyError, RunnerClient
 from mqtt_pairing.mqtt_address import BrokerAddress, describe_connect_error
-from mqtt_pairing.topics import is_valid_id
+from mqtt_pairing.topics import TopicScheme, is_valid_id
 
-app_cli = typer.Typer(help="A simulated app: pair with a code, list and close sessions.")
+app_cli = typer.Typer(
+    help="A simulated app: pair with a code, list and close sessions.", no_args_is_help=True
+)
 
 MqttUrl = Annotated[
     str | None,
@@ -50,6 +52,19 @@ def _address(mqtt_url: str | None, ca_file: str | None, tls_insecure: bool) -> B
     return peer_address(mqtt_url, ca_file=ca_file, tls_insecure=tls_insecure)
 
 
+_OFFLINE = json.dumps({"state": "offline"})
+"""The runner's Last Will payload (docs/protocol.md "Presence")."""
+_GOODBYE_TIMEOUT_S = 5.0
+"""How long a stopping runner waits for its `offline` status to be acknowledged."""
+_PROBE_TIMEOUT_S = 3.0
+"""With `--protocol auto`, how long to wait for the MQTT 5 CONNACK before trying 3.1.1.
+
+amqtt (the embedded broker, MQTT 3.1.1 only) refuses an MQTT 5 CONNECT at once, except
+one with a Last Will: it misreads the will properties and waits for bytes that never
+come, so without this bound a runner would wait the whole client timeout (10 s).
+"""
+
+
 def _check_id(value: str) -> str:
     if not is_valid_id(value):
         fail("--id: 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit", 2)
@@ -67,13 +82,24 @@ async def _connect(
     versions: list[Literal["5", "3.1.1"]]
     versions = ["5", "3.1.1"] if protocol == "auto" else [protocol]  # type: ignore[list-item]
     last: Exception | None = None
-    for version in versions:
+    loop = asyncio.get_running_loop()
+    for i, version in enumerate(versions):
         client = client_type(ident, address, prefix=prefix, protocol=version, **kwargs)
+        probing = i < len(versions) - 1
+        timeout_s = client.client.timeout
+        if probing:
+            client.client.timeout = _PROBE_TIMEOUT_S
+        started = loop.time()
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as exc:
             last = exc
+            if loop.time() - started >= _PROBE_TIMEOUT_S:
+                # Timed out on an open socket: close it, so the broker stops waiting too.
+                with contextlib.suppress(Exception):
+                    await client.__aexit__(None, None, None)
             continue
+        client.client.timeout = timeout_s
         return client
     assert last is not None  # noqa: S101 - at least one version was tried
     return fail(describe_connect_error(last, address))
@@ -98,7 +124,11 @@ def runner(
 ) -> None:
     """Run a simulated runner: print a pairing code (and QR code), then session events.
 
-    The code is renewed when it expires. For example:
+    The code is renewed when it expires. The runner announces itself as a real one would
+    (docs/protocol.md "Presence"): a retained `{"state":"online"}` on its status topic
+    and a Last Will `{"state":"offline"}` (retained) that the broker publishes if the
+    connection drops; on a clean stop (Ctrl-C, --once) it publishes `offline` itself.
+    For example:
 
         mqtt-pairing runner --id build-01 --name "Build box"
     """
@@ -118,7 +148,8 @@ async def _runner(
     prefix: str,
     protocol: str,
 ) -> None:
-    client = await _connect(RunnerClient, runner_id, address, prefix, protocol)
+    will = aiomqtt.Will(TopicScheme(prefix).status_topic(runner_id), _OFFLINE, qos=1, retain=True)
+    client = await _connect(RunnerClient, runner_id, address, prefix, protocol, will=will)
     assert isinstance(client, RunnerClient)  # noqa: S101
     fields: dict[str, Any] = {}
     if name:
@@ -128,6 +159,11 @@ async def _runner(
     if max_uses is not None:
         fields["max_uses"] = max_uses
     try:
+        try:
+            await client.publish_status("online")
+        except aiomqtt.MqttError as exc:
+            fail(f"lost the connection to the broker: {exc}")
+        typer.echo("presence: online (retained; Last Will: offline)")
         while True:
             try:
                 result = await client.request_code(**fields)
@@ -135,6 +171,8 @@ async def _runner(
                 fail(str(exc))
             except TimeoutError:
                 fail("no reply from the service (is `mqtt-pairing serve` running on this broker?)")
+            except aiomqtt.MqttError as exc:
+                fail(f"lost the connection to the broker: {exc}")
             typer.echo(f"pairing code: {result['code']}  (expires {result['expires_at']})")
             typer.echo(f"pairing uri:  {result['pairing_uri']}")
             if qr:
@@ -152,6 +190,9 @@ async def _runner(
                     return
             typer.echo("code expired; asking for a new one")
     finally:
+        # A clean stop says so; the Last Will covers every other way of going away.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.publish_status("offline"), _GOODBYE_TIMEOUT_S)
         with contextlib.suppress(Exception):
             await client.__aexit__(None, None, None)
 
@@ -242,6 +283,8 @@ async def _app_call(
             fail(f"{exc.code}: {exc.message}{retry}")
         except TimeoutError:
             fail("no reply from the service (is `mqtt-pairing serve` running?)")
+        except aiomqtt.MqttError as exc:
+            fail(f"lost the connection to the broker: {exc}")
         _print_json(result)
     finally:
         with contextlib.suppress(Exception):

@@ -174,6 +174,26 @@ class Wire:
         topic = f"{self.prefix}/{kind}s/{ident}/res/{op}"
         return [m.body for m in self.seen if m.topic == topic]
 
+    async def barrier(self, timeout_s: float = REPLY_TIMEOUT_S) -> None:
+        """Wait until everything the service published before now has reached the wire.
+
+        Asks the service something (a `sessions` request of a runner of its own) and waits
+        for the reply here: MQTT keeps one connection's messages in order, and the service
+        publishes replies and events on one connection. With several instances, only the
+        one that answers is covered.
+        """
+        ident = f"barrier-{uuid.uuid4().hex[:8]}"
+        request_id = uuid.uuid4().hex
+        topic = f"{self.prefix}/runners/{ident}/req/sessions"
+        await self.client.publish(topic, json.dumps({"request_id": request_id}), qos=1)
+        await wait_until(
+            lambda: any(
+                r.get("request_id") == request_id for r in self.replies("runner", ident, "sessions")
+            ),
+            timeout_s,
+            "the reply to the barrier request",
+        )
+
     async def wait_events(
         self,
         kind: Literal["runner", "app"],
