@@ -1,0 +1,1 @@
+"""The Python SDK for runners and apps (docs/sdk.md)."""
