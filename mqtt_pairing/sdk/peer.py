@@ -4,7 +4,9 @@ A request is published at QoS 1 with a fresh `request_id` (UUID 4) and its reply
 `request_id` (MQTT 5 and 3.1.1 alike, docs/protocol.md "Reply envelope"). If the
 connection is lost before the reply comes, the same request (same `request_id`) is sent
 again once reconnected: the service answers a repeat with the remembered reply and no
-second effect (docs/protocol.md, "Idempotency"). Events are dropped when their `event_id`
+second effect (docs/protocol.md, "Idempotency"); the same happens when no reply has come
+after 5 s (a broker that crashed may have lost the service's subscription until it came
+back). Events are dropped when their `event_id`
 was seen already (the last 4096 are remembered).
 """
 
@@ -33,6 +35,8 @@ __all__ = ["Peer"]
 log = logging.getLogger(__name__)
 
 _SEEN_EVENTS = 4096
+_RESEND_AFTER_S = 5.0
+"""A request with no reply after this long is sent again (same request_id)."""
 _EVENTS: TypeAdapter[Event] = TypeAdapter(Event)
 
 
@@ -172,24 +176,33 @@ class Peer:
         connection = self.connection
         try:
             sent_in = -1
+            resend_at = 0.0
             while not future.done():
                 if not connection.connected.is_set() or connection.generation != sent_in:
                     try:
                         sent_in = await connection.publish(topic, data, deadline=deadline)
                     except NotConnected:
                         raise NoReply(op, request_id, timeout) from None
+                    resend_at = loop.time() + _RESEND_AFTER_S
                     continue
                 lost: asyncio.Future[Any] = asyncio.ensure_future(connection.lost.wait())
                 try:
                     await asyncio.wait(
                         {future, lost},
-                        timeout=max(deadline - loop.time(), 0),
+                        timeout=max(min(deadline, resend_at) - loop.time(), 0),
                         return_when=asyncio.FIRST_COMPLETED,
                     )
                 finally:
                     lost.cancel()
-                if not future.done() and loop.time() >= deadline:
+                if future.done():
+                    break
+                if loop.time() >= deadline:
                     raise NoReply(op, request_id, timeout)
+                if loop.time() >= resend_at:
+                    # Acknowledged by the broker, but perhaps before the service had
+                    # subscribed again (a broker that lost its sessions): the same request
+                    # once more. A repeat has no second effect.
+                    sent_in = -1
             return future.result()
         finally:
             self._waiting.pop(request_id, None)
