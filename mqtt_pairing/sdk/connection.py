@@ -72,6 +72,8 @@ class Connection:
         reconnect_first_s: first backoff delay, seconds.
         reconnect_max_s: backoff cap, seconds.
         connect_timeout_s: how long `open` tries before giving up.
+        retry_first_connect: False gives up on the first failed attempt (each version
+            once with "auto") instead of trying until `connect_timeout_s`.
 
     Attributes:
         connected: set while connected (after `on_connect`).
@@ -95,8 +97,10 @@ class Connection:
         reconnect_first_s: float = 0.2,
         reconnect_max_s: float = 30.0,
         connect_timeout_s: float = 10.0,
+        retry_first_connect: bool = True,
     ) -> None:
         self.address = address
+        self.retry_first_connect = retry_first_connect
         self.client_id = client_id
         self.session_expiry_s = session_expiry_s
         self.keepalive_s = keepalive_s
@@ -301,6 +305,9 @@ class Connection:
                     attempt += 1
                     if len(self._versions) > 1 and attempt % len(self._versions):
                         continue  # "auto": the other version at once
+                    if not self.retry_first_connect:
+                        self._first.set_exception(ConnectFailed(f"cannot connect: {exc}"))
+                        return
                 delay = min(backoff, self.reconnect_max_s) * random.uniform(0.5, 1.0)
                 log.warning(
                     "%s: connection lost (%s); retrying in %.1f s", self.client_id, exc, delay

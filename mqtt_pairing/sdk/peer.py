@@ -5,9 +5,9 @@ A request is published at QoS 1 with a fresh `request_id` (UUID 4) and its reply
 connection is lost before the reply comes, the same request (same `request_id`) is sent
 again once reconnected: the service answers a repeat with the remembered reply and no
 second effect (docs/protocol.md, "Idempotency"); the same happens when no reply has come
-after 5 s (a broker that crashed may have lost the service's subscription until it came
-back). Events are dropped when their `event_id`
-was seen already (the last 4096 are remembered).
+after `resend_after_s` (5 s; a broker that crashed may have lost the service's
+subscription until it came back). Events are dropped when their `event_id` was seen
+already (the last 4096 are remembered).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -57,6 +58,10 @@ class Peer:
         request_timeout_s: default time a request may take, reconnects included.
         reconnect_max_s: cap of the reconnect backoff, seconds.
         connect_timeout_s: how long the first connection may take.
+        resend_after_s: a request with no reply after this long is sent again (same
+            `request_id`); None never sends one again on the same connection.
+        retry_first_connect: keep trying the first connection until `connect_timeout_s`;
+            False gives up after one attempt (each version, with protocol "auto").
 
     Raises:
         ValueError: a malformed id or prefix.
@@ -77,8 +82,11 @@ class Peer:
         request_timeout_s: float = 15.0,
         reconnect_max_s: float = 30.0,
         connect_timeout_s: float = 10.0,
+        resend_after_s: float | None = _RESEND_AFTER_S,
+        retry_first_connect: bool = True,
     ) -> None:
         self.identity = Identity(self.kind, ident)
+        self.resend_after_s = resend_after_s
         self.scheme = TopicScheme(prefix)
         self.request_timeout_s = request_timeout_s
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -97,6 +105,7 @@ class Peer:
             will=self._will(),
             reconnect_max_s=reconnect_max_s,
             connect_timeout_s=connect_timeout_s,
+            retry_first_connect=retry_first_connect,
         )
 
     @property
@@ -183,7 +192,7 @@ class Peer:
                         sent_in = await connection.publish(topic, data, deadline=deadline)
                     except NotConnected:
                         raise NoReply(op, request_id, timeout) from None
-                    resend_at = loop.time() + _RESEND_AFTER_S
+                    resend_at = loop.time() + (self.resend_after_s or math.inf)
                     continue
                 lost: asyncio.Future[Any] = asyncio.ensure_future(connection.lost.wait())
                 try:
