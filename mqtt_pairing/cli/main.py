@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from mqtt_pairing import __version__
+from mqtt_pairing.asyncapi_cli import asyncapi
 from mqtt_pairing.cli.admin import bans_app, codes_app, history, sessions_app, stats
 from mqtt_pairing.cli.common import fail, setup_logging
 from mqtt_pairing.cli.credentials import credentials_app
@@ -32,6 +33,7 @@ app.add_typer(bans_app, name="bans")
 app.add_typer(sessions_app, name="sessions")
 app.add_typer(codes_app, name="codes")
 app.command("stats")(stats)
+app.command("asyncapi")(asyncapi)
 
 
 def _version(value: bool) -> None:
