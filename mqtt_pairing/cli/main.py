@@ -16,6 +16,7 @@ from mqtt_pairing.cli.credentials import credentials_app
 from mqtt_pairing.cli.peers import app_cli, runner
 from mqtt_pairing.config import load_settings
 from mqtt_pairing.errors import ConfigError
+from mqtt_pairing.sdk.webapp import web
 from mqtt_pairing.service import DEFAULT_LISTEN, run_service
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ app.add_typer(sessions_app, name="sessions")
 app.add_typer(codes_app, name="codes")
 app.command("stats")(stats)
 app.command("asyncapi")(asyncapi)
+app.command("web")(web)
 
 
 def _version(value: bool) -> None:
