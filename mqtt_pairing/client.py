@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import aiomqtt
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress, BrokerUnreachable
 from mqtt_pairing.sdk.errors import ConnectFailed, ReplyError
 from mqtt_pairing.sdk.peer import Peer
 from mqtt_pairing.topics import Kind
@@ -72,12 +72,20 @@ class PairingClient(Peer):
         """Connect once.
 
         Raises:
-            aiomqtt.MqttError: the connection failed.
+            BrokerUnreachable: the connection failed (a one-line message; an
+                `aiomqtt.MqttError`).
         """
         try:
             await super().open()
         except ConnectFailed as exc:
-            raise aiomqtt.MqttError(str(exc)) from None
+            raise BrokerUnreachable(str(exc)) from None
+
+    def _on_message(self, message: aiomqtt.Message) -> None:
+        self._handle(message)
+
+    def _handle(self, message: aiomqtt.Message) -> None:
+        """Route one incoming message: an event to the events, a reply to its request."""
+        super()._on_message(message)
 
     def _parse_event(self, body: dict[str, Any]) -> Any:  # noqa: ANN401
         return body

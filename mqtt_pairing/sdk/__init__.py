@@ -11,7 +11,7 @@ replies, events), `runner`, `app`, `wire` (typed results and events), `errors`, 
 `e2e` (X25519 keys; the derivation is `mqtt_pairing.sas`).
 """
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.sas import Sas
 from mqtt_pairing.sdk.app import AppClient, PairingUri
 from mqtt_pairing.sdk.errors import (

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.sas import SessionSecrets, key_id, parse_public_key
 from mqtt_pairing.sdk.e2e import KeyPair, agree
 from mqtt_pairing.sdk.errors import KeyMismatch

@@ -15,8 +15,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import socket
-import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
@@ -26,7 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress, describe_connect_error
 from mqtt_pairing.sdk.errors import ConnectFailed, NotConnected
 
 __all__ = ["Connection", "ProtocolChoice"]
@@ -36,7 +34,6 @@ log = logging.getLogger(__name__)
 ProtocolChoice = Literal["5", "3.1.1", "auto"]
 """MQTT version; "auto" tries 5 first and falls back to 3.1.1 on the first connection."""
 
-_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 # CONNACK codes that no retry can fix: bad credentials, not authorised, banned, bad id.
 _REFUSED_V311 = frozenset({2, 4, 5})
 _REFUSED_V5 = frozenset({133, 134, 135, 138, 140})
@@ -136,7 +133,6 @@ class Connection:
         return client
 
     def _make_client(self, version: Literal["5", "3.1.1"]) -> aiomqtt.Client:
-        a = self.address
         persistent = self.session_expiry_s > 0
         kwargs: dict[str, Any] = {}
         if version == "5":
@@ -147,21 +143,13 @@ class Connection:
             )
         else:
             kwargs.update(protocol=aiomqtt.ProtocolVersion.V311, clean_session=not persistent)
-        if a.tls:
-            kwargs["tls_context"] = ssl.create_default_context()
         will = self.will
         if will is not None and version != "5" and will.properties is not None:
             will = aiomqtt.Will(will.topic, will.payload, will.qos, will.retain)
         return aiomqtt.Client(
-            a.host,
-            a.port,
-            username=a.username,
-            password=a.password,
+            **self.address.client_options(),  # host, credentials, verified TLS, NODELAY
             identifier=self.client_id,
-            transport=a.transport,
-            websocket_path=a.websocket_path,
             keepalive=self.keepalive_s,
-            socket_options=[_NODELAY],
             will=will,
             timeout=10,
             **kwargs,
@@ -181,8 +169,7 @@ class Connection:
         except TimeoutError:
             await self.close()
             raise ConnectFailed(
-                f"no connection to {self.address.host}:{self.address.port}"
-                f" within {self.connect_timeout_s:g} s"
+                f"no connection to {self.address.where} within {self.connect_timeout_s:g} s"
             ) from None
         except ConnectFailed:
             await self.close()
@@ -268,6 +255,9 @@ class Connection:
                 continue
             return generation
 
+    def _describe(self, exc: aiomqtt.MqttError) -> str:
+        return describe_connect_error(exc, self.address)
+
     async def _run(self) -> None:
         backoff = self.reconnect_first_s
         attempt = 0
@@ -300,13 +290,13 @@ class Connection:
                 refused = _REFUSED_V5 if version == "5" else _REFUSED_V311
                 if self._first is not None and not self._first.done():
                     if isinstance(exc, MqttConnectError) and code in refused:
-                        self._first.set_exception(ConnectFailed(f"connection refused: {exc}"))
+                        self._first.set_exception(ConnectFailed(self._describe(exc)))
                         return
                     attempt += 1
                     if len(self._versions) > 1 and attempt % len(self._versions):
                         continue  # "auto": the other version at once
                     if not self.retry_first_connect:
-                        self._first.set_exception(ConnectFailed(f"cannot connect: {exc}"))
+                        self._first.set_exception(ConnectFailed(self._describe(exc)))
                         return
                 delay = min(backoff, self.reconnect_max_s) * random.uniform(0.5, 1.0)
                 log.warning(

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Self
 import aiomqtt
 from pydantic import TypeAdapter, ValidationError
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.sdk.connection import Connection, ProtocolChoice
 from mqtt_pairing.sdk.errors import NoReply, NotConnected, ReplyError
 from mqtt_pairing.sdk.wire import Event

@@ -19,7 +19,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.sdk.e2e import RunnerKeyRing, agree
 from mqtt_pairing.sdk.peer import Peer
 from mqtt_pairing.sdk.wire import (

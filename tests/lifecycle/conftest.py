@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from mqtt_pairing.client import AppClient, RunnerClient
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
 from tests.fixtures import MosquittoBroker, RedisServer
 from tests.lifecycle.support import (

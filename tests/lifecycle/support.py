@@ -35,7 +35,7 @@ import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mqtt_pairing.client import AppClient, RunnerClient
-from mqtt_pairing.gateway import NODELAY, BrokerAddress
+from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from mqtt_pairing.service import Service
 from mqtt_pairing.store.keys import KeySchema
 from tests.service.support import RunningService, start_running
@@ -173,6 +173,26 @@ class Wire:
     def replies(self, kind: Literal["runner", "app"], ident: str, op: str) -> list[dict[str, Any]]:
         topic = f"{self.prefix}/{kind}s/{ident}/res/{op}"
         return [m.body for m in self.seen if m.topic == topic]
+
+    async def barrier(self, timeout_s: float = REPLY_TIMEOUT_S) -> None:
+        """Wait until everything the service published before now has reached the wire.
+
+        Asks the service something (a `sessions` request of a runner of its own) and waits
+        for the reply here: MQTT keeps one connection's messages in order, and the service
+        publishes replies and events on one connection. With several instances, only the
+        one that answers is covered.
+        """
+        ident = f"barrier-{uuid.uuid4().hex[:8]}"
+        request_id = uuid.uuid4().hex
+        topic = f"{self.prefix}/runners/{ident}/req/sessions"
+        await self.client.publish(topic, json.dumps({"request_id": request_id}), qos=1)
+        await wait_until(
+            lambda: any(
+                r.get("request_id") == request_id for r in self.replies("runner", ident, "sessions")
+            ),
+            timeout_s,
+            "the reply to the barrier request",
+        )
 
     async def wait_events(
         self,

@@ -36,7 +36,6 @@ pytestmark = pytest.mark.timeout(90)
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
-COUNT_WINDOW_S = 2.0
 
 
 def serve_env(**extra: str) -> dict[str, str]:
@@ -99,7 +98,7 @@ async def start_serve(
     Every process shares the client id, key prefix and topic prefix of the test.
     """
     started: list[Serve] = []
-    client_id = f"lc-serve-{uuid.uuid4().hex[:12]}"
+    client_id = f"lc-serve:{uuid.uuid4().hex[:12]}"
 
     async def start(fault: str | None = None) -> Serve:
         env = serve_env(
@@ -172,7 +171,10 @@ async def test_events_survive_a_crash_before_publish(
     await wire.wait_events("runner", "r1", "session.opened", timeout_s=30)
     await wire.wait_events("app", "a1", "session.opened", timeout_s=10)
     await wire.wait_events("runner", "r1", "code.used", timeout_s=10)
-    await asyncio.sleep(COUNT_WINDOW_S)
+    # Once the outbox is drained (deleted) nothing will publish these again, and what was
+    # published before the barrier's reply has reached the wire.
+    await wait_until(lambda: rdb.exists(keys.outbox("r1")) == 0, 10, "the outbox to drain")
+    await wire.barrier()
 
     # Exactly once each, counting copies on the wire (not deduplicated).
     for kind, ident in (("runner", "r1"), ("app", "a1")):
@@ -186,7 +188,6 @@ async def test_events_survive_a_crash_before_publish(
         wire.events("runner", "r1", "session.opened")[0]["event_id"]
         == wire.events("app", "a1", "session.opened")[0]["event_id"]
     )
-    assert rdb.exists(keys.outbox("r1")) == 0, "the outbox was drained and deleted"
 
     # The app has (or gets, on redelivery) its reply; a retry with the same request_id
     # answers the same session and publishes nothing new. The crash came after the reply
@@ -196,7 +197,7 @@ async def test_events_survive_a_crash_before_publish(
         reply = await app.request("pair", request, timeout_s=20)
         assert reply["ok"], reply
         assert reply["result"]["session"]["session_id"] == sid
-        await asyncio.sleep(0.5)
+    await wire.barrier()
     assert len(wire.all_events()) == 3
     replies = wire.replies("app", "a1", "pair")
     assert replies
@@ -210,8 +211,14 @@ async def test_events_recovered_after_a_crash_are_in_history(
     in the history too."""
     sid, _ = await crash_after_pair(start_serve, peers, wire, rdb, keys)
     await wire.wait_events("app", "a1", "session.opened", timeout_s=10)
-    await asyncio.sleep(0.5)
-    records = [f for _, f in history(rdb, keys.history("runner", "r1"))]
-    assert [f["session_id"] for f in records if f["event"] == "session.opened"] == [sid]
-    app_records = [f for _, f in history(rdb, keys.history("app", "a1"))]
-    assert [f["session_id"] for f in app_records if f["event"] == "session.opened"] == [sid]
+
+    def opened(kind: str, ident: str) -> list[str]:
+        records = [f for _, f in history(rdb, keys.history(kind, ident))]
+        return [f["session_id"] for f in records if f["event"] == "session.opened"]
+
+    # The history is appended once the events are out and the outbox entries deleted.
+    await wait_until(
+        lambda: opened("runner", "r1") and opened("app", "a1"), 10, "both history records"
+    )
+    assert opened("runner", "r1") == [sid]
+    assert opened("app", "a1") == [sid]

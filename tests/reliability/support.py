@@ -36,7 +36,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from mqtt_pairing.gateway import NODELAY, BrokerAddress
+from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.topics import Kind
 from tests.fixtures import REPO_ROOT
@@ -79,6 +79,19 @@ def summary(values: Iterable[float]) -> str:
 # ---- many peers over one connection -----------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Try:
+    """One attempt of a request: when it was sent, how long its reply took, what it said."""
+
+    sent_at: float
+    """Event-loop time of the publish."""
+    latency_s: float | None
+    """Seconds from the publish to the reply; None: no reply within the attempt timeout
+    (or the publish failed)."""
+    outcome: str | None
+    """"ok", the error code of the reply, or None (no reply)."""
+
+
 @dataclass
 class Attempted:
     """How one request ended after retries."""
@@ -90,6 +103,8 @@ class Attempted:
     timeouts: int = 0
     unavailable_s: list[float] = field(default_factory=list)
     """How long each SERVICE_UNAVAILABLE reply took to come, seconds."""
+    tries: list[Try] = field(default_factory=list)
+    """Every attempt, answered or not, in order."""
 
     @property
     def ok(self) -> bool:
@@ -271,9 +286,12 @@ class Fleet:
                 reply = await self.request(kind, ident, op, body, attempt_timeout_s)
             except (TimeoutError, aiomqtt.MqttError):
                 result.timeouts += 1
-                await asyncio.sleep(0.05)
+                result.tries.append(Try(sent, None, None))
+                await asyncio.sleep(0.05)  # a pause between attempts, not a wait for state
                 continue
             error = reply.get("error") or {}
+            outcome = "ok" if reply.get("ok") else str(error.get("code"))
+            result.tries.append(Try(sent, loop.time() - sent, outcome))
             if not reply.get("ok") and error.get("code") == "SERVICE_UNAVAILABLE":
                 result.unavailable_s.append(loop.time() - sent)
                 pause = unavailable_pause_s

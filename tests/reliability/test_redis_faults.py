@@ -3,10 +3,13 @@
 Outage: a private redis-server (append-only file on, so a graceful stop loses nothing)
 is stopped for 5 s (`stop`: connections refused) or frozen with SIGSTOP for 5 s (`freeze`:
 commands time out, and the ones already sent run when it wakes up) while apps keep
-pairing. During the outage every request gets SERVICE_UNAVAILABLE with `retry_after_s`,
-each within about a second; afterwards the same service (not restarted) pairs every app
-that retries with the same request_id, nothing stays stuck, no reply is INTERNAL_ERROR,
-and no key is left without a TTL except those docs/design.md exempts.
+pairing. Every attempt of every app, before, during and after the outage, is answered
+within `ANSWER_BOUND_S` (the service's `REDIS_TIMEOUT_S` and some scheduling slack): an
+attempt left unanswered for `ATTEMPT_TIMEOUT_S` fails the test, it is not just retried.
+During the outage the answer is SERVICE_UNAVAILABLE with `retry_after_s`; afterwards the
+same service (not restarted) pairs every app that retries with the same request_id,
+nothing stays stuck, no reply is INTERNAL_ERROR, and no key is left without a TTL except
+those docs/design.md exempts.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store import PairingStore
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.topics import Kind
@@ -48,6 +51,13 @@ STAGGER_S = 0.06
 """App i starts pairing at i * STAGGER_S: the load spans the outage (about 7 s)."""
 OUTAGE_AT_S = 1.0
 OUTAGE_S = 5.0
+REDIS_TIMEOUT_S = 1.0
+ANSWER_BOUND_S = REDIS_TIMEOUT_S + 1.5
+"""Every attempt is answered within this: a store call gives up after REDIS_TIMEOUT_S, and
+the rest is slack for a loaded machine (this test's 240 clients share the service's loop).
+It is a bound on behaviour (the service answers while Redis cannot), not a speed figure."""
+ATTEMPT_TIMEOUT_S = 5.0
+"""An attempt with no reply by then counts as unanswered (and fails the test)."""
 
 
 def fleets(address: BrokerAddress, prefix: str) -> tuple[Fleet, Fleet]:
@@ -70,7 +80,11 @@ async def test_redis_outage_under_load(
     rel_prefix: str,
 ) -> None:
     redis_server = make_redis_server(extra_args=["--appendonly", "yes"])
-    running = await service_on(mqtt_url=mosquitto_broker.url, redis_url=redis_server.url)
+    running = await service_on(
+        mqtt_url=mosquitto_broker.url,
+        redis_url=redis_server.url,
+        redis_timeout_s=REDIS_TIMEOUT_S,
+    )
     keys = KeySchema(rel_prefix)
     address = BrokerAddress(mosquitto_broker.host, mosquitto_broker.port)
     runner_ids = [f"r{i}" for i in range(APPS)]
@@ -86,7 +100,12 @@ async def test_redis_outage_under_load(
             await asyncio.sleep(i * STAGGER_S)
             body = {"request_id": request_ids[app_ids[i]], "code": codes[runner_ids[i]]}
             return await apps.call_with_retries(
-                Kind.APP, app_ids[i], "pair", body, attempt_timeout_s=5.0, max_attempts=12
+                Kind.APP,
+                app_ids[i],
+                "pair",
+                body,
+                attempt_timeout_s=ATTEMPT_TIMEOUT_S,
+                max_attempts=12,
             )
 
         tasks = [asyncio.create_task(pair(i)) for i in range(APPS)]
@@ -109,7 +128,21 @@ async def test_redis_outage_under_load(
         done_at = loop.time()
         running.assert_serving()
 
-        # During the outage: SERVICE_UNAVAILABLE with retry_after_s, each within ~1 s.
+        # Every attempt answered, each within the bound, before, during and after.
+        tries = [t for r in results for t in r.tries]
+        unanswered = [t for t in tries if t.latency_s is None]
+        late = [t for t in tries if t.latency_s is not None and t.latency_s > ANSWER_BOUND_S]
+        assert not unanswered, (
+            f"{len(unanswered)} of {len(tries)} attempts got no reply within "
+            f"{ATTEMPT_TIMEOUT_S} s, sent at (s after the outage began): "
+            f"{sorted(round(t.sent_at - down_at, 2) for t in unanswered)}"
+        )
+        assert not late, (
+            f"{len(late)} replies came after more than {ANSWER_BOUND_S} s: "
+            f"{sorted((round(t.sent_at - down_at, 2), t.latency_s, t.outcome) for t in late)}"
+        )
+
+        # During the outage: SERVICE_UNAVAILABLE with retry_after_s.
         replies = all_replies(apps)
         codes_seen = Counter(
             "ok" if r.get("ok") else r["error"]["code"]  # type: ignore[index]
@@ -124,7 +157,8 @@ async def test_redis_outage_under_load(
             assert isinstance(error["retry_after_s"], int), reply
             assert error["retry_after_s"] >= 1
         latencies = [s for r in results for s in r.unavailable_s]
-        assert max(latencies) < 5.0, summary(latencies)
+        during = [t for t in tries if down_at <= t.sent_at < up_at]
+        assert during, "no attempt was made during the outage"
 
         # After: every app paired (same request_id), nothing stuck, nothing doubled.
         not_ok = {app_ids[i]: r for i, r in enumerate(results) if not r.ok}

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from tests.sdk.support import SdkPeers, sdk_peers
 from tests.service.conftest import broker_address, running_service, sniffer, start_service
 

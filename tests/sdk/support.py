@@ -13,7 +13,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.sdk import AppClient, RunnerClient
 
 EVENT_TIMEOUT_S = 10.0

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.sdk import RunnerClient, SessionOpened
 from tests.fixtures import MosquittoBroker, RedisServer
 from tests.sdk.support import EVENT_TIMEOUT_S, SdkPeers, TcpProxy, sdk_peers

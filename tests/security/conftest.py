@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 import pytest
 
 from tests.fixtures import require_binary, start_with_retries
+from tests.security.certs import TestCA
 from tests.security.harness import SecureBroker
 
 
@@ -15,16 +16,23 @@ from tests.security.harness import SecureBroker
 def make_secure_broker(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., SecureBroker]]:
-    """Factory: `make_secure_broker(runners=[...], apps=[...])`, stopped after the test."""
+    """Factory: `make_secure_broker(runners=[...], apps=[...], tls=ca)`, stopped after the
+    test; with `tls` the shipped TLS listeners are enabled with a certificate of that CA."""
     made: list[SecureBroker] = []
 
-    def make(*, runners: Iterable[str] = (), apps: Iterable[str] = ()) -> SecureBroker:
+    def make(
+        *, runners: Iterable[str] = (), apps: Iterable[str] = (), tls: TestCA | None = None
+    ) -> SecureBroker:
         binary = require_binary("mosquitto")
         require_binary("mosquitto_passwd")
         runners, apps = list(runners), list(apps)
         broker = start_with_retries(
             lambda: SecureBroker(
-                binary, tmp_path_factory.mktemp("mosquitto-secure"), runners=runners, apps=apps
+                binary,
+                tmp_path_factory.mktemp("mosquitto-secure"),
+                runners=runners,
+                apps=apps,
+                tls=tls,
             )
         )
         made.append(broker)
@@ -33,6 +41,12 @@ def make_secure_broker(
     yield make
     for broker in made:
         broker.stop()
+
+
+@pytest.fixture
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    """A CA made for this test (tests/security/certs.py)."""
+    return TestCA(tmp_path_factory.mktemp("ca"))
 
 
 @pytest.fixture

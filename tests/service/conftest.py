@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from tests.fixtures import MosquittoBroker, RedisServer
 from tests.service.support import (
     Peers,

@@ -20,7 +20,7 @@ import pytest
 
 from mqtt_pairing.client import AppClient, PairingClient, RunnerClient
 from mqtt_pairing.config import Settings, load_settings
-from mqtt_pairing.gateway import NODELAY, BrokerAddress
+from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from mqtt_pairing.service import Service, build_service
 
 SECRET = "x" * 40
@@ -124,7 +124,7 @@ async def instances(base: dict[str, Any]) -> AsyncIterator[StartService]:
     started: list[RunningService] = []
 
     async def start(**overrides: Any) -> RunningService:
-        values = {**base, "mqtt_client_id": f"svc-{uuid.uuid4().hex[:12]}", **overrides}
+        values = {**base, "mqtt_client_id": f"svc:{uuid.uuid4().hex[:12]}", **overrides}
         service = await build_service(load_settings(**values))
         address = BrokerAddress.from_url(values["mqtt_url"])
         running = await start_running(service, address, values["pairing_topic_prefix"])

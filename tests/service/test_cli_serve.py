@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from tests.fixtures import REPO_ROOT, free_port
 from tests.service.support import Peers
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
@@ -89,7 +90,14 @@ async def test_runner_code_rate(start_service: StartService, peers: Peers) -> No
 
 
 async def test_global_failure_budget(start_service: StartService, peers: Peers) -> None:
-    await start_service(pairing_global_fail_limit=3, pairing_global_fail_window_s=60)
+    """Two instances share the requests (one shared group) and one budget."""
+    shared = {
+        "pairing_global_fail_limit": 3,
+        "pairing_global_fail_window_s": 60,
+        "pairing_shared_group": f"budget-{uuid.uuid4().hex[:8]}",
+        "pairing_key_prefix": f"e2e-{uuid.uuid4().hex[:12]}",
+    }
+    instances = [await start_service(**shared) for _ in range(2)]
     async with (
         peers.runner("r1") as r1,
         peers.runner("r2") as r2,
@@ -110,3 +118,11 @@ async def test_global_failure_budget(start_service: StartService, peers: Peers) 
         assert limited.retry_after_s is not None
         assert 1 <= limited.retry_after_s <= 60
         assert (await pair_error(a1, "000-000-003")).code == "RATE_LIMITED"
+    counters = [i.counters for i in instances]
+    assert sum(c["error.CODE_NOT_FOUND"] for c in counters) == 3
+    assert all(
+        c["ok.pair"] + c["error.CODE_NOT_FOUND"] + c["error.RATE_LIMITED"] for c in counters
+    ), (
+        "one instance handled no pair: the budget was not shared",
+        [dict(c) for c in counters],
+    )

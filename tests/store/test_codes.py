@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
 
 from mqtt_pairing.codes import code_group
 from mqtt_pairing.store import PairingStore
 from mqtt_pairing.tombstones import RECORD_BYTES
 from mqtt_pairing.topics import Kind
+from tests.harness.waiting import aredis_ms, wait_redis_time, wait_until
 from tests.store.helpers import Api, all_keys, error_code, redis_now_ms
 
 
@@ -129,16 +128,32 @@ async def test_expired_wins_over_used_and_cancelled(api: Api) -> None:
         assert error_code(await api.pair("a9", code)) == "CODE_EXPIRED"
 
 
+TOMBSTONE_S = 2
+
+
 async def test_expired_then_not_found_in_real_time(make_api: Callable[..., Api]) -> None:
-    # The same with real clocks (Redis TTLs, fakeredis's too): ttl 1 s, tombstone 1 s.
-    api = make_api(pairing_code_ttl_min_s=1, pairing_code_tombstone_s=1)
+    """The same with real clocks (Redis TTLs, fakeredis's too): the code lives 1 s and its
+    tombstone 2 s. The test follows Redis's clock, not sleeps: CODE_EXPIRED once the code's
+    deadline has passed, then CODE_NOT_FOUND, and never before the tombstone's end."""
+    api = make_api(pairing_code_ttl_min_s=1, pairing_code_tombstone_s=TOMBSTONE_S)
+    client = api.store.client
     code = await api.code("r1", ttl_s=1)
-    issued = time.monotonic()
+    expires_ms = int((await api.code_hash(code))["expires_ms"])
     assert error_code(await api.pair("a0", "ZZZ-ZZZ-ZZZ")) == "CODE_NOT_FOUND"
-    await asyncio.sleep(1.15 - (time.monotonic() - issued))
-    assert error_code(await api.pair("a1", code)) == "CODE_EXPIRED"
-    await asyncio.sleep(2.2 - (time.monotonic() - issued))
-    assert error_code(await api.pair("a2", code)) == "CODE_NOT_FOUND"
+    await wait_redis_time(client, expires_ms, "the code's deadline")
+
+    answers: list[tuple[str | None, int]] = []
+
+    async def not_found() -> bool:
+        answer = error_code(await api.pair(f"a{len(answers) + 1}", code))
+        answers.append((answer, await aredis_ms(client)))
+        return answer == "CODE_NOT_FOUND"
+
+    await wait_until(not_found, TOMBSTONE_S + 15, "CODE_NOT_FOUND", interval_s=0.05)
+    *expired, (_, not_found_by_ms) = answers
+    assert expired, "CODE_NOT_FOUND right after the deadline: no tombstone"
+    assert {answer for answer, _ in expired} == {"CODE_EXPIRED"}, answers
+    assert not_found_by_ms >= expires_ms + TOMBSTONE_S * 1000, "the tombstone ended early"
 
 
 async def test_an_expired_code_is_not_live_for_cancel(api: Api) -> None:

@@ -3,7 +3,6 @@ arithmetic of mqtt_pairing.tombstones, on every store backend."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from mqtt_pairing.errors import CodeExpired
 from mqtt_pairing.store import PairingStore
 from mqtt_pairing.tombstones import BUCKETS, RECORD_BYTES, TombstoneLayout
+from tests.harness.waiting import wait_redis_time
 from tests.store.helpers import all_keys, redis_now_ms
 
 LAYOUT = TombstoneLayout(tombstone_ms=60_000)  # 10 s windows
@@ -97,7 +97,9 @@ async def test_a_claim_waiting_on_a_busy_code_that_expires_meanwhile_gets_code_e
     issued = await store.issue_code(digest, "r1", max_uses=1, ttl_s=2, first_char="A")
     assert issued is not None
     await store.call(store.tombstone_call(layout, digest, issued[1]))
-    await asyncio.sleep(0.8)
+    # The claims come 1 s before the code's deadline (Redis time): the second one's wait
+    # for the first (up to 2 s) spans the expiry.
+    await wait_redis_time(store.client, issued[1] - 1_000, "1 s before the code's deadline")
     await store.claim_code(digest, "app-a", "req-a", "s-a", layout)  # in flight, not settled
     with pytest.raises(CodeExpired):
         await store.claim_code(digest, "app-b", "req-b", "s-b", layout)

@@ -14,7 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from tests.fixtures import (
+from tests.harness.servers import (
     MAX_PORT,
     FakeRedisServer,
     MosquittoBroker,

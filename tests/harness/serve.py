@@ -1,0 +1,172 @@
+"""`python -m mqtt_pairing serve` as a real process: the service as an operator runs it.
+
+`ServeProcess` starts `serve` with a clean environment (no MQTT_*, REDIS_*, PAIRING_* from
+the outer shell) plus the settings given, logs to a file, and is ready when its `/readyz`
+answers 200 (with `PAIRING_HEALTH_LISTEN`) or its log says it connected to the broker.
+`kill()` is a SIGKILL (a crash: nothing flushed, nothing acknowledged); `terminate()` a
+SIGTERM with a bounded wait. The `serve_process` fixture (tests/harness/fixtures.py)
+makes them with the test's prefixes and kills every one after the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.servers import REPO_ROOT
+
+SERVE_READY_TIMEOUT_S = 30.0
+CONNECTED_LINE = "connected to the broker"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without MQTT_*, REDIS_*, PAIRING_* settings, plus `extra`."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("MQTT_", "REDIS_", "PAIRING_", "MQTT_PAIRING_FAULT"))
+    }
+    env.update(extra)
+    return env
+
+
+async def http_get(host: str, port: int, path: str, timeout_s: float = 5.0) -> tuple[int, Any]:
+    """GET `path` over HTTP/1.0; (status, JSON body)."""
+    async with asyncio.timeout(timeout_s):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            await writer.drain()
+            data = await reader.read()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body) if body else None
+
+
+async def probe(host: str, port: int, path: str) -> int | None:
+    """The status of one probe, or None when the server does not answer."""
+    try:
+        return (await http_get(host, port, path, timeout_s=3.0))[0]
+    except (OSError, TimeoutError, IndexError, ValueError):
+        return None
+
+
+class ServeProcess:
+    """`python -m mqtt_pairing serve` in a subprocess, logging to a file.
+
+    Args:
+        env: the settings (environment variables) on top of a clean environment.
+        log_path: where its stdout and stderr go.
+        args: extra command-line arguments of `serve` (e.g. `--listen`).
+    """
+
+    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.args = args
+        self.health: tuple[str, int] | None = None
+        if env.get("PAIRING_HEALTH_LISTEN"):
+            host, _, port = env["PAIRING_HEALTH_LISTEN"].rpartition(":")
+            self.health = (host, int(port))
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
+
+    def start(self) -> None:
+        """Start the process (a restart logs on after the previous run's lines)."""
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mqtt_pairing", "serve", "--log-level", "INFO", *self.args],
+                cwd=REPO_ROOT,
+                env=clean_env(**self.env),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def output(self) -> str:
+        """Everything this run (since the last `start`) has logged."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_start)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log(self, lines: int = 40) -> str:
+        """The last `lines` lines of the log (every run)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def wait_ready(self, timeout_s: float = SERVE_READY_TIMEOUT_S) -> float:
+        """Wait until it serves (`/readyz` 200, or connected to the broker); seconds waited.
+
+        Fails the test if the process exits first or the bound passes.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while not await self._ready():
+            if self.returncode is not None:
+                pytest.fail(f"serve exited with {self.returncode}:\n{self.log()}")
+            if loop.time() - started > timeout_s:
+                pytest.fail(f"serve not ready after {timeout_s} s:\n{self.log()}")
+            await asyncio.sleep(0.05)
+        return loop.time() - started
+
+    async def _ready(self) -> bool:
+        if self.health is not None:
+            return await probe(*self.health, "/readyz") == 200
+        return CONNECTED_LINE in self.output()
+
+    async def wait_exit(self, timeout_s: float) -> int:
+        """Wait for the process to end; its return code (negative: killed by a signal)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (code := self.returncode) is None:
+            if loop.time() > deadline:
+                pytest.fail(f"serve still running after {timeout_s} s:\n{self.log()}")
+            await asyncio.sleep(0.02)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL this process (a crash: nothing flushed, nothing acknowledged)."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def terminate(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM and wait (`timeout_s`, then SIGKILL); the return code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode
