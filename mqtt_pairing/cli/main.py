@@ -20,6 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 from mqtt_pairing import __version__
+from mqtt_pairing.asyncapi_cli import asyncapi
 from mqtt_pairing.cli.admin import bans_app, codes_app, history, sessions_app, stats
 from mqtt_pairing.cli.common import (
     CLICK_EXCEPTION,
@@ -34,6 +35,7 @@ from mqtt_pairing.cli.credentials import credentials_app
 from mqtt_pairing.cli.peers import app_cli, runner
 from mqtt_pairing.config import load_settings
 from mqtt_pairing.errors import ConfigError
+from mqtt_pairing.sdk.webapp import web
 from mqtt_pairing.service import DEFAULT_LISTEN, run_service
 
 
@@ -100,6 +102,8 @@ app.add_typer(bans_app, name="bans")
 app.add_typer(sessions_app, name="sessions")
 app.add_typer(codes_app, name="codes")
 app.command("stats")(stats)
+app.command("asyncapi")(asyncapi)
+app.command("web")(web)
 
 
 def _version(value: bool) -> None:
