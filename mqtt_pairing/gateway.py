@@ -9,8 +9,11 @@ published while the service is away are kept by the broker; incoming QoS 1 messa
 acknowledged manually after their reply is published; TCP_NODELAY is set on the socket.
 `mqtt_link.MqttLink` reconnects with backoff and names a twin client. In-flight requests
 are bounded (`PAIRING_MAX_INFLIGHT`); bad messages are counted and dropped without
-stopping the loop. Runners' status messages have a connection of their own
-(`mqtt_pairing.presence`).
+stopping the loop. A request delivered with the retain flag is a stale retained message
+the broker replays (Mosquitto 2.0.11 replays them to shared subscriptions too): it is
+ignored and counted, never answered (docs/protocol.md "Topics"); on MQTT 5 the request
+subscriptions ask for no replay at all (Retain Handling 2). Runners' status messages
+have a connection of their own (`mqtt_pairing.presence`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, Literal
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_pairing.config import LEGACY_SHARED_GROUP, Settings
 from mqtt_pairing.dispatcher import Dispatcher
@@ -71,7 +75,7 @@ class PairingGateway:
         share_group: shared-subscription group; "" subscribes without `$share`.
 
     Attributes:
-        counters: dropped topics, publish failures, connection losses
+        counters: dropped topics, retained requests, publish failures, connection losses
             and takeovers, by name.
         connected: set while the requests connection is up (readiness).
         presence: records runners' status messages on the presence connection.
@@ -183,7 +187,11 @@ class PairingGateway:
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         for kind in Kind:
             topic = self.scheme.request_filter(kind, self.share_group)
-            await client.subscribe(topic, qos=1)
+            if self.v5:
+                # Retain Handling 2: no retained request replayed at subscribe.
+                await client.subscribe(topic, options=SubscribeOptions(qos=1, retainHandling=2))
+            else:
+                await client.subscribe(topic, qos=1)
             if self.share_group != LEGACY_SHARED_GROUP:
                 # A session resumed from a version with the public default group still
                 # holds it, and a runner or app could share it (docs/security.md).
@@ -236,6 +244,12 @@ class PairingGateway:
             except BaseException:
                 self._inflight.release()
                 raise
+            if message.retain:
+                # A stale retained request replayed by the broker: never executed again.
+                self.counters["dropped.retained"] += 1
+                self._inflight.release()
+                self._ack(message)
+                continue
             task = asyncio.create_task(self._process(message))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
