@@ -75,8 +75,8 @@ class PairingGateway:
         share_group: shared-subscription group; "" subscribes without `$share`.
 
     Attributes:
-        counters: dropped topics, retained requests, publish failures, connection losses
-            and takeovers, by name.
+        counters: dropped topics, retained requests, publish failures, the requests
+            connection's losses and takeovers, by name (the presence recorder has its own).
         connected: set while the requests connection is up (readiness).
         presence: records runners' status messages on the presence connection.
     """
@@ -137,7 +137,6 @@ class PairingGateway:
             address,
             protocol=protocol,
             finish=self._finish,
-            counters=self.counters,
             shared=bool(share_group),
             instance_id=self.instance_id,
         )

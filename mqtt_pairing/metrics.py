@@ -2,8 +2,9 @@
 
 Every sample carries the label `instance` (the gateway's instance id, `<MQTT_CLIENT_ID>/
 <8 hex>`), so that the instances behind one shared subscription can be told apart and
-summed. The counters are the in-process ones the dispatcher and the gateway keep
-(`Dispatcher.counters`, `PairingGateway.counters`); they start at 0 with the process, as
+summed. The counters are the in-process ones the dispatcher, the gateway and its presence
+recorder keep (`Dispatcher.counters`, `PairingGateway.counters`,
+`PresenceRecorder.counters`); they start at 0 with the process, as
 Prometheus counters do. Rendering uses `prometheus_client`'s text exposition format.
 """
 
@@ -124,7 +125,8 @@ class GatewayCollector(Collector):
         )
         for (op, outcome), n in sorted(gw.dispatcher.replies.items()):
             replies.add_metric([instance, op, outcome], n)
-        for name, n in sorted((gw.dispatcher.counters + gw.counters).items()):
+        counted = gw.dispatcher.counters + gw.counters + gw.presence.counters
+        for name, n in sorted(counted.items()):
             if not name.startswith(("ok.", "error.")):  # those are the replies above
                 events.add_metric([instance, name], n)
         yield replies

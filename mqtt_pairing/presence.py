@@ -105,11 +105,12 @@ class PresenceRecorder:
         address: the broker.
         protocol: "5" or "3.1.1".
         finish: publishes the events of a recorded status.
-        counters: where to count (the gateway's counters, exported as metrics).
         shared: several instances share the work (a shared group): hold the lease first.
         instance_id: this instance, as the lease names it.
 
     Attributes:
+        counters: `status_shed`, `presence.reconciled`, the presence connection's
+            losses and takeovers, ... (exported as metrics with the gateway's).
         records: whether this instance records presence now.
         backlog: statuses read and not yet recorded.
         link: the presence connection.
@@ -124,7 +125,6 @@ class PresenceRecorder:
         *,
         protocol: Literal["5", "3.1.1"],
         finish: Finish,
-        counters: Counter[str],
         shared: bool,
         instance_id: str,
     ) -> None:
@@ -132,7 +132,7 @@ class PresenceRecorder:
         self.dispatcher = dispatcher
         self.protocol = protocol
         self.finish = finish
-        self.counters = counters
+        self.counters: Counter[str] = Counter()
         self.shared = shared
         self.instance_id = instance_id
         self.scheme = TopicScheme(settings.pairing_topic_prefix)
@@ -153,7 +153,7 @@ class PresenceRecorder:
             client,
             Endpoint(address, protocol, client_id, "presence"),
             reconnect_max_s=settings.mqtt_reconnect_max_s,
-            counters=counters,
+            counters=self.counters,
         )
         self._queues: list[asyncio.Queue[_Status | asyncio.Future[None]]] = [
             asyncio.Queue() for _ in range(WORKERS)

@@ -83,17 +83,19 @@ async def test_presence_converges_after_service_and_broker_restart(
         took = loop.time() - started
         gateway = service.service.gateway
         await wait_until(  # for the report: how long the whole reconciliation took
-            lambda: gateway.counters["presence.reconciled"] >= 1, CONVERGE_S, "the reconciliation"
+            lambda: gateway.presence.counters["presence.reconciled"] >= 1,
+            CONVERGE_S,
+            "the reconciliation",
         )
         presence = gateway.presence
         report(
             f"presence convergence, {RUNNERS} runners, MQTT {protocol}",
             service_connected_s=f"{connected_s:.2f}",
             converged_after_start_s=f"{took:.2f}",
-            reconciliations=gateway.counters["presence.reconciled"],
+            reconciliations=gateway.presence.counters["presence.reconciled"],
             last_reconcile_s=f"{presence.last_reconcile_s:.2f}",
             statuses_recorded=service.counters["status"],
-            shed=gateway.counters["status_shed"],
+            shed=gateway.presence.counters["status_shed"],
         )
     finally:
         rdb.close()  # a private broker: no retained status to clear

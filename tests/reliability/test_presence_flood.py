@@ -104,8 +104,8 @@ async def test_pair_requests_are_answered_during_a_status_flood(
                 idle_sessions=summary(idle),
                 pairs_during_flood=summary(latencies),
                 all_statuses_recorded_after_pairs_s=f"{recorded_at:.2f}",
-                status_shed=gateway.counters["status_shed"],
-                presence_reconciled=gateway.counters["presence.reconciled"],
+                status_shed=gateway.presence.counters["status_shed"],
+                presence_reconciled=gateway.presence.counters["presence.reconciled"],
             )
     finally:
         rdb.close()
@@ -132,10 +132,12 @@ async def test_shed_statuses_are_counted_logged_and_reconciled(
         states: dict[str, State] = {f"s{i}": "online" for i in range(3000)}
         await asyncio.to_thread(publish_statuses, address, topic_prefix, list(states.items()))
         await wait_recorded(rdb, keys, states, 60, "the statuses")
-        shed = gateway.counters["status_shed"]
+        shed = gateway.presence.counters["status_shed"]
         assert shed > 0, "the burst never overflowed the backlog: the test proves nothing"
         await wait_until(  # on connect, then after the drops
-            lambda: gateway.counters["presence.reconciled"] >= 2, 30, "the repair to finish"
+            lambda: gateway.presence.counters["presence.reconciled"] >= 2,
+            30,
+            "the repair to finish",
         )
         text = metrics.render(gateway).decode()
         assert f'name="status_shed"}} {float(shed)}' in text
