@@ -12,7 +12,7 @@ import hmac
 import logging
 import os
 import socket
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -34,6 +34,9 @@ LEGACY_SHARED_GROUP = "mqtt-pairing"
 """The public default group of earlier versions, which any runner or app could join."""
 
 _MIN_SAFE_GROUP_CHARS = 16
+
+_REDIS_HOST_GROUP = frozenset({"redis_host", "redis_port", "redis_db"})
+"""Settings that only matter without `REDIS_URL` / `REDIS_CLUSTER_URL`."""
 
 
 def _default_client_id() -> str:
@@ -108,12 +111,26 @@ class Settings(BaseSettings):
     pairing_health_listen: str | None = None
     pairing_heartbeat_online_s: int = Field(default=30, ge=1)
     pairing_presence_lease_s: float = Field(default=10.0, gt=0)
+    pairing_presence_backlog: int = Field(default=100_000, ge=100)
+    pairing_presence_reconcile_s: float = Field(default=3600.0, ge=0)
     pairing_sweep_interval_s: float = Field(default=0.5, gt=0)
     pairing_outbox_lease_s: float = Field(default=5.0, gt=0)
     pairing_index_shards: int = Field(default=1, ge=1, le=1024)
     pairing_history_max_len: int = Field(default=1_000_000, ge=100)
     pairing_history_identity_max_len: int = Field(default=10_000, ge=10)
     pairing_history_retention_s: int = Field(default=30 * 86_400, ge=60)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_wins(cls, data: Any) -> Any:  # noqa: ANN401 - whatever the sources hold
+        """With `REDIS_URL` or `REDIS_CLUSTER_URL`, ignore the `REDIS_HOST` group.
+
+        `REDIS_HOST`, `REDIS_PORT` and `REDIS_DB` are then ignored, whatever they hold
+        (Kubernetes sets `REDIS_PORT=tcp://...` in every pod for a service named redis).
+        """
+        if isinstance(data, dict) and (data.get("redis_url") or data.get("redis_cluster_url")):
+            return {k: v for k, v in data.items() if k not in _REDIS_HOST_GROUP}
+        return data
 
     @field_validator("pairing_topic_prefix", "pairing_key_prefix")
     @classmethod

@@ -1,12 +1,19 @@
-"""PairingGateway: the MQTT side of the service (aiomqtt). Only this module knows MQTT.
+"""PairingGateway: requests in, replies and events out, over MQTT (aiomqtt).
 
-Delivery (docs/design.md "Delivery" and "Verified facts"): the connection uses clean start
-off, a stable client id and (MQTT 5) a Session Expiry Interval, so requests published
-while the service is away are kept by the broker; incoming QoS 1 messages are
-acknowledged manually after their reply is published; TCP_NODELAY is set on the socket;
-aiomqtt does not reconnect by itself, so `run` reconnects with capped exponential backoff
-and jitter around one reused `Client`. In-flight requests are bounded
-(`PAIRING_MAX_INFLIGHT`); bad messages are counted and dropped without stopping the loop.
+Only this module and the connection modules next to it (`mqtt_link`, `presence`) know
+MQTT.
+
+Delivery (docs/design.md "Delivery" and "Verified facts"): the requests connection uses
+clean start off, a stable client id and (MQTT 5) a Session Expiry Interval, so requests
+published while the service is away are kept by the broker; incoming QoS 1 messages are
+acknowledged manually after their reply is published; TCP_NODELAY is set on the socket.
+`mqtt_link.MqttLink` reconnects with backoff and names a twin client. In-flight requests
+are bounded (`PAIRING_MAX_INFLIGHT`); bad messages are counted and dropped without
+stopping the loop. A request delivered with the retain flag is a stale retained message
+the broker replays (Mosquitto 2.0.11 replays them to shared subscriptions too): it is
+ignored and counted, never answered (docs/protocol.md "Topics"); on MQTT 5 the request
+subscriptions ask for no replay at all (Retain Handling 2). Runners' status messages
+have a connection of their own (`mqtt_pairing.presence`).
 """
 
 from __future__ import annotations
@@ -15,15 +22,14 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import uuid
-import zlib
 from collections import Counter
 from typing import Any, Literal
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_pairing.config import LEGACY_SHARED_GROUP, Settings
 from mqtt_pairing.dispatcher import Dispatcher
@@ -31,17 +37,21 @@ from mqtt_pairing.errors import PairingError
 from mqtt_pairing.faults import fault_point
 
 # NODELAY and BrokerAddress live in mqtt_address; importing them from here still works
-# while branches written before the move are merged (then drop NODELAY from this line).
-from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress, describe_connect_error  # noqa: F401
+# while branches written before the move are merged.
+from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
+from mqtt_pairing.mqtt_link import Endpoint, MqttLink, make_client
+from mqtt_pairing.presence import PresenceRecorder
 from mqtt_pairing.services.events import Event
 from mqtt_pairing.services.outbox import OutboxRelay
+from mqtt_pairing.services.outcome import Handled
 from mqtt_pairing.topics import Identity, Kind, RequestTopic, TopicDrop, TopicScheme
 
 log = logging.getLogger(__name__)
 
-_BACKOFF_FIRST_S = 0.2
-_STATUS_QUEUE_MAX = 10_000
-_STATUS_WORKERS = 4
+__all__ = ["NODELAY", "BrokerAddress", "PairingGateway"]
+
+_WINDOW_LOG_EVERY_S = 60.0
+"""At most one "request window full" warning per this many seconds."""
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 """What `json.dumps(obj, separators=(",", ":"))` does, without a new encoder per call."""
 
@@ -65,8 +75,10 @@ class PairingGateway:
         share_group: shared-subscription group; "" subscribes without `$share`.
 
     Attributes:
-        counters: dropped topics and publish failures, by name.
-        connected: set while a broker connection is up (readiness).
+        counters: dropped topics, retained requests, publish failures, the requests
+            connection's losses and takeovers, by name (the presence recorder has its own).
+        connected: set while the requests connection is up (readiness).
+        presence: records runners' status messages on the presence connection.
     """
 
     def __init__(
@@ -85,23 +97,33 @@ class PairingGateway:
         self.share_group = share_group
         self.scheme = TopicScheme(settings.pairing_topic_prefix)
         self.counters: Counter[str] = Counter()
-        self.connected = asyncio.Event()
         self._stopping = asyncio.Event()
         self._inflight = asyncio.Semaphore(settings.pairing_max_inflight)
+        self._window_logged_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        # Status messages have their own bounded queues and workers, so that a flood of
-        # them never delays requests; what does not fit is shed and counted. One runner's
-        # messages always go to the same worker, so they are recorded in order.
-        self._status_queues: list[asyncio.Queue[aiomqtt.Message]] = [
-            asyncio.Queue(_STATUS_QUEUE_MAX // _STATUS_WORKERS) for _ in range(_STATUS_WORKERS)
-        ]
-        # With a shared group (several instances), one instance at a time records status
-        # messages: the holder of a lease in Redis. Status messages carry no sequence
-        # number, so two instances recording the same stream could apply them out of
-        # order. A new holder subscribes, and the broker replays the retained statuses.
         self.instance_id = f"{settings.mqtt_client_id}/{uuid.uuid4().hex[:8]}"
-        self.records_presence = not share_group
-        self.client = self._make_client()
+        self.client = make_client(
+            address,
+            settings,
+            client_id=settings.mqtt_client_id,
+            protocol=protocol,
+            persistent=True,
+            # Flow control: the broker holds back what this instance cannot take yet
+            # (unacknowledged QoS 1 messages beyond this), instead of the client queue.
+            receive_maximum=min(settings.pairing_max_inflight, 65_535),
+        )
+        # Acknowledge a request only after its reply is out (paho 2 manual ack).
+        self.client._client.manual_ack_set(True)  # not exposed by aiomqtt 2.5
+        # Every request in flight may wait for its reply and a few events at once:
+        # aiomqtt's default (10) would log a warning on most publishes under load.
+        self.client.pending_calls_threshold = max(10, 8 * settings.pairing_max_inflight)
+        self.link = MqttLink(
+            self.client,
+            Endpoint(address, protocol, settings.mqtt_client_id, "requests"),
+            reconnect_max_s=settings.mqtt_reconnect_max_s,
+            counters=self.counters,
+        )
+        self.connected = self.link.connected
         # Built once: paho packs them on every publish and never changes them.
         self._event_props = (
             _reply_properties(None, settings.pairing_reply_expiry_s) if self.v5 else None
@@ -109,43 +131,30 @@ class PairingGateway:
         self.relay = OutboxRelay(
             dispatcher.store, settings, self.publish_events, dispatcher.history
         )
+        self.presence = PresenceRecorder(
+            settings,
+            dispatcher,
+            address,
+            protocol=protocol,
+            finish=self._finish,
+            shared=bool(share_group),
+            instance_id=self.instance_id,
+        )
 
     @property
     def v5(self) -> bool:
         """True when the connection speaks MQTT 5."""
         return self.protocol == "5"
 
-    def _make_client(self) -> aiomqtt.Client:
-        s = self.settings
-        a = self.address
-        kwargs: dict[str, Any] = {}
-        if self.v5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = s.mqtt_session_expiry_s
-            # Flow control: the broker holds back what this instance cannot take yet
-            # (unacknowledged QoS 1 messages beyond this), instead of the client queue.
-            props.ReceiveMaximum = min(s.pairing_max_inflight, 65_535)
-            kwargs.update(protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props)
-        else:
-            kwargs.update(protocol=aiomqtt.ProtocolVersion.V311, clean_session=False)
-        client = aiomqtt.Client(
-            **a.client_options(),  # host, credentials, transport, verified TLS, NODELAY
-            identifier=s.mqtt_client_id,
-            keepalive=s.mqtt_keepalive_s,
-            # Unbounded here: what arrives is bounded by the broker's in-flight window
-            # (Receive Maximum above; max_inflight_messages for MQTT 3.1.1), since every
-            # request is acknowledged only after its reply. A bounded aiomqtt queue would
-            # drop messages silently, unanswered and never acknowledged.
-            max_queued_incoming_messages=None,
-            timeout=10,
-            **kwargs,
-        )
-        # Acknowledge a request only after its reply is out (paho 2 manual ack).
-        client._client.manual_ack_set(True)  # not exposed by aiomqtt 2.5
-        # Every request in flight may wait for its reply and a few events at once:
-        # aiomqtt's default (10) would log a warning on most publishes under load.
-        client.pending_calls_threshold = max(10, 8 * s.pairing_max_inflight)
-        return client
+    @property
+    def records_presence(self) -> bool:
+        """Whether this instance records runners' status now (the lease holder, if shared)."""
+        return self.presence.records
+
+    @property
+    def conflict(self) -> str | None:
+        """Why `/readyz` fails while another client uses one of our client ids, else None."""
+        return self.link.conflict or self.presence.link.conflict
 
     def stop(self) -> None:
         """Ask `run` to stop: no new requests; in-flight ones finish within the grace."""
@@ -159,65 +168,37 @@ class PairingGateway:
         """
         background = [
             asyncio.create_task(self.relay.run(self.connected, self._stopping)),
-            *(asyncio.create_task(self._status_worker(q)) for q in self._status_queues),
+            asyncio.create_task(self.presence.run(self._stopping)),
         ]
-        if self.share_group:
-            background.append(asyncio.create_task(self._presence_leadership()))
         try:
-            await self._connection_loop()
+            await self.link.run(self._subscribe, self._session, self._stopping)
         finally:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-
-    async def _connection_loop(self) -> None:
-        backoff = _BACKOFF_FIRST_S
-        while not self._stopping.is_set():
-            try:
-                async with self.client:
-                    await self._subscribe()
-                    self.connected.set()
-                    backoff = _BACKOFF_FIRST_S
-                    log.info(
-                        "connected to the broker at %s:%d (MQTT %s, client id %s)",
-                        self.address.host,
-                        self.address.port,
-                        self.protocol,
-                        self.settings.mqtt_client_id,
-                    )
-                    await self._serve()
-                    await self._leave_group()
-                    await self._drain()
-            except aiomqtt.MqttError as exc:
-                self.connected.clear()
-                if self._stopping.is_set():
-                    break
-                delay = min(backoff, self.settings.mqtt_reconnect_max_s)
-                delay *= random.uniform(0.5, 1.0)
-                log.warning(
-                    "broker connection lost (%s); retrying in %.1f s",
-                    describe_connect_error(exc, self.address),
-                    delay,
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                backoff = min(backoff * 2, self.settings.mqtt_reconnect_max_s)
-        self.connected.clear()
         await self._drain()
 
-    async def _subscribe(self) -> None:
+    async def _session(self, _client: aiomqtt.Client) -> None:
+        await self._serve()
+        await self._leave_group()
+        await self._drain()
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
         for kind in Kind:
             topic = self.scheme.request_filter(kind, self.share_group)
-            await self.client.subscribe(topic, qos=1)
+            if self.v5:
+                # Retain Handling 2: no retained request replayed at subscribe.
+                await client.subscribe(topic, options=SubscribeOptions(qos=1, retainHandling=2))
+            else:
+                await client.subscribe(topic, qos=1)
             if self.share_group != LEGACY_SHARED_GROUP:
                 # A session resumed from a version with the public default group still
                 # holds it, and a runner or app could share it (docs/security.md).
-                legacy = self.scheme.request_filter(kind, LEGACY_SHARED_GROUP)
-                await self.client.unsubscribe(legacy)
-        # Without $share: shared subscriptions get no retained messages (docs/design.md). An
-        # instance that does not record presence drops a subscription its persistent
-        # session may keep from an earlier run.
-        await self._toggle_status_subscription(self.records_presence)
+                await client.unsubscribe(self.scheme.request_filter(kind, LEGACY_SHARED_GROUP))
+        # Status messages have their own connection now; a persistent session of an
+        # earlier version may still carry the subscription.
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.unsubscribe(self.scheme.status_filter())
 
     async def _leave_group(self) -> None:
         """On stop, leave the shared group before draining.
@@ -230,39 +211,6 @@ class PairingGateway:
         for kind in Kind:
             with contextlib.suppress(aiomqtt.MqttError):
                 await self.client.unsubscribe(self.scheme.request_filter(kind, self.share_group))
-
-    async def _presence_leadership(self) -> None:
-        """Hold (or wait for) the presence lease; (un)subscribe status topics to match."""
-        lease_s = self.settings.pairing_presence_lease_s
-        try:
-            while not self._stopping.is_set():
-                try:
-                    held = await self.dispatcher.store.hold_presence_lease(
-                        self.instance_id, lease_s=lease_s
-                    )
-                except PairingError:
-                    held = False  # Redis away: the lease lapses for everyone alike
-                if held != self.records_presence:
-                    self.records_presence = held
-                    log.info("%s recording runners' status", "now" if held else "no longer")
-                    if self.connected.is_set():
-                        await self._toggle_status_subscription(held)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), lease_s / 3)
-        finally:
-            with contextlib.suppress(Exception):
-                await self.dispatcher.store.hold_presence_lease(
-                    self.instance_id, lease_s=lease_s, release=True
-                )
-
-    async def _toggle_status_subscription(self, on: bool) -> None:
-        try:
-            if on:
-                await self.client.subscribe(self.scheme.status_filter(), qos=1)
-            else:
-                await self.client.unsubscribe(self.scheme.status_filter())
-        except aiomqtt.MqttError as exc:
-            log.warning("status subscription not changed: %s", exc)
 
     async def _serve(self) -> None:
         """Take messages until `stop` (returns) or a lost connection (raises MqttError)."""
@@ -287,32 +235,41 @@ class PairingGateway:
         while True:
             # The in-flight slot first, then the message: a stop (which cancels this
             # task) never comes between taking a message and handing it to its task.
+            if self._inflight.locked():
+                self._window_full()
             await self._inflight.acquire()
             try:
                 message = await anext(messages)
             except BaseException:
                 self._inflight.release()
                 raise
-            runner_id = self.scheme.parse_status(message.topic.value)
-            if runner_id is not None:
-                self._inflight.release()  # status messages have their own queues
-                queue = self._status_queues[zlib.crc32(runner_id.encode()) % _STATUS_WORKERS]
-                if not self.records_presence:
-                    self._ack(message)  # another instance holds the presence lease
-                    continue
-                try:
-                    queue.put_nowait(message)
-                except asyncio.QueueFull:
-                    self.counters["status_shed"] += 1
-                    self._ack(message)
+            if message.retain:
+                # A stale retained request replayed by the broker: never executed again.
+                self.counters["dropped.retained"] += 1
+                self._inflight.release()
+                self._ack(message)
                 continue
             task = asyncio.create_task(self._process(message))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 
+    def _window_full(self) -> None:
+        """Every in-flight slot is taken: further requests wait in the broker's queue."""
+        self.counters["request_window_full"] += 1
+        now = asyncio.get_running_loop().time()
+        if self._window_logged_at is None or now - self._window_logged_at >= _WINDOW_LOG_EVERY_S:
+            self._window_logged_at = now
+            log.warning(
+                "request window full (%d requests in flight, PAIRING_MAX_INFLIGHT): the broker "
+                "queues further requests for client id %s and drops them past its "
+                "max_queued_messages",
+                self.settings.pairing_max_inflight,
+                self.settings.mqtt_client_id,
+            )
+
     @property
     def in_flight(self) -> int:
-        """Request and status messages being processed now."""
+        """Request messages being processed now."""
         return len(self._tasks)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
@@ -327,11 +284,6 @@ class PairingGateway:
         )
         for task in pending:
             task.cancel()
-
-    async def _status_worker(self, queue: asyncio.Queue[aiomqtt.Message]) -> None:
-        while True:
-            message = await queue.get()
-            await self._process(message)
 
     def _ack(self, message: aiomqtt.Message) -> None:
         if message.qos > 0:
@@ -359,30 +311,31 @@ class PairingGateway:
             payload = payload.encode()
         elif not isinstance(payload, bytes | bytearray):
             payload = b"" if payload is None else str(payload).encode()
-        topic = message.topic.value
-        runner_id = self.scheme.parse_status(topic)
-        if runner_id is not None:
-            handled = await self.dispatcher.handle_status(
-                runner_id, bytes(payload), retained=bool(message.retain)
-            )
-        else:
-            parsed = self.scheme.parse_request(topic)
-            if isinstance(parsed, TopicDrop):
-                self.counters[f"dropped.{parsed.reason}"] += 1
-                return
-            handled = await self.dispatcher.handle(
-                parsed.identity, parsed.op, bytes(payload), defer=True
-            )
-            if handled.reply is not None:
-                try:
-                    await self._reply(message, parsed, handled.reply)
-                except Exception:
-                    # Not acknowledged, so the request comes back; finish this attempt
-                    # so that the copy finds its reply rather than a pending mark.
-                    if handled.after:
-                        with contextlib.suppress(PairingError):
-                            await self.dispatcher.store.batch(handled.after)
-                    raise
+        parsed = self.scheme.parse_request(message.topic.value)
+        if isinstance(parsed, TopicDrop):
+            self.counters[f"dropped.{parsed.reason}"] += 1
+            return
+        handled = await self.dispatcher.handle(
+            parsed.identity, parsed.op, bytes(payload), defer=True
+        )
+        if handled.reply is not None:
+            try:
+                await self._reply(message, parsed, handled.reply)
+            except Exception:
+                # Not acknowledged, so the request comes back; finish this attempt
+                # so that the copy finds its reply rather than a pending mark.
+                if handled.after:
+                    with contextlib.suppress(PairingError):
+                        await self.dispatcher.store.batch(handled.after)
+                raise
+        await self._finish(handled)
+
+    async def _finish(self, handled: Handled) -> None:
+        """Publish what a request or a status produced (events), then write its history.
+
+        Raises:
+            aiomqtt.MqttError: publishing failed (the events stay for the outbox sweep).
+        """
         if handled.outbox or handled.after:
             fault_point("before_publish_events")
             try:

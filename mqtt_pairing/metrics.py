@@ -2,8 +2,9 @@
 
 Every sample carries the label `instance` (the gateway's instance id, `<MQTT_CLIENT_ID>/
 <8 hex>`), so that the instances behind one shared subscription can be told apart and
-summed. The counters are the in-process ones the dispatcher and the gateway keep
-(`Dispatcher.counters`, `PairingGateway.counters`); they start at 0 with the process, as
+summed. The counters are the in-process ones the dispatcher, the gateway and its presence
+recorder keep (`Dispatcher.counters`, `PairingGateway.counters`,
+`PresenceRecorder.counters`); they start at 0 with the process, as
 Prometheus counters do. Rendering uses `prometheus_client`'s text exposition format.
 """
 
@@ -29,12 +30,24 @@ class GatewayCollector(Collector):
 
     Metrics:
         mqtt_pairing_info{instance, version}: 1.
-        mqtt_pairing_broker_connected{instance}: 1 while the broker connection is up.
+        mqtt_pairing_broker_connected{instance}: 1 while the requests connection is up.
+        mqtt_pairing_presence_connected{instance}: 1 while the presence connection is up
+            (only the instance that records presence has one).
+        mqtt_pairing_client_id_conflict{instance, connection}: 1 while another client
+            appears to use the client id of that connection (`requests`, `presence`).
         mqtt_pairing_requests_in_flight{instance}: messages being processed now.
+        mqtt_pairing_presence_backlog{instance}: status messages read, not yet recorded.
+        mqtt_pairing_presence_backlog_limit{instance}: `PAIRING_PRESENCE_BACKLOG`; past
+            it status messages are dropped (`status_shed`) until a reconciliation.
+        mqtt_pairing_presence_reconcile_seconds{instance}: how long the last presence
+            reconciliation took (absent before the first).
         mqtt_pairing_replies_total{instance, op, outcome}: replies by op and by `ok` or
             error code (docs/protocol.md "Error codes").
         mqtt_pairing_events_total{instance, name}: everything else counted (`replay`,
-            `status`, `dropped.<reason>`, `publish_failed`, `internal_error`, ...).
+            `status`, `dropped.<reason>` (`dropped.retained`: a retained request ignored),
+            `status_shed`, `presence.reconciled`, `request_window_full`,
+            `connect_failed.<connection>`, `connection_lost.<connection>`,
+            `takeover.<connection>`, `publish_failed`, `internal_error`, ...).
         mqtt_pairing_redis_round_trips_total{instance}: Redis round trips (a pipeline is
             one).
     """
@@ -58,6 +71,41 @@ class GatewayCollector(Collector):
         )
         connected.add_metric([instance], float(gw.connected.is_set()))
         yield connected
+        presence = gw.presence
+        gauge = GaugeMetricFamily(
+            "mqtt_pairing_presence_connected",
+            "1 while the presence connection is up.",
+            labels=["instance"],
+        )
+        gauge.add_metric([instance], float(presence.link.connected.is_set()))
+        yield gauge
+        conflict = GaugeMetricFamily(
+            "mqtt_pairing_client_id_conflict",
+            "1 while another client appears to use this connection's client id.",
+            labels=["instance", "connection"],
+        )
+        for link in (gw.link, presence.link):
+            conflict.add_metric([instance, link.endpoint.name], float(link.conflict is not None))
+        yield conflict
+        for name, text, value in (
+            ("backlog", "Status messages read, not yet recorded.", presence.backlog),
+            (
+                "backlog_limit",
+                "Status messages held at most (PAIRING_PRESENCE_BACKLOG).",
+                presence.limit,
+            ),
+        ):
+            gauge = GaugeMetricFamily(f"mqtt_pairing_presence_{name}", text, labels=["instance"])
+            gauge.add_metric([instance], float(value))
+            yield gauge
+        if presence.last_reconcile_s is not None:
+            gauge = GaugeMetricFamily(
+                "mqtt_pairing_presence_reconcile_seconds",
+                "How long the last presence reconciliation took.",
+                labels=["instance"],
+            )
+            gauge.add_metric([instance], presence.last_reconcile_s)
+            yield gauge
         in_flight = GaugeMetricFamily(
             "mqtt_pairing_requests_in_flight",
             "Request messages being processed now.",
@@ -77,7 +125,8 @@ class GatewayCollector(Collector):
         )
         for (op, outcome), n in sorted(gw.dispatcher.replies.items()):
             replies.add_metric([instance, op, outcome], n)
-        for name, n in sorted((gw.dispatcher.counters + gw.counters).items()):
+        counted = gw.dispatcher.counters + gw.counters + gw.presence.counters
+        for name, n in sorted(counted.items()):
             if not name.startswith(("ok.", "error.")):  # those are the replies above
                 events.add_metric([instance, name], n)
         yield replies

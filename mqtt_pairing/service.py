@@ -81,7 +81,14 @@ class Service:
         await self.gateway.run()
 
     async def ready(self) -> tuple[bool, str]:
-        """Readiness: the broker connection is up and Redis answers PING."""
+        """Readiness: our client ids are ours alone, the broker is connected, Redis answers.
+
+        Returns:
+            (ready, reason): the reason says what is wrong (`/readyz`'s status).
+        """
+        conflict = self.gateway.conflict
+        if conflict is not None:
+            return False, conflict
         if not self.gateway.connected.is_set():
             return False, "broker not connected"
         try:

@@ -14,7 +14,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal, TypeVar, cast
@@ -57,7 +57,7 @@ from mqtt_pairing.errors import (
     StoreUnavailable,
 )
 from mqtt_pairing.models import ClosedReason, PairingHistoryEntry, PairingSession
-from mqtt_pairing.store.keys import MS_PER_S, KeySchema
+from mqtt_pairing.store.keys import MS_PER_S, KeySchema, glob_escape
 from mqtt_pairing.tombstones import FINGERPRINT_HEX, TombstoneLayout
 
 _hiredis_pack = cast("Callable[[tuple[EncodableT, ...]], bytes]", hiredis.pack_command)
@@ -1440,6 +1440,31 @@ class PairingStore:
         async for key in self.client.scan_iter(match=f"{head}*{tail}", count=1000):
             found.append(str(key)[len(head) : len(str(key)) - len(tail)])
         return found
+
+    async def runner_pages(self, size: int) -> AsyncIterator[list[str]]:
+        """Ids of the runners the store keeps a hash for (SCAN), up to `size` at a time.
+
+        What the presence reconciliation walks (`mqtt_pairing.presence`): a runner has a
+        hash once it asked for a code or its status was recorded. SCAN's order; an id may
+        come twice while keys are added.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        head = self.keys.runner("\x00").split("\x00")[0]
+        pattern = f"{glob_escape(head)}*}}"  # not the runner's `...}:sessions` hash
+        scan = self.client.scan_iter(match=pattern, count=1000).__aiter__()
+
+        async def take() -> list[str]:
+            keys: list[str] = []
+            async for key in scan:
+                keys.append(str(key)[len(head) : -1])
+                if len(keys) >= size:
+                    break
+            return keys
+
+        while page := await self._guard(take()):
+            yield page
 
     def expiry_call(self, session: PairingSession, *, idle_ttl_s: int, shards: int) -> ScriptCall:
         """The `mark_due` call that puts a session in the expiry sets at its deadline."""

@@ -2,12 +2,14 @@
 
 Paired apps get exactly one `runner.online` / `runner.offline` per change between online
 and offline, however many service instances run, and none for a retained status the
-broker replays on resubscribe. Counts are taken on the wire (copies included).
+broker replays on resubscribe. Counts are taken on the wire, copies included: a copy
+with the same `event_id` would be a second delivery, not the same one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import uuid
 from typing import Any
@@ -31,10 +33,17 @@ KEEPALIVE_S = 2
 # keepalive deadlines in one-second buckets checked from its event loop; measured here
 # without the service, an idle broker published the Will 3.4-4.7 s after the last packet
 # for a keepalive of 2 s, and up to 7.5 s on a loaded machine. That part is the broker's
-# and gets a generous allowance; the service's own part (Will received -> runner.offline
-# published) is bounded tightly by HANDLING_S.
+# and gets a generous allowance. The service's own part (Will received -> runner.offline
+# published) is measured and reported, not asserted: speed belongs to benchmarks/, and
+# HANDLING_ALLOWANCE_S only keeps a slow machine from failing the bound on the Will.
 BROKER_SLACK_S = 6.0
-HANDLING_S = 0.5
+HANDLING_ALLOWANCE_S = 5.0
+
+
+def report(name: str, **numbers: float) -> None:
+    """Print measurements on one line (shown with `pytest -s` or on failure)."""
+    shown = " ".join(f"{key}={value:.3f}" for key, value in numbers.items())
+    print(f"\n[measure] {name}: {shown}", file=sys.stderr)
 
 
 def check_presence_event(event: dict[str, Any], name: str, runner_id: str, session_id: str):
@@ -67,7 +76,7 @@ async def test_last_will_sends_one_offline_to_each_paired_app(
     """A runner that vanishes without DISCONNECT is offline as soon as the broker says so.
 
     The Last Will comes after keepalive x 1.5 (plus the broker's own slack, see
-    BROKER_SLACK_S); the service turns it into runner.offline within HANDLING_S.
+    BROKER_SLACK_S); the service turns it into runner.offline (how fast is reported).
 
     `silent`: the connection stays open but nothing more is sent (the broker's keepalive
     timeout fires); `reset`: the TCP connection is reset, as when the process crashes.
@@ -82,7 +91,7 @@ async def test_last_will_sends_one_offline_to_each_paired_app(
 
         await asyncio.to_thread(link.go_silent if drop == "silent" else link.reset)
         assert link.dropped_at is not None
-        limit = KEEPALIVE_S * 1.5 + BROKER_SLACK_S + HANDLING_S
+        limit = KEEPALIVE_S * 1.5 + BROKER_SLACK_S + HANDLING_ALLOWANCE_S
         for app_id in ("a1", "a2"):
             await wire.wait_events("app", app_id, "runner.offline", timeout_s=limit + 2)
         will = [m for m in wire.statuses("r1") if m.body == {"state": "offline"}]
@@ -90,10 +99,8 @@ async def test_last_will_sends_one_offline_to_each_paired_app(
         arrived = max(m.at for m in wire.seen if m.body.get("event") == "runner.offline")
         took = arrived - link.dropped_at
         handling = arrived - will[0].at
-        assert handling <= HANDLING_S, f"Will to runner.offline took {handling:.2f} s"
         assert took <= limit, f"offline after {took:.2f} s (limit {limit:.2f} s)"
-        if drop == "reset":
-            assert took <= 1.0, took  # the broker sees the reset at once
+        report(f"Last Will ({drop})", drop_to_offline_s=took, will_to_offline_s=handling)
 
         await settle()
         for app_id, session in (("a1", s1), ("a2", s2)):
@@ -123,7 +130,7 @@ async def test_clean_disconnect_after_offline_and_coming_back(
         await wait_statuses([svc], 1)
         await settle(0.3)
         # The first known state is only recorded: unknown -> online says nothing.
-        assert wire.presence_events("a1") == []
+        assert wire.presence_events("a1", copies=True) == []
         assert await online_of(a1) == [True]
 
         await asyncio.to_thread(link.publish, "offline")
@@ -133,7 +140,7 @@ async def test_clean_disconnect_after_offline_and_coming_back(
         # A Will would follow a dropped connection at once; none may follow a DISCONNECT.
         await settle(1.0)
         for app_id, session in (("a1", s1), ("a2", s2)):
-            (event,) = wire.presence_events(app_id)
+            (event,) = wire.presence_events(app_id, copies=True)
             check_presence_event(event, "runner.offline", "r1", session["session_id"])
         assert await online_of(a2) == [False]
 
@@ -143,7 +150,7 @@ async def test_clean_disconnect_after_offline_and_coming_back(
             await wire.wait_events("app", app_id, "runner.online")
         await settle()
         for app_id, session in (("a1", s1), ("a2", s2)):
-            offline, online = wire.presence_events(app_id)
+            offline, online = wire.presence_events(app_id, copies=True)
             check_presence_event(online, "runner.online", "r1", session["session_id"])
             assert online["event_id"] != offline["event_id"]
         assert await online_of(a1) == [True]
@@ -163,7 +170,7 @@ async def test_heartbeats_alone_make_a_runner_online(
             assert time.monotonic() < deadline, "a heartbeat did not make the runner online"
             await asyncio.sleep(0.05)
         await settle(0.3)
-        assert wire.presence_events("a1") == []
+        assert wire.presence_events("a1", copies=True) == []
         assert wire.replies("runner", "r1", "heartbeat") == []  # no reply unless it fails
 
 
@@ -181,7 +188,7 @@ async def test_heartbeat_presence_lapses_to_unknown(
             await asyncio.sleep(0.05)
         await asyncio.sleep(2.5)
         assert await online_of(a1) == [None]
-        assert wire.presence_events("a1") == []  # online -> unknown says nothing
+        assert wire.presence_events("a1", copies=True) == []  # online -> unknown says nothing
 
 
 async def test_pair_with_known_offline_runner_is_runner_offline(
@@ -263,7 +270,7 @@ async def test_two_instances_one_event_per_change(
 
         expected = ["runner.offline", "runner.online", "runner.offline", "runner.online"]
         for app_id, session in (("a1", s1), ("a2", s2)):
-            got = wire.presence_events(app_id)
+            got = wire.presence_events(app_id, copies=True)
             assert [e["event"] for e in got] == expected
             assert len({e["event_id"] for e in got}) == len(expected)
             for event in got:
@@ -314,7 +321,7 @@ async def test_two_instances_one_lagging(
         await settle()
         assert svc_b.counters["status"] == 0  # B never recorded a status
 
-        assert [e["event"] for e in wire.presence_events("a1")] == [
+        assert [e["event"] for e in wire.presence_events("a1", copies=True)] == [
             "runner.offline",
             "runner.online",
         ]
@@ -353,7 +360,7 @@ async def test_retained_status_replayed_on_restart_sends_nothing(
         await r2.heartbeat()
         await wire.wait_events("app", "a2", "runner.online")
         await settle(0.3)
-        before = [list(wire.presence_events(a)) for a in ("a1", "a2")]
+        before = [list(wire.presence_events(a, copies=True)) for a in ("a1", "a2")]
         assert [[e["event"] for e in b] for b in before] == [
             [],
             ["runner.offline", "runner.online"],
@@ -366,7 +373,7 @@ async def test_retained_status_replayed_on_restart_sends_nothing(
             svc = await start_service(mqtt_client_id=new_id)
             await wait_statuses([svc], 2)  # both retained statuses were replayed
             await settle()
-            after = [wire.presence_events(a) for a in ("a1", "a2")]
+            after = [wire.presence_events(a, copies=True) for a in ("a1", "a2")]
             assert after == before, f"restart {restart}: {after}"
             assert await online_of(a1) == [True]
             assert await online_of(a2) == [True]
@@ -393,5 +400,5 @@ async def test_presence_lease_moves_when_its_holder_stops(
         await asyncio.to_thread(link.publish, "offline")
         await wire.wait_events("app", "a1", "runner.offline")
         await settle()
-        assert [e["event"] for e in wire.presence_events("a1")] == ["runner.offline"]
+        assert [e["event"] for e in wire.presence_events("a1", copies=True)] == ["runner.offline"]
         assert await online_of(a1) == [False]

@@ -1,0 +1,502 @@
+"""Runner presence on a connection of its own, reconciled with the broker's retained statuses.
+
+Status messages (`P/runners/{id}/status`, retained, docs/protocol.md "Presence") arrive on
+the presence connection, client id `<MQTT_CLIENT_ID>:presence`, not on the one that
+carries requests. A broker caps each session's queue (Mosquitto: `max_queued_messages`,
+one limit for all of a session's subscriptions), so a presence storm on a shared session
+would fill the queue that requests need and have the broker drop them. Here it can only
+fill its own.
+
+The presence connection starts clean every time and acknowledges a status message as
+soon as it is read, so the broker's queue for it stays short; statuses wait to be
+recorded in this process. Live statuses past `PAIRING_PRESENCE_BACKLOG` waiting are
+dropped and counted (`status_shed`), their runners remembered, and re-read from the
+broker once the backlog has drained. One runner's statuses are recorded in order (one
+worker per runner).
+
+Nothing is lost for good, because a runner's retained status is its presence. A
+*reconciliation* makes the recorded presence match the retained statuses:
+
+- on connect (after a restart of the service or the broker, or a new presence lease):
+  the fresh subscription to `P/runners/+/status` replays every retained status the
+  broker can queue (Mosquitto: the in-flight window plus `max_queued_messages`; past
+  that it drops the rest and logs "Outgoing messages are being dropped"); then the
+  runners the store knows (`PairingStore.runner_pages`) that the replay missed are
+  checked by exact topic;
+- after statuses were dropped: the runners whose status was dropped (every runner the
+  store knows, if more than SHED_MEMORY were);
+- every `PAIRING_PRESENCE_RECONCILE_S` (0: never): every runner the store knows.
+
+Checking by exact topic means subscribing to up to PAGE runners' status topics at once
+and unsubscribing again: the broker replays their retained statuses, a page at a time,
+each page sent once the previous one's replay is in and the backlog is short, so that a
+page fits any queue and live statuses never wait behind a long replay. Replays are
+never dropped (they come only when asked for); a replay that matches what is recorded
+changes nothing, one that does not is recorded and announced, late but not lost.
+Everything arrives on one connection in the broker's order, so a replay never
+overtakes a newer live status of the same runner.
+
+With a shared group one instance at a time records presence: the holder of a lease in
+Redis (`PAIRING_PRESENCE_LEASE_S`). Status messages carry no sequence number, so two
+instances recording the same stream could apply them out of order. Only the holder
+keeps a presence connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import zlib
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import aiomqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from mqtt_pairing.config import Settings
+from mqtt_pairing.dispatcher import Dispatcher
+from mqtt_pairing.errors import PairingError
+from mqtt_pairing.mqtt_link import Endpoint, MqttLink, make_client
+from mqtt_pairing.services.outcome import Handled
+from mqtt_pairing.topics import TopicScheme, is_valid_id
+
+if TYPE_CHECKING:
+    from mqtt_pairing.mqtt_address import BrokerAddress
+
+log = logging.getLogger(__name__)
+
+PAGE = 500
+"""Runners per exact-topic SUBSCRIBE of a reconciliation: well below any broker's queue."""
+WORKERS = 8
+"""Status messages recorded at once (one runner's always by the same worker, in order)."""
+SETTLE_S = 0.5
+"""A replay is taken as complete once no replayed status came for this long."""
+RETRY_S = 5.0
+"""A reconciliation stopped by Redis being away starts again after this."""
+RECEIVE_MAXIMUM = 65_535
+"""The presence connection's MQTT 5 Receive Maximum: the most the broker may send at once
+(Mosquitto queues `max_queued_messages` beyond it), hence the most of a replay it keeps."""
+HIGH_WATER = 0.8
+"""A warning when the backlog passes this fraction of `PAIRING_PRESENCE_BACKLOG`."""
+SHED_MEMORY = 100_000
+"""Runners whose dropped status is remembered for the repair (at least); past that, the
+repair checks every runner the store knows."""
+
+Finish = Callable[[Handled], Awaitable[None]]
+"""Publishes a recorded status's events (the gateway's, on the requests connection)."""
+
+
+@dataclass(slots=True)
+class _Status:
+    runner_id: str
+    payload: bytes
+    retained: bool
+
+
+class PresenceRecorder:
+    """Records runners' status messages; keeps the presence connection and reconciles.
+
+    Args:
+        settings: all settings.
+        dispatcher: records a status (`Dispatcher.handle_status`); its store holds the lease.
+        address: the broker.
+        protocol: "5" or "3.1.1".
+        finish: publishes the events of a recorded status.
+        shared: several instances share the work (a shared group): hold the lease first.
+        instance_id: this instance, as the lease names it.
+
+    Attributes:
+        counters: `status_shed`, `presence.reconciled`, the presence connection's
+            losses and takeovers, ... (exported as metrics with the gateway's).
+        records: whether this instance records presence now.
+        backlog: statuses read and not yet recorded.
+        link: the presence connection.
+        last_reconcile_s: how long the last complete reconciliation took (None before).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        address: BrokerAddress,
+        *,
+        protocol: Literal["5", "3.1.1"],
+        finish: Finish,
+        shared: bool,
+        instance_id: str,
+    ) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.protocol = protocol
+        self.finish = finish
+        self.counters: Counter[str] = Counter()
+        self.shared = shared
+        self.instance_id = instance_id
+        self.scheme = TopicScheme(settings.pairing_topic_prefix)
+        self.records = not shared
+        self.limit = settings.pairing_presence_backlog
+        self.backlog = 0
+        self.last_reconcile_s: float | None = None
+        client_id = f"{settings.mqtt_client_id}:presence"
+        client = make_client(
+            address,
+            settings,
+            client_id=client_id,
+            protocol=protocol,
+            persistent=False,
+            receive_maximum=RECEIVE_MAXIMUM,
+        )
+        self.link = MqttLink(
+            client,
+            Endpoint(address, protocol, client_id, "presence"),
+            reconnect_max_s=settings.mqtt_reconnect_max_s,
+            counters=self.counters,
+        )
+        self._queues: list[asyncio.Queue[_Status | asyncio.Future[None]]] = [
+            asyncio.Queue() for _ in range(WORKERS)
+        ]
+        self._records_changed = asyncio.Event()
+        self._tenure_over = asyncio.Event()
+        self._backlog_changed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._replayed: set[str] | None = None
+        self._replay_arrived = asyncio.Event()
+        self._replays = 0
+        """Replayed (retained) statuses read so far."""
+        self._awaited = 0
+        """Replays the pages asked for that have not come yet (a pacing estimate)."""
+        self._shed_in_episode = 0
+        self._shed_ids: set[str] = set()
+        self._shed_overflowed = False
+        self._high = False
+        self._page_size = max(1, min(PAGE, self.limit // 4))
+
+    # ---- running ------------------------------------------------------------------------
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Record presence until `stopping` is set (while holding the lease, if shared)."""
+        background = [asyncio.create_task(self._worker(q)) for q in self._queues]
+        if self.shared:
+            background.append(asyncio.create_task(self._hold_lease(stopping)))
+        try:
+            while not stopping.is_set():
+                if not self.records:
+                    self._records_changed.clear()
+                    await _first(stopping.wait(), self._records_changed.wait())
+                    continue
+                self._tenure_over = asyncio.Event()
+                watcher = asyncio.create_task(self._end_tenure(stopping))
+                try:
+                    await self.link.run(_nothing, self._serve, self._tenure_over)
+                finally:
+                    watcher.cancel()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+
+    async def _end_tenure(self, stopping: asyncio.Event) -> None:
+        while self.records and not stopping.is_set():
+            self._records_changed.clear()
+            await _first(stopping.wait(), self._records_changed.wait())
+        self._tenure_over.set()
+
+    async def _hold_lease(self, stopping: asyncio.Event) -> None:
+        """Hold (or wait for) the presence lease; `records` follows it."""
+        lease_s = self.settings.pairing_presence_lease_s
+        store = self.dispatcher.store
+        try:
+            while not stopping.is_set():
+                try:
+                    held = await store.hold_presence_lease(self.instance_id, lease_s=lease_s)
+                except PairingError:
+                    held = False  # Redis away: the lease lapses for everyone alike
+                if held != self.records:
+                    self.records = held
+                    self._records_changed.set()
+                    log.info("%s recording runners' status", "now" if held else "no longer")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), lease_s / 3)
+        finally:
+            with contextlib.suppress(Exception):
+                await store.hold_presence_lease(self.instance_id, lease_s=lease_s, release=True)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Read and reconcile until the tenure ends; raises MqttError on a lost connection."""
+        reader = asyncio.ensure_future(self._read(client))
+        keeper = asyncio.ensure_future(self._keep_reconciled(client))
+        over = asyncio.ensure_future(self._tenure_over.wait())
+        tasks = (reader, keeper, over)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in (reader, keeper):
+            if task.done() and not task.cancelled():
+                error = task.exception()
+                if error is not None:
+                    raise error  # a lost connection
+
+    # ---- reading and recording -------------------------------------------------------------
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            runner_id = self.scheme.parse_status(message.topic.value)
+            if runner_id is None:
+                self.counters["dropped.bad_status_topic"] += 1
+                continue
+            payload = message.payload
+            if isinstance(payload, str):
+                payload = payload.encode()
+            elif not isinstance(payload, bytes | bytearray):
+                payload = b"" if payload is None else str(payload).encode()
+            self._enqueue(_Status(runner_id, bytes(payload), bool(message.retain)))
+
+    def _enqueue(self, status: _Status) -> None:
+        # Replays are never shed: they come only when asked for, as many as the broker
+        # queues for a new subscription or a page holds.
+        if self.backlog >= self.limit and not status.retained:
+            self.counters["status_shed"] += 1
+            if self._shed_in_episode == 0:
+                log.warning(
+                    "presence backlog full (%d status messages, PAIRING_PRESENCE_BACKLOG): "
+                    "dropping status messages; presence is reconciled once it drains",
+                    self.backlog,
+                )
+            self._shed_in_episode += 1
+            if len(self._shed_ids) < max(self.limit, SHED_MEMORY):
+                self._shed_ids.add(status.runner_id)
+            else:
+                self._shed_overflowed = True
+            return
+        self.backlog += 1
+        if not self._high and self.backlog >= self.limit * HIGH_WATER:
+            self._high = True
+            log.warning(
+                "presence backlog at %d of %d status messages (PAIRING_PRESENCE_BACKLOG)",
+                self.backlog,
+                self.limit,
+            )
+        if status.retained:
+            self._replay_arrived.set()
+            self._awaited = max(0, self._awaited - 1)
+            self._replays += 1
+            if self._replayed is not None:
+                self._replayed.add(status.runner_id)
+        index = zlib.crc32(status.runner_id.encode()) % WORKERS
+        self._queues[index].put_nowait(status)
+
+    async def _worker(self, queue: asyncio.Queue[_Status | asyncio.Future[None]]) -> None:
+        while True:
+            item = await queue.get()
+            if isinstance(item, asyncio.Future):  # a mark: everything before it is done
+                if not item.done():
+                    item.set_result(None)
+                continue
+            try:
+                handled = await self.dispatcher.handle_status(
+                    item.runner_id, item.payload, retained=item.retained
+                )
+                await self.finish(handled)
+            except aiomqtt.MqttError as exc:
+                self.counters["publish_failed"] += 1  # the events stay in the outbox
+                log.warning("could not publish presence events: %s", exc)
+            except Exception:
+                self.counters["internal_error"] += 1
+                log.exception("unexpected error recording a status message")
+            finally:
+                self._recorded()
+
+    def _recorded(self) -> None:
+        self.backlog -= 1
+        self._backlog_changed.set()
+        if self._high and self.backlog < self.limit * HIGH_WATER / 2:
+            self._high = False
+        if self._shed_in_episode and self.backlog <= self.limit // 10:
+            log.warning(
+                "presence backlog drained; %d status messages were dropped: reconciling "
+                "those runners",
+                self._shed_in_episode,
+            )
+            self._shed_in_episode = 0
+            self._wake.set()
+
+    async def _recorded_so_far(self) -> None:
+        """Wait until every status queued before now is recorded."""
+        marks: list[asyncio.Future[None]] = []
+        for queue in self._queues:
+            mark: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            queue.put_nowait(mark)
+            marks.append(mark)
+        await asyncio.gather(*marks)
+
+    # ---- reconciliation -----------------------------------------------------------------
+
+    async def _keep_reconciled(self, client: aiomqtt.Client) -> None:
+        """Reconcile now (a fresh connection), then after shedding and every period."""
+        period = self.settings.pairing_presence_reconcile_s or None
+        mode: Literal["on connect", "after dropped statuses", "periodic"] = "on connect"
+        while True:
+            self._wake.clear()
+            shed, overflowed = self._shed_ids, self._shed_overflowed
+            self._shed_ids, self._shed_overflowed = set(), False
+            try:
+                if mode == "after dropped statuses" and not overflowed:
+                    await self._reconcile(client, mode, only=shed)
+                else:
+                    await self._reconcile(client, mode)
+            except aiomqtt.MqttError:
+                raise  # the connection is lost: a new one reconciles on connect
+            except Exception as exc:
+                self._shed_ids |= shed
+                self._shed_overflowed |= overflowed
+                if isinstance(exc, PairingError):
+                    log.warning(
+                        "presence reconciliation stopped (%s); again in %.0f s",
+                        exc.message,
+                        RETRY_S,
+                    )
+                else:
+                    self.counters["internal_error"] += 1
+                    log.exception("presence reconciliation failed; again in %.0f s", RETRY_S)
+                await asyncio.sleep(RETRY_S)
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), period)
+                mode = "after dropped statuses"
+            except TimeoutError:
+                mode = "periodic"
+
+    async def _reconcile(
+        self,
+        client: aiomqtt.Client,
+        mode: Literal["on connect", "after dropped statuses", "periodic"],
+        *,
+        only: set[str] | None = None,
+    ) -> None:
+        """Make the recorded presence match the retained statuses.
+
+        On connect, the fresh status subscription replays the retained statuses (as many as
+        the broker queues), then the runners the store knows and the replay missed are
+        checked by exact topic. Periodically, every runner the store knows is checked by
+        exact topic; after shedding, only the runners whose status was dropped (all the
+        store knows if there were too many to remember).
+
+        Raises:
+            aiomqtt.MqttError: the connection was lost.
+            PairingError: Redis is away (the walk stops; run again later).
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        replays_before = self._replays
+        replayed: set[str] = set()
+        checked = 0
+        if mode == "on connect":
+            self._replayed = replayed
+        try:
+            if mode == "on connect":
+                await self._subscribe_wildcard(client)
+                await self._settle()
+            if only is not None:
+                pages = _chunks(sorted(only), self._page_size)
+            else:
+                pages = self.dispatcher.store.runner_pages(self._page_size)
+            async for page in pages:
+                topics = [self.scheme.status_topic(r) for r in page if _checkable(r, replayed)]
+                if topics:
+                    await self._paced()
+                    await self._subscribe(client, topics)
+                    await client.unsubscribe(topics)
+                    self._awaited += len(topics)
+                    checked += len(topics)
+            if checked:
+                await self._settle()
+        finally:
+            self._replayed = None
+        await self._recorded_so_far()
+        took = loop.time() - started
+        self.last_reconcile_s = took
+        self.counters["presence.reconciled"] += 1
+        log.info(
+            "presence reconciled %s in %.1f s: %d runners checked by exact topic, "
+            "%d retained statuses replayed",
+            mode,
+            took,
+            checked,
+            self._replays - replays_before,
+        )
+
+    async def _subscribe_wildcard(self, client: aiomqtt.Client) -> None:
+        """Subscribe to every runner's status; the broker replays what it can queue.
+
+        MQTT 5: QoS 1, with the presence connection's Receive Maximum (65,535) as the
+        window. MQTT 3.1.1 has no Receive Maximum: at QoS 1 the broker's
+        `max_inflight_messages` (Mosquitto: 20) would throttle a storm into its queue and
+        past its cap; at QoS 0 the broker writes statuses out as they come.
+        """
+        topic = self.scheme.status_filter()
+        if self.protocol == "5":
+            await client.subscribe(topic, options=SubscribeOptions(qos=1))
+        else:
+            await client.subscribe(topic, qos=0)
+
+    async def _paced(self) -> None:
+        """Wait until a page's replay fits: few replays awaited, a short backlog.
+
+        A page whose runners have no retained status brings fewer replays than asked
+        for; a quiet SETTLE_S forgives the rest.
+        """
+        page = self._page_size
+        while self._awaited > page or self.backlog > page:
+            self._backlog_changed.clear()
+            self._replay_arrived.clear()
+            waits = [self._backlog_changed.wait(), self._replay_arrived.wait()]
+            try:
+                await asyncio.wait_for(_first(*waits), SETTLE_S)
+            except TimeoutError:
+                self._awaited = 0
+
+    async def _subscribe(self, client: aiomqtt.Client, filters: list[str]) -> None:
+        """One SUBSCRIBE, QoS 1, for all `filters`; the broker replays their retained statuses."""
+        if self.protocol == "5":
+            options = SubscribeOptions(qos=1)
+            await client.subscribe([(f, options) for f in filters])
+        else:
+            await client.subscribe([(f, 1) for f in filters])
+
+    async def _settle(self) -> None:
+        """Wait until the replay has come in: no replayed status for SETTLE_S."""
+        while True:
+            self._replay_arrived.clear()
+            try:
+                await asyncio.wait_for(self._replay_arrived.wait(), SETTLE_S)
+            except TimeoutError:
+                return
+
+
+def _checkable(runner_id: str, replayed: set[str]) -> bool:
+    return runner_id not in replayed and is_valid_id(runner_id)
+
+
+async def _chunks(ids: list[str], size: int) -> AsyncIterator[list[str]]:
+    for i in range(0, len(ids), size):
+        yield ids[i : i + size]
+
+
+async def _nothing(_client: aiomqtt.Client) -> None:
+    """A clean session has nothing to set up: the reconciliation subscribes."""
+
+
+async def _first(*waits: Awaitable[object]) -> None:
+    """Wait until the first of `waits` is done; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
