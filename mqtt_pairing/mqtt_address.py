@@ -25,6 +25,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 
 from mqtt_pairing.config import redact_url
 from mqtt_pairing.errors import ConfigError
@@ -305,8 +306,10 @@ def describe_connect_error(exc: BaseException, address: BrokerAddress) -> str:
         return f"cannot resolve {address.host} ({_reason(cause)})"
     if isinstance(cause, TimeoutError | socket.timeout):
         return f"connection to {where} timed out"
-    if isinstance(exc, aiomqtt.MqttCodeError):
+    if isinstance(exc, MqttConnectError):
         return f"the broker at {where} refused the connection: {exc}"
+    if isinstance(exc, aiomqtt.MqttError):
+        return f"{where}: {exc}"  # a connection that was up and is lost, a timeout, ...
     return f"cannot connect to {where}: {_reason(cause)}"
 
 

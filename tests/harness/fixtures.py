@@ -55,7 +55,7 @@ import pytest
 from amqtt.broker import Broker
 
 from mqtt_pairing.broker import start_embedded_broker
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from tests.harness.peers import Peers
 from tests.harness.recorder import Recorder, pairing_filters, recording
 from tests.harness.serve import ServeProcess

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import aiomqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from mqtt_pairing.gateway import NODELAY, BrokerAddress
+from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from tests.harness.waiting import wait_until
 
 REPLY_TIMEOUT_S = 5.0

@@ -41,6 +41,12 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 async def http_get(host: str, port: int, path: str, timeout_s: float = 5.0) -> tuple[int, Any]:
     """GET `path` over HTTP/1.0; (status, JSON body)."""
+    status, body = await http_text(host, port, path, timeout_s)
+    return status, json.loads(body) if body else None
+
+
+async def http_text(host: str, port: int, path: str, timeout_s: float = 5.0) -> tuple[int, str]:
+    """GET `path` over HTTP/1.0; (status, body as text)."""
     async with asyncio.timeout(timeout_s):
         reader, writer = await asyncio.open_connection(host, port)
         try:
@@ -52,8 +58,20 @@ async def http_get(host: str, port: int, path: str, timeout_s: float = 5.0) -> t
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
     head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    return status, json.loads(body) if body else None
+    return int(head.split(b" ", 2)[1]), body.decode(errors="replace")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels` in a Prometheus text
+    exposition (0 when there are none)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{key}="{want}"' in head for key, want in labels.items()):
+            total += float(value)
+    return total
 
 
 async def probe(host: str, port: int, path: str) -> int | None:

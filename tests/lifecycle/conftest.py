@@ -1,14 +1,13 @@
 """Fixtures of the lifecycle tests: presence, session expiry, outbox and history.
 
-- `broker_address`: the session Mosquitto as a `BrokerAddress`.
-- `lc_prefix`: a Redis key prefix unique to the test, shared by every service instance
-  the test starts (so two instances share state); `keys` is its `KeySchema`.
+From the shared harness (tests/harness/fixtures.py): `broker_address`, `peers`,
+`recorder`, `service_key_prefix`. Here:
+
+- `lc_prefix`: the Redis key prefix every service instance of the test shares (the
+  harness's `service_key_prefix`); `keys` is its `KeySchema`.
 - `rdb`: a sync redis-py client (decoded) on the session Redis.
-- `start_service`: `await start_service(**setting_overrides)` runs a service on the session
-  Mosquitto and Redis with the test's topic prefix, `lc_prefix` and a unique client id;
-  all are stopped after the test, with timeouts.
-- `wire`: a `Wire` recording every event and reply under the test's topic prefix.
-- `peers`: makes `RunnerClient` / `AppClient` (use them with `async with`).
+- `start_service`: the harness's, with a 0.2 s sweep interval.
+- `wire`: the harness's `recorder` (every event, reply and status of the test's prefix).
 - `status_link`: `await status_link(runner_id, keepalive_s=2)` opens a runner's presence
   connection (Last Will offline, retained); retained statuses are cleared afterwards.
 """
@@ -16,38 +15,28 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 import redis
 
-from mqtt_pairing.client import AppClient, RunnerClient
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
-from tests.fixtures import MosquittoBroker, RedisServer
-from tests.lifecycle.support import (
-    RunningService,
-    StatusLink,
-    Wire,
-    clear_retained,
-    wire_for,
-)
-from tests.service.support import instance_settings, instances
+from tests.harness.peers import Peers, StatusLink, clear_retained
+from tests.harness.recorder import Recorder
+from tests.harness.servers import RedisServer
+from tests.harness.service import RunningService, StartService
 
-StartService = Callable[..., Awaitable[RunningService]]
 OpenStatusLink = Callable[..., Awaitable[StatusLink]]
 
-
-@pytest.fixture
-def broker_address(mosquitto_broker: MosquittoBroker) -> BrokerAddress:
-    return BrokerAddress(mosquitto_broker.host, mosquitto_broker.port)
+# Compatibility names: lifecycle tests import these from here.
+__all__ = ["OpenStatusLink", "Peers", "RunningService", "StartService"]
 
 
 @pytest.fixture
-def lc_prefix() -> str:
-    return f"lc-{uuid.uuid4().hex[:12]}"
+def lc_prefix(service_key_prefix: str) -> str:
+    return service_key_prefix
 
 
 @pytest.fixture
@@ -63,46 +52,18 @@ def rdb(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-async def start_service(
-    mosquitto_broker: MosquittoBroker,
-    redis_server: RedisServer,
-    topic_prefix: str,
-    lc_prefix: str,
-) -> AsyncIterator[StartService]:
-    base = instance_settings(
-        topic_prefix,
-        lc_prefix,
-        mqtt_url=mosquitto_broker.url,
-        redis_url=redis_server.url,
-        pairing_sweep_interval_s=0.2,
-    )
-    async with instances(base) as start:
-        yield start
+def start_service(start_service: StartService) -> StartService:
+    """The harness's `start_service`, sweeping every 0.2 s unless told otherwise."""
+
+    async def start(**overrides: Any) -> RunningService:
+        return await start_service(**{"pairing_sweep_interval_s": 0.2, **overrides})
+
+    return start
 
 
 @pytest.fixture
-async def wire(broker_address: BrokerAddress, topic_prefix: str) -> AsyncIterator[Wire]:
-    async with wire_for(broker_address, topic_prefix) as recorder:
-        yield recorder
-
-
-class Peers:
-    """Makes runners and apps on the test's broker and prefix."""
-
-    def __init__(self, address: BrokerAddress, prefix: str) -> None:
-        self.address = address
-        self.prefix = prefix
-
-    def runner(self, ident: str, **kwargs: Any) -> RunnerClient:
-        return RunnerClient(ident, self.address, prefix=self.prefix, **kwargs)
-
-    def app(self, ident: str, **kwargs: Any) -> AppClient:
-        return AppClient(ident, self.address, prefix=self.prefix, **kwargs)
-
-
-@pytest.fixture
-def peers(broker_address: BrokerAddress, topic_prefix: str) -> Peers:
-    return Peers(broker_address, topic_prefix)
+def wire(recorder: Recorder) -> Recorder:
+    return recorder
 
 
 @pytest.fixture

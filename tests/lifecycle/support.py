@@ -2,43 +2,33 @@
 
 Everything here talks to the real Mosquitto and Redis of the test session:
 
-- `run_service`: a service built by `build_service` and run in a task of the test's
-  event loop; `stop()` is bounded.
-- `Wire`: a raw MQTT 5 client that records every event and reply of a topic prefix, with
-  no deduplication, so tests can count copies (a client drops repeated `event_id`s).
-- `StatusLink`: a runner's presence connection (paho, its own network thread) with a
-  retained Last Will `{"state":"offline"}` and a short keepalive; it can publish its
-  status, disconnect cleanly, go silent (keepalive timeout) or reset its socket (crash).
+- waiting for status messages to be recorded, and for an instance to hold the presence
+  lease;
 - Redis helpers: Redis time, backdating a session's `last_seen_at_ms`, making its expiry
   due, reading history streams.
+
+The service, the recorder of the wire and a runner's `StatusLink` come from the shared
+harness (tests/harness/); `run_service`, `wait_until`, `Wire`, `wire_for`, `Seen`,
+`StatusLink`, `clear_retained` and `OFFLINE` are compatibility names for them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import re
-import socket
-import struct
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
-import aiomqtt
-import paho.mqtt.client as mqtt
-import pytest
 import redis
-from paho.mqtt.enums import CallbackAPIVersion
 
 from mqtt_pairing.client import AppClient, RunnerClient
-from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
-from mqtt_pairing.service import Service
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
-from tests.service.support import RunningService, start_running
+from tests.harness.peers import OFFLINE, StatusLink, clear_retained
+from tests.harness.recorder import Message, Recorder, pairing_filters, recording
+from tests.harness.service import RunningService, run_service
+from tests.harness.waiting import wait_until
 
 SECRET = "l" * 40
 CONNECT_TIMEOUT_S = 10.0
@@ -55,27 +45,6 @@ def parse_ts(value: str) -> datetime:
 
 
 # ---- the service in-process --------------------------------------------------------------
-
-
-async def run_service(service: Service) -> RunningService:
-    """Run `service` in a task and wait (bounded) until it is connected and subscribed."""
-    gateway = service.gateway
-    return await start_running(service, gateway.address, gateway.settings.pairing_topic_prefix)
-
-
-async def wait_until(
-    condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02
-) -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(interval_s)
 
 
 async def wait_statuses(services: list[RunningService], count: int, timeout_s: float = 5.0):
@@ -98,244 +67,6 @@ async def wait_presence_holder(service: RunningService, timeout_s: float = 5.0) 
         timeout_s,
         "the service to hold the presence lease",
     )
-
-
-# ---- the wire ----------------------------------------------------------------------------
-
-
-@dataclass
-class Seen:
-    """One message the `Wire` received."""
-
-    topic: str
-    body: dict[str, Any]
-    at: float
-
-
-@dataclass
-class Wire:
-    """Every event, reply and runner status under one prefix, in arrival order, copies too."""
-
-    prefix: str
-    client: aiomqtt.Client
-    seen: list[Seen] = field(default_factory=list)
-
-    async def read(self) -> None:
-        async for message in self.client.messages:
-            payload = message.payload
-            raw = payload.encode() if isinstance(payload, str) else payload
-            try:
-                body = json.loads(bytes(raw)) if isinstance(raw, bytes | bytearray) else None
-            except ValueError:
-                body = None
-            if isinstance(body, dict):
-                self.seen.append(Seen(message.topic.value, body, time.monotonic()))
-
-    def events_topic(self, kind: Literal["runner", "app"], ident: str) -> str:
-        return f"{self.prefix}/{kind}s/{ident}/events"
-
-    def events(
-        self, kind: Literal["runner", "app"], ident: str, name: str | None = None
-    ) -> list[dict[str, Any]]:
-        """Events received on one party's events topic (optionally of one kind)."""
-        topic = self.events_topic(kind, ident)
-        return [
-            m.body
-            for m in self.seen
-            if m.topic == topic and (name is None or m.body.get("event") == name)
-        ]
-
-    def presence_events(self, app_id: str, *, copies: bool = False) -> list[dict[str, Any]]:
-        """`runner.online` / `runner.offline` events an app received, in order.
-
-        The outbox may publish an event twice (docs/design.md "Delivery": never lost, maybe
-        repeated); a copy carries the same `event_id` and clients drop it. So by default a
-        copy is dropped here too, after checking it is identical to the first; with
-        `copies` every message on the wire counts.
-        """
-        got = [e for e in self.events("app", app_id) if e.get("event", "").startswith("runner.")]
-        if copies:
-            return got
-        first: dict[str, dict[str, Any]] = {}
-        for event in got:
-            seen = first.setdefault(event["event_id"], event)
-            assert seen == event, f"two events with one event_id differ: {seen} / {event}"
-        return list(first.values())
-
-    def all_events(self) -> list[dict[str, Any]]:
-        return [m.body for m in self.seen if m.topic.endswith("/events")]
-
-    def statuses(self, runner_id: str) -> list[Seen]:
-        """Status messages (the Last Will included) seen on a runner's status topic."""
-        topic = f"{self.prefix}/runners/{runner_id}/status"
-        return [m for m in self.seen if m.topic == topic]
-
-    def replies(self, kind: Literal["runner", "app"], ident: str, op: str) -> list[dict[str, Any]]:
-        topic = f"{self.prefix}/{kind}s/{ident}/res/{op}"
-        return [m.body for m in self.seen if m.topic == topic]
-
-    async def barrier(self, timeout_s: float = REPLY_TIMEOUT_S) -> None:
-        """Wait until everything the service published before now has reached the wire.
-
-        Asks the service something (a `sessions` request of a runner of its own) and waits
-        for the reply here: MQTT keeps one connection's messages in order, and the service
-        publishes replies and events on one connection. With several instances, only the
-        one that answers is covered.
-        """
-        ident = f"barrier-{uuid.uuid4().hex[:8]}"
-        request_id = uuid.uuid4().hex
-        topic = f"{self.prefix}/runners/{ident}/req/sessions"
-        await self.client.publish(topic, json.dumps({"request_id": request_id}), qos=1)
-        await wait_until(
-            lambda: any(
-                r.get("request_id") == request_id for r in self.replies("runner", ident, "sessions")
-            ),
-            timeout_s,
-            "the reply to the barrier request",
-        )
-
-    async def wait_events(
-        self,
-        kind: Literal["runner", "app"],
-        ident: str,
-        name: str,
-        count: int = 1,
-        timeout_s: float = EVENT_TIMEOUT_S,
-    ) -> list[dict[str, Any]]:
-        """Wait until `count` distinct events `name` (by event_id) have arrived for one
-        party; return everything received of that name (copies included)."""
-
-        def distinct() -> int:
-            return len({e.get("event_id") for e in self.events(kind, ident, name)})
-
-        await wait_until(
-            lambda: distinct() >= count, timeout_s, f"{count} {name} event(s) for {kind} {ident}"
-        )
-        return self.events(kind, ident, name)
-
-
-@contextlib.asynccontextmanager
-async def wire_for(address: BrokerAddress, prefix: str) -> AsyncIterator[Wire]:
-    """A `Wire` subscribed (QoS 1) to all events, replies and statuses under `prefix`."""
-    client = aiomqtt.Client(
-        address.host,
-        address.port,
-        identifier=f"wire-{uuid.uuid4().hex[:12]}",
-        protocol=aiomqtt.ProtocolVersion.V5,
-        socket_options=[NODELAY],
-        timeout=10,
-    )
-    async with client:
-        wire = Wire(prefix, client)
-        await client.subscribe(f"{prefix}/+/+/events", qos=1)
-        await client.subscribe(f"{prefix}/+/+/res/+", qos=1)
-        await client.subscribe(f"{prefix}/runners/+/status", qos=1)
-        reader = asyncio.create_task(wire.read())
-        try:
-            yield wire
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await reader
-
-
-# ---- a runner's presence connection -----------------------------------------------------
-
-OFFLINE = json.dumps({"state": "offline"}).encode()
-
-
-class StatusLink:
-    """A runner's presence connection: retained status and Last Will, paho network thread.
-
-    The broker sees it as the runner (anonymous test broker); the service only looks at
-    the topic `P/runners/{id}/status`.
-    """
-
-    def __init__(self, address: BrokerAddress, prefix: str, runner_id: str, keepalive_s: int):
-        self.topic = f"{prefix}/runners/{runner_id}/status"
-        self.keepalive_s = keepalive_s
-        self.address = address
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"status-{runner_id}-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-        )
-        self.client.will_set(self.topic, OFFLINE, qos=1, retain=True)
-        self.dropped_at: float | None = None
-        self._looping = False
-
-    def connect(self) -> None:
-        """Connect and start the network thread (blocking; call via `to_thread`)."""
-        self.client.connect(self.address.host, self.address.port, keepalive=self.keepalive_s)
-        self.client.loop_start()
-        self._looping = True
-        deadline = time.monotonic() + CONNECT_TIMEOUT_S
-        while not self.client.is_connected():
-            if time.monotonic() > deadline:
-                raise TimeoutError("status link did not connect")
-            time.sleep(0.01)
-
-    def publish(self, state: Literal["online", "offline"]) -> None:
-        """Publish the retained status and wait for its PUBACK (blocking)."""
-        info = self.client.publish(self.topic, json.dumps({"state": state}), qos=1, retain=True)
-        info.wait_for_publish(REPLY_TIMEOUT_S)
-        assert info.is_published()
-
-    def disconnect(self) -> None:
-        """A clean DISCONNECT: the broker discards the Will (blocking)."""
-        self.client.disconnect()
-        self.client.loop_stop()
-        self._looping = False
-
-    def go_silent(self) -> None:
-        """Stop the network thread without a DISCONNECT: no more PINGREQ, socket open.
-
-        The broker disconnects the client after keepalive x 1.5 and publishes its Will.
-        """
-        self.client.loop_stop()
-        self._looping = False
-        self.dropped_at = time.monotonic()
-
-    def reset(self) -> None:
-        """Drop the TCP connection with a RST (as a crashed process would): no DISCONNECT."""
-        self.client.loop_stop()
-        self._looping = False
-        sock = self.client.socket()
-        assert sock is not None
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.dropped_at = time.monotonic()
-        sock.close()
-
-    def close(self) -> None:
-        """Release the client whatever state it is in (teardown)."""
-        if self._looping:
-            with contextlib.suppress(Exception):
-                self.client.disconnect()
-            self.client.loop_stop()
-            self._looping = False
-        sock = self.client.socket()
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-
-def clear_retained(address: BrokerAddress, topics: list[str]) -> None:
-    """Delete retained messages (zero-length retained publish), so tests leave none behind."""
-    if not topics:
-        return
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"clear-{uuid.uuid4().hex[:8]}",
-        protocol=mqtt.MQTTv5,
-    )
-    client.connect(address.host, address.port, keepalive=10)
-    client.loop_start()
-    try:
-        for topic in topics:
-            client.publish(topic, b"", qos=1, retain=True).wait_for_publish(REPLY_TIMEOUT_S)
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 # ---- pairing -----------------------------------------------------------------------------
@@ -398,3 +129,41 @@ def make_expiry_due(rdb: redis.Redis, keys: KeySchema, runner_id: str, session_i
 def history(rdb: redis.Redis, key: str) -> list[tuple[str, dict[str, str]]]:
     """All entries of a history stream, oldest first."""
     return [(str(i), dict(f)) for i, f in rdb.xrange(key, "-", "+")]
+
+
+# ---- compatibility names -----------------------------------------------------------------
+
+Wire = Recorder
+Seen = Message
+
+
+def wire_for(
+    address: BrokerAddress, prefix: str
+) -> contextlib.AbstractAsyncContextManager[Recorder]:
+    """A recorder of every event, reply and status under `prefix`."""
+    return recording(address, *pairing_filters(prefix), prefix=prefix, label="wire")
+
+
+__all__ = [
+    "MASK_RE",
+    "OFFLINE",
+    "SECRET",
+    "Seen",
+    "StatusLink",
+    "Wire",
+    "backdate_session",
+    "clear_retained",
+    "expiry_key",
+    "expiry_member",
+    "history",
+    "make_expiry_due",
+    "pair_apps",
+    "parse_ts",
+    "redis_now_ms",
+    "run_service",
+    "session_json",
+    "wait_presence_holder",
+    "wait_statuses",
+    "wait_until",
+    "wire_for",
+]

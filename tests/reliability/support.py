@@ -5,10 +5,11 @@
   (reply topic, request_id); every reply and event received is kept, copies included, so
   tests can check that all replies to one request agree. `call_with_retries` is an app or
   runner that retries with the SAME request_id on timeout and on SERVICE_UNAVAILABLE.
-- `ServeProcess`: `python -m mqtt_pairing serve` as a subprocess (SIGKILL for real), ready
-  when its `/readyz` answers 200.
-- `http_get`: a tiny HTTP/1.0 client for the health endpoints.
 - Redis checks: claims of every code, sessions of every runner, keys without a TTL.
+
+`ServeProcess`, `clean_env`, `http_get`, `probe` (tests/harness/serve.py), `wait_until`
+(tests/harness/waiting.py) and `sniffing_others` (a harness recorder with No Local) are
+the shared harness's; the names are kept here for the tests that import them.
 """
 
 from __future__ import annotations
@@ -16,37 +17,54 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from statistics import median
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import aiomqtt
-import pytest
 import redis
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.topics import Kind
-from tests.fixtures import REPO_ROOT
-from tests.service.support import Sniffer
+from tests.harness import waiting
+from tests.harness.recorder import Recorder, recording
+from tests.harness.serve import ServeProcess, clean_env, http_get, probe
 
 T = TypeVar("T")
 
 SECRET = "reliability-" + "s" * 36
 CONNECT_TIMEOUT_S = 10.0
-SERVE_READY_TIMEOUT_S = 30.0
+
+__all__ = [
+    "SECRET",
+    "Attempted",
+    "Fleet",
+    "ServeProcess",
+    "Try",
+    "app_sessions",
+    "bounded",
+    "clean_env",
+    "code_claims",
+    "exempt_from_ttl",
+    "http_get",
+    "issue_codes",
+    "keys_without_ttl",
+    "probe",
+    "report",
+    "runner_sessions",
+    "scan",
+    "sniffing_others",
+    "summary",
+    "wait_until",
+]
 
 
 def report(name: str, **numbers: Any) -> None:
@@ -58,13 +76,10 @@ def report(name: str, **numbers: Any) -> None:
 async def wait_until(
     condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02
 ) -> float:
-    """Poll `condition` until it is truthy; fail after `timeout_s`. Returns seconds waited."""
+    """The harness's `wait_until`, returning the seconds waited (for reports)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    while not condition():
-        if loop.time() - started > timeout_s:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(interval_s)
+    await waiting.wait_until(condition, timeout_s, what, interval_s)
     return loop.time() - started
 
 
@@ -340,32 +355,15 @@ async def issue_codes(
     return dict(await bounded((one(r) for r in runner_ids), limit))
 
 
-@contextlib.asynccontextmanager
-async def sniffing_others(address: BrokerAddress, topic_filter: str) -> AsyncIterator[Sniffer]:
-    """A `Sniffer` that never receives what it publishes itself (MQTT 5 No Local).
+def sniffing_others(
+    address: BrokerAddress, topic_filter: str
+) -> contextlib.AbstractAsyncContextManager[Recorder]:
+    """A recorder that never receives what it publishes itself (MQTT 5 No Local).
 
     For tests that publish on arbitrary topics, replies' topics included, and must tell
     the service's messages from their own.
     """
-    client = aiomqtt.Client(
-        address.host,
-        address.port,
-        identifier=f"sniffer-{uuid.uuid4().hex[:12]}",
-        protocol=aiomqtt.ProtocolVersion.V5,
-        socket_options=[NODELAY],
-        timeout=10,
-    )
-    async with client:
-        sniffer = Sniffer(client)
-        options = SubscribeOptions(qos=1, noLocal=True)
-        await client.subscribe(topic_filter, options=options)
-        reader = asyncio.create_task(sniffer.read())
-        try:
-            yield sniffer
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await reader
+    return recording(address, topic_filter, no_local=True, label="sniffer")
 
 
 # ---- Redis checks -----------------------------------------------------------------------
@@ -419,128 +417,3 @@ def keys_without_ttl(client: redis.Redis, prefix: str) -> list[str]:
         for key in scan(client, f"{prefix}:*")
         if client.ttl(key) == -1 and not exempt_from_ttl(prefix, key, client)
     ]
-
-
-# ---- HTTP probes ------------------------------------------------------------------------
-
-
-async def http_get(host: str, port: int, path: str, timeout_s: float = 5.0) -> tuple[int, Any]:
-    """GET `path` over HTTP/1.0; (status, JSON body)."""
-    async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-            await writer.drain()
-            data = await reader.read()
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    return status, json.loads(body) if body else None
-
-
-async def probe(host: str, port: int, path: str) -> int | None:
-    """The status of one probe, or None when the server does not answer."""
-    try:
-        return (await http_get(host, port, path, timeout_s=3.0))[0]
-    except (OSError, TimeoutError, IndexError, ValueError):
-        return None
-
-
-# ---- `serve` as a process ----------------------------------------------------------------
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without MQTT_*, REDIS_*, PAIRING_* settings, plus `extra`."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("MQTT_", "REDIS_", "PAIRING_"))
-    }
-    env.update(extra)
-    return env
-
-
-class ServeProcess:
-    """`python -m mqtt_pairing serve` in a subprocess, logging to a file.
-
-    Args:
-        env: the settings (environment variables) on top of a clean environment; must
-            include `PAIRING_HEALTH_LISTEN` (readiness is read from `/readyz`).
-        log_path: where its stdout and stderr go.
-    """
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env = env
-        self.log_path = log_path
-        host, _, port = env["PAIRING_HEALTH_LISTEN"].rpartition(":")
-        self.health = (host, int(port))
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "mqtt_pairing", "serve", "--log-level", "INFO"],
-                cwd=REPO_ROOT,
-                env=clean_env(**self.env),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def log(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    async def wait_ready(self, timeout_s: float = SERVE_READY_TIMEOUT_S) -> float:
-        """Wait until `/readyz` answers 200; seconds waited. Fails if the process exits."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        while await probe(*self.health, "/readyz") != 200:
-            if self.returncode is not None:
-                pytest.fail(f"serve exited with {self.returncode}:\n{self.log()}")
-            if loop.time() - started > timeout_s:
-                pytest.fail(f"serve not ready after {timeout_s} s:\n{self.log()}")
-            await asyncio.sleep(0.05)
-        return loop.time() - started
-
-    async def wait_exit(self, timeout_s: float) -> int:
-        """Wait for the process to end; its return code (negative: killed by a signal)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while (code := self.returncode) is None:
-            if loop.time() > deadline:
-                pytest.fail(f"serve still running after {timeout_s} s:\n{self.log()}")
-            await asyncio.sleep(0.02)
-        return code
-
-    def kill(self) -> None:
-        """SIGKILL this process (a crash: nothing flushed, nothing acknowledged)."""
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def terminate(self, timeout_s: float = 10.0) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.process.returncode

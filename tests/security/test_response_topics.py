@@ -1,5 +1,5 @@
 """Every Response Topic the service accepts is delivered under the shipped ACLs, and only
-those: the rule (docs/protocol.md, "Replies"; `topics.accept_response_topic`) is the
+those: the rule (docs/protocol.md, "MQTT 5 properties"; `topics.accept_response_topic`) is the
 requester's `P/<kind>s/<id>/res/#`, which its ACL lets it read and service.acl lets the
 service write.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from uuid import uuid4
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,8 +52,13 @@ async def scrape(running: RunningService) -> tuple[str, dict[tuple[str, tuple[st
 async def test_each_instance_reports_its_own_counts_under_its_own_label(
     start_service: StartService, peers: Peers
 ) -> None:
-    one = await start_service(pairing_health_listen=f"127.0.0.1:{free_port()}")
-    two = await start_service(pairing_health_listen=f"127.0.0.1:{free_port()}")
+    # Each with its Redis state of its own: both handle every request afresh.
+    one = await start_service(
+        pairing_health_listen=f"127.0.0.1:{free_port()}", pairing_key_prefix="m1-" + uuid4().hex
+    )
+    two = await start_service(
+        pairing_health_listen=f"127.0.0.1:{free_port()}", pairing_key_prefix="m2-" + uuid4().hex
+    )
     id_one, id_two = one.service.gateway.instance_id, two.service.gateway.instance_id
     assert id_one != id_two
     # Without a shared group both instances answer every request: each counts its own.

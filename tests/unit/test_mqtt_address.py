@@ -20,6 +20,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+from aiomqtt.exceptions import MqttConnectError
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -285,7 +286,11 @@ def test_describe_accepts_the_bare_error_and_connack_refusals() -> None:
         "TLS handshake with mqtts://h:8883 failed (wrong version number): "
         "is that port a TLS listener?"
     )
-    refused = aiomqtt.MqttCodeError(134, "Bad user name or password")
-    assert describe_connect_error(refused, address).startswith(
-        "the broker at mqtts://h:8883 refused the connection: "
+    refused = MqttConnectError(4)
+    assert describe_connect_error(refused, address) == (
+        f"the broker at mqtts://h:8883 refused the connection: {refused}"
+    )
+    lost = aiomqtt.MqttCodeError(7, "Unexpected disconnection")
+    assert (
+        describe_connect_error(lost, address) == "mqtts://h:8883: [code:7] The connection was lost."
     )
