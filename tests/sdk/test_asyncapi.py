@@ -21,9 +21,10 @@ from mqtt_pairing.cli.main import app as cli
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.sdk import ReplyError, RunnerPresence, SessionClosed, SessionOpened
 from tests.harness.recorder import Recorder, pairing_filters, recording
+from tests.harness.recorder import Recorder as Sniffer
+from tests.harness.service import RunningService
 from tests.sdk.contract import DOCUMENT, Contract, ContractViolation
 from tests.sdk.support import SdkPeers, next_of
-from tests.service.support import RunningService, Sniffer
 
 SPECS = Path(__file__).resolve().parents[2] / "web" / "node_modules" / "@asyncapi" / "specs"
 

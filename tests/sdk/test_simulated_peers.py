@@ -8,8 +8,8 @@ import os
 import re
 import sys
 
+from tests.harness.service import RunningService
 from tests.sdk.support import SdkPeers
-from tests.service.support import RunningService
 
 TIMEOUT_S = 60.0
 
