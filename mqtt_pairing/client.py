@@ -15,6 +15,7 @@ from typing import Any, Literal
 import aiomqtt
 
 from mqtt_pairing.mqtt_address import BrokerAddress, BrokerUnreachable
+from mqtt_pairing.sdk.connection import ProtocolChoice
 from mqtt_pairing.sdk.errors import ConnectFailed, ReplyError
 from mqtt_pairing.sdk.peer import Peer
 from mqtt_pairing.topics import Kind
@@ -31,9 +32,10 @@ class PairingClient(Peer):
         ident: its id.
         address: the broker.
         prefix: topic prefix (`PAIRING_TOPIC_PREFIX`).
-        protocol: "5" or "3.1.1".
+        protocol: "5", "3.1.1" or "auto" (5, else 3.1.1).
         client_id: MQTT client id (default: `<kind>-<id>-<random>`).
         will: a Last Will (topic, payload, retain).
+        retry_first_connect: keep trying the first connection (default: one attempt).
     """
 
     def __init__(
@@ -42,9 +44,10 @@ class PairingClient(Peer):
         address: BrokerAddress,
         *,
         prefix: str = "pairing",
-        protocol: Literal["5", "3.1.1"] = "5",
+        protocol: ProtocolChoice = "5",
         client_id: str | None = None,
         will: aiomqtt.Will | None = None,
+        retry_first_connect: bool = False,
     ) -> None:
         self._given_will = will
         super().__init__(
@@ -57,8 +60,13 @@ class PairingClient(Peer):
             request_timeout_s=_DEFAULT_TIMEOUT_S,
             reconnect_max_s=1.0,
             resend_after_s=None,
-            retry_first_connect=False,
+            retry_first_connect=retry_first_connect,
         )
+
+    @property
+    def protocol(self) -> Literal["5", "3.1.1"]:
+        """The MQTT version in use (decided on the first connection with "auto")."""
+        return self.connection.protocol
 
     @property
     def client(self) -> aiomqtt.Client:

@@ -6,16 +6,20 @@ import asyncio
 import contextlib
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import aiomqtt
 import segno
 import typer
+from pydantic import TypeAdapter
 
 from mqtt_pairing.cli.common import fail, peer_address, setup_logging
-from mqtt_pairing.client import AppClient, PairingClient, ReplyError, RunnerClient
 from mqtt_pairing.mqtt_address import BrokerAddress, describe_connect_error
-from mqtt_pairing.topics import TopicScheme, is_valid_id
+from mqtt_pairing.sas import Sas
+from mqtt_pairing.sdk import AppClient, ConnectFailed, ReplyError, RunnerClient, SessionOpened
+from mqtt_pairing.sdk.peer import Peer
+from mqtt_pairing.sdk.wire import Timestamp
+from mqtt_pairing.topics import is_valid_id
 
 app_cli = typer.Typer(
     help="A simulated app: pair with a code, list and close sessions.", no_args_is_help=True
@@ -52,17 +56,8 @@ def _address(mqtt_url: str | None, ca_file: str | None, tls_insecure: bool) -> B
     return peer_address(mqtt_url, ca_file=ca_file, tls_insecure=tls_insecure)
 
 
-_OFFLINE = json.dumps({"state": "offline"})
-"""The runner's Last Will payload (docs/protocol.md "Presence")."""
 _GOODBYE_TIMEOUT_S = 5.0
 """How long a stopping runner waits for its `offline` status to be acknowledged."""
-_PROBE_TIMEOUT_S = 3.0
-"""With `--protocol auto`, how long to wait for the MQTT 5 CONNACK before trying 3.1.1.
-
-amqtt (the embedded broker, MQTT 3.1.1 only) refuses an MQTT 5 CONNECT at once, except
-one with a Last Will: it misreads the will properties and waits for bytes that never
-come, so without this bound a runner would wait the whole client timeout (10 s).
-"""
 
 
 def _check_id(value: str) -> str:
@@ -72,37 +67,31 @@ def _check_id(value: str) -> str:
 
 
 async def _connect(
-    client_type: type[RunnerClient] | type[AppClient],
+    client_type: type[Peer],
     ident: str,
     address: BrokerAddress,
     prefix: str,
     protocol: str,
     **kwargs: Any,  # noqa: ANN401
-) -> PairingClient:
-    versions: list[Literal["5", "3.1.1"]]
-    versions = ["5", "3.1.1"] if protocol == "auto" else [protocol]  # type: ignore[list-item]
-    last: Exception | None = None
-    loop = asyncio.get_running_loop()
-    for i, version in enumerate(versions):
-        client = client_type(ident, address, prefix=prefix, protocol=version, **kwargs)
-        probing = i < len(versions) - 1
-        timeout_s = client.client.timeout
-        if probing:
-            client.client.timeout = _PROBE_TIMEOUT_S
-        started = loop.time()
-        try:
-            await client.__aenter__()
-        except aiomqtt.MqttError as exc:
-            last = exc
-            if loop.time() - started >= _PROBE_TIMEOUT_S:
-                # Timed out on an open socket: close it, so the broker stops waiting too.
-                with contextlib.suppress(Exception):
-                    await client.__aexit__(None, None, None)
-            continue
-        client.client.timeout = timeout_s
-        return client
-    assert last is not None  # noqa: S101 - at least one version was tried
-    return fail(describe_connect_error(last, address))
+) -> Any:  # noqa: ANN401 - the client_type given
+    """Open a client of `client_type` (an SDK client or a raw one); one attempt per version.
+
+    With `protocol` "auto", MQTT 5 is tried first (its CONNACK awaited 3 s at most) and
+    3.1.1 next (docs/sdk.md, "Connection and TLS").
+    """
+    client = client_type(
+        ident,
+        address,
+        prefix=prefix,
+        protocol=protocol,  # type: ignore[arg-type]
+        retry_first_connect=False,
+        **kwargs,
+    )
+    try:
+        await client.open()
+    except (ConnectFailed, aiomqtt.MqttError) as exc:
+        fail(str(exc) if isinstance(exc, ConnectFailed) else describe_connect_error(exc, address))
+    return client
 
 
 def _print_json(value: object) -> None:
@@ -148,53 +137,56 @@ async def _runner(
     prefix: str,
     protocol: str,
 ) -> None:
-    will = aiomqtt.Will(TopicScheme(prefix).status_topic(runner_id), _OFFLINE, qos=1, retain=True)
-    client = await _connect(RunnerClient, runner_id, address, prefix, protocol, will=will)
-    assert isinstance(client, RunnerClient)  # noqa: S101
-    fields: dict[str, Any] = {}
-    if name:
-        fields["runner_name"] = name
-    if ttl_s is not None:
-        fields["ttl_s"] = ttl_s
-    if max_uses is not None:
-        fields["max_uses"] = max_uses
+    # The SDK's runner: a retained `online` status on every connection, a retained Last
+    # Will `offline`, `offline` said on a clean stop; a key pair per code for the SAS.
+    runner: RunnerClient = await _connect(
+        RunnerClient, runner_id, address, prefix, protocol, name=name
+    )
     try:
-        try:
-            await client.publish_status("online")
-        except aiomqtt.MqttError as exc:
-            fail(f"lost the connection to the broker: {exc}")
         typer.echo("presence: online (retained; Last Will: offline)")
         while True:
             try:
-                result = await client.request_code(**fields)
+                code = await runner.request_code(ttl_s=ttl_s, max_uses=max_uses)
             except ReplyError as exc:
                 fail(str(exc))
             except TimeoutError:
                 fail("no reply from the service (is `mqtt-pairing serve` running on this broker?)")
-            except aiomqtt.MqttError as exc:
-                fail(f"lost the connection to the broker: {exc}")
-            typer.echo(f"pairing code: {result['code']}  (expires {result['expires_at']})")
-            typer.echo(f"pairing uri:  {result['pairing_uri']}")
+            typer.echo(f"pairing code: {code.code}  (expires {_ts(code.expires_at)})")
+            typer.echo(f"pairing uri:  {code.pairing_uri}")
             if qr:
-                segno.make(result["pairing_uri"], error="m").terminal(compact=True)
-            expires = datetime.fromisoformat(result["expires_at"].replace("Z", "+00:00"))
-            wait_s = max(1.0, (expires - datetime.now(UTC)).total_seconds())
+                segno.make(code.pairing_uri, error="m").terminal(compact=True)
+            wait_s = max(1.0, (code.expires_at - datetime.now(UTC)).total_seconds())
             deadline = asyncio.get_running_loop().time() + wait_s
             while (left := deadline - asyncio.get_running_loop().time()) > 0:
                 try:
-                    event = await client.next_event(timeout_s=left)
+                    event = await runner.next_event(timeout_s=left)
                 except TimeoutError:
                     break
-                _print_json(event)
-                if once and event.get("event") == "session.opened":
+                _print_event(event)
+                if once and isinstance(event, SessionOpened):
                     return
             typer.echo("code expired; asking for a new one")
     finally:
-        # A clean stop says so; the Last Will covers every other way of going away.
+        # A clean stop says `offline`; the Last Will covers every other way of going away.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.publish_status("offline"), _GOODBYE_TIMEOUT_S)
-        with contextlib.suppress(Exception):
-            await client.__aexit__(None, None, None)
+            await asyncio.wait_for(runner.close(), _GOODBYE_TIMEOUT_S)
+
+
+def _ts(value: datetime) -> str:
+    return str(TypeAdapter(Timestamp).dump_python(value, mode="json"))
+
+
+def _sas(sas: Sas | None) -> dict[str, str] | None:
+    return None if sas is None else {"words": str(sas), "digits": sas.digits}
+
+
+def _print_event(event: Any) -> None:  # noqa: ANN401
+    body = event.model_dump(mode="json", exclude_none=False)
+    if isinstance(event, SessionOpened):
+        body["sas"] = _sas(event.sas)
+    _print_json(body)
+    if isinstance(event, SessionOpened) and event.sas is not None:
+        typer.echo(f"compare with the app: {event.sas}  ({event.sas.digits})")
 
 
 @app_cli.command("pair")
@@ -274,18 +266,20 @@ async def _app_call(
     prefix: str,
     protocol: str,
 ) -> None:
-    client = await _connect(AppClient, app_id, address, prefix, protocol)
+    app: AppClient = await _connect(AppClient, app_id, address, prefix, protocol)
     try:
         try:
-            result = await client.call(op, body)
+            if op == "pair":
+                pairing = await app.pair(body.pop("code"), **body)
+                result = {**pairing.model_dump(mode="json"), "sas": _sas(pairing.sas)}
+            else:
+                result = await app.call(op, body)
         except ReplyError as exc:
             retry = f" (retry after {exc.retry_after_s} s)" if exc.retry_after_s else ""
             fail(f"{exc.code}: {exc.message}{retry}")
         except TimeoutError:
             fail("no reply from the service (is `mqtt-pairing serve` running?)")
-        except aiomqtt.MqttError as exc:
-            fail(f"lost the connection to the broker: {exc}")
         _print_json(result)
     finally:
         with contextlib.suppress(Exception):
-            await client.__aexit__(None, None, None)
+            await app.close()

@@ -38,6 +38,9 @@ ProtocolChoice = Literal["5", "3.1.1", "auto"]
 _REFUSED_V311 = frozenset({2, 4, 5})
 _REFUSED_V5 = frozenset({133, 134, 135, 138, 140})
 
+_PROBE_TIMEOUT_S = 3.0
+"""With "auto", how long the MQTT 5 CONNACK may take before 3.1.1 is tried."""
+
 OnConnect = Callable[[aiomqtt.Client], Awaitable[None]]
 OnMessage = Callable[[aiomqtt.Message], None]
 
@@ -255,6 +258,19 @@ class Connection:
                 continue
             return generation
 
+    def _abandon(self, version: str) -> None:
+        """Drop the client of a version "auto" gives up on, closing its socket.
+
+        A CONNECT that timed out leaves paho's socket open (the broker would wait on it):
+        paho's own `disconnect()` queues a DISCONNECT and closes the socket once it is
+        written, through aiomqtt's socket callbacks (aiomqtt 2.5 keeps the paho client in
+        `_client`; tests/sdk/test_connection.py pins this).
+        """
+        client = self._clients.pop(version, None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client._client.disconnect()
+
     def _describe(self, exc: aiomqtt.MqttError) -> str:
         return describe_connect_error(exc, self.address)
 
@@ -264,8 +280,15 @@ class Connection:
         while not self._closing:
             version = self._versions[attempt % len(self._versions)]
             client = self._client_for(version)
+            probing = len(self._versions) > 1 and version == "5"
+            timeout_s = client.timeout
+            if probing:
+                # amqtt (MQTT 3.1.1 only) answers an MQTT 5 CONNECT with a Last Will with
+                # silence: do not wait the whole client timeout before trying 3.1.1.
+                client.timeout = _PROBE_TIMEOUT_S
             try:
                 async with client:
+                    client.timeout = timeout_s
                     self.protocol = version
                     self._versions = [version]  # "auto" is decided once
                     for topic_filter in self.subscriptions:
@@ -282,6 +305,7 @@ class Connection:
                     async for message in client.messages:
                         self.on_message(message)
             except aiomqtt.MqttError as exc:
+                client.timeout = timeout_s
                 self.connected.clear()
                 self.lost.set()
                 if self._closing:
@@ -293,6 +317,8 @@ class Connection:
                         self._first.set_exception(ConnectFailed(self._describe(exc)))
                         return
                     attempt += 1
+                    if len(self._versions) > 1:
+                        self._abandon(version)
                     if len(self._versions) > 1 and attempt % len(self._versions):
                         continue  # "auto": the other version at once
                     if not self.retry_first_connect:

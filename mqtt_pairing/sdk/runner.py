@@ -2,8 +2,8 @@
 
 Presence (docs/protocol.md, "Presence"): on every connection the runner publishes a
 retained `{"state": "online"}` on its status topic; its Last Will is a retained
-`{"state": "offline"}`, sent by the broker if the connection dies and (MQTT 5) the
-runner has not come back within `will_delay_s`; `close` publishes `offline` itself.
+`{"state": "offline"}`, sent by the broker when the connection dies (with MQTT 5 and
+`will_delay_s`, only if the runner has not come back by then); `close` publishes `offline` itself.
 Optional heartbeats keep it online for the service where statuses are not used.
 """
 
@@ -49,7 +49,8 @@ class RunnerClient(Peer):
         name: `runner_name` sent with each code unless a call gives another.
         presence: announce `online` / `offline` on the status topic, with a Last Will.
         will_delay_s: MQTT 5 Will Delay Interval, seconds: a connection lost for less
-            than this never shows the runner offline (ignored on MQTT 3.1.1).
+            than this never shows the runner offline, and apps may still pair meanwhile
+            (ignored on MQTT 3.1.1). 0: offline as soon as the broker sees the loss.
         heartbeat_s: send a `heartbeat` this often, seconds; None for none.
         **options: `Peer` options (prefix, protocol, session_expiry_s, ...).
     """
@@ -63,7 +64,7 @@ class RunnerClient(Peer):
         *,
         name: str | None = None,
         presence: bool = True,
-        will_delay_s: int = 30,
+        will_delay_s: int = 0,
         heartbeat_s: float | None = None,
         **options: Any,  # noqa: ANN401
     ) -> None:

@@ -8,10 +8,18 @@ Timestamps are RFC 3339 UTC with milliseconds (`2026-11-29T12:00:00.000Z`).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+)
 
 from mqtt_pairing.errors import PairingErrorCode
 from mqtt_pairing.sas import Sas, SessionSecrets
@@ -36,9 +44,16 @@ __all__ = [
 
 TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
 
+
+def _format_ts(value: datetime) -> str:
+    utc = value.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
 Timestamp = Annotated[
     datetime,
     Field(json_schema_extra={"pattern": TIMESTAMP_PATTERN}),
+    PlainSerializer(_format_ts, return_type=str, when_used="json"),
 ]
 """RFC 3339 UTC with milliseconds on the wire; an aware `datetime` in Python."""
 

@@ -70,6 +70,7 @@ from tests.harness.servers import (
     start_with_retries,
 )
 from tests.harness.service import SECRET, StartService, instance_settings, instances
+from tests.sdk.contract import Contract
 from tests.security.harness import SecureBroker
 
 _REDIS_FIXTURES = frozenset({"redis_server", "make_redis_server", "redis_url", "redis_cluster"})
@@ -368,11 +369,19 @@ def serve_process(
 
 
 @pytest.fixture
-async def recorder(broker_address: BrokerAddress, topic_prefix: str) -> AsyncIterator[Recorder]:
-    """Every event, reply and runner status under the test's prefix, copies included."""
+async def recorder(
+    broker_address: BrokerAddress, topic_prefix: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Recorder]:
+    """Every event, reply and runner status under the test's prefix, copies included.
+
+    Each reply and event is also checked against docs/asyncapi.yaml (tests/sdk/contract.py)
+    unless the test is marked `no_contract`.
+    """
     async with recording(
         broker_address, *pairing_filters(topic_prefix), prefix=topic_prefix
     ) as recorded:
+        if request.node.get_closest_marker("no_contract") is None:
+            recorded.add_checker(Contract(topic_prefix).checker)
         yield recorded
     recorded.assert_checked()
 

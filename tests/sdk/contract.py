@@ -1,11 +1,15 @@
 """The contract checker: a payload the service published, against docs/asyncapi.yaml.
 
-`Contract.validate(topic, payload)` finds the document's channel for the topic (the
+`Contract(prefix).validate(topic, payload)` finds the document's channel for the topic (the
 test's topic prefix in place of `pairing`) and checks the payload against the schemas of
 that channel's messages. Every object schema is closed for the check (no property the
 document does not name), so a field added in code but not in the document fails as surely
 as a wrong type or a missing field. Topics the service only receives on (requests,
 statuses) are not checked: tests send hostile payloads there on purpose.
+
+The shared harness's `recorder` fixture hands every message it captures to
+`Contract(topic_prefix).checker` unless the test is marked `no_contract` (for a test that
+publishes forged replies or events itself).
 """
 
 from __future__ import annotations
@@ -101,3 +105,8 @@ class Contract:
                 problems.append(f"{message}: {error.message} at {list(error.absolute_path)}")
             raise ContractViolation(f"{topic} ({channel}): {body!r}\n  " + "\n  ".join(problems))
         return None
+
+    def checker(self, topic: str, payload: bytes, properties: object = None) -> None:
+        """`validate` in the shape of a recorder checker (tests/harness/recorder.py)."""
+        del properties
+        self.validate(topic, payload)

@@ -18,10 +18,13 @@ from typer.testing import CliRunner
 
 from mqtt_pairing.asyncapi import build_document, render_yaml
 from mqtt_pairing.cli.main import app as cli
-from mqtt_pairing.sdk import ReplyError, RunnerPresence, SessionClosed
+from mqtt_pairing.mqtt_address import BrokerAddress
+from mqtt_pairing.sdk import ReplyError, RunnerPresence, SessionClosed, SessionOpened
+from tests.harness.recorder import Recorder, pairing_filters, recording
+from tests.harness.recorder import Recorder as Sniffer
+from tests.harness.service import RunningService
 from tests.sdk.contract import DOCUMENT, Contract, ContractViolation
 from tests.sdk.support import SdkPeers, next_of
-from tests.service.support import RunningService, Sniffer
 
 SPECS = Path(__file__).resolve().parents[2] / "web" / "node_modules" / "@asyncapi" / "specs"
 
@@ -162,3 +165,31 @@ async def test_everything_the_service_publishes_matches_the_document(
         "appSessionClosed",
         "appRunnerPresence",
     } <= matched
+
+
+async def test_the_shared_recorder_checks_every_reply_and_event(
+    running_service: RunningService, sdk: SdkPeers, recorder: Recorder
+) -> None:
+    """The harness's `recorder` hands what it captures to the contract checker."""
+    contract = next(c.__self__ for c in recorder._checkers if isinstance(c.__self__, Contract))  # type: ignore[attr-defined]
+    async with sdk.runner() as runner, sdk.app() as app:
+        await app.pair((await runner.request_code()).code)
+        await next_of(runner, SessionOpened)
+    await recorder.barrier()
+    assert contract.checked >= 5  # code and pair replies, opened x2, code.used, ...
+    assert recorder.problems == []
+
+
+async def test_the_recorder_reports_a_payload_the_document_does_not_allow(
+    broker_address: BrokerAddress, topic_prefix: str
+) -> None:
+    async with recording(
+        broker_address, *pairing_filters(topic_prefix), prefix=topic_prefix
+    ) as recorded:
+        recorded.add_checker(Contract(topic_prefix).checker)
+        drifted = {"event": "code.used", "event_id": "e", "at": "now", "uses_left": 0}
+        await recorded.publish(f"{topic_prefix}/runners/r1/events", json.dumps(drifted))
+        await recorded.wait_for(lambda: recorded.problems != [], "the checker's verdict")
+    assert "ContractViolation" in recorded.problems[0]
+    with pytest.raises(AssertionError):
+        recorded.assert_checked()

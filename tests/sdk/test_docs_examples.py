@@ -12,8 +12,8 @@ import re
 import sys
 from pathlib import Path
 
+from tests.harness.service import RunningService
 from tests.sdk.support import SdkPeers
-from tests.service.support import RunningService
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "sdk.md"
 EXAMPLE = re.compile(r"<!-- tested: (\S+) -->\n```python\n(.*?)```", re.S)

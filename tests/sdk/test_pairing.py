@@ -19,8 +19,9 @@ from mqtt_pairing.sdk import (
     retry,
 )
 from mqtt_pairing.sdk.e2e import KeyPair, agree
+from tests.harness.recorder import Recorder as Sniffer
+from tests.harness.service import RunningService, StartService
 from tests.sdk.support import SdkPeers, next_of
-from tests.service.support import RunningService, Sniffer, StartService
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

@@ -17,8 +17,8 @@ import pytest
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.sdk import RunnerClient, SessionOpened
 from tests.fixtures import MosquittoBroker, RedisServer
+from tests.harness.service import StartService, instance_settings, instances
 from tests.sdk.support import EVENT_TIMEOUT_S, SdkPeers, TcpProxy, sdk_peers
-from tests.service.support import StartService, instance_settings, instances
 
 
 async def collect(runner: RunnerClient, into: list[Any]) -> None:
