@@ -1,6 +1,6 @@
 """One peer's broker connection: persistent session, reconnect with backoff (aiomqtt).
 
-docs/sdk.md, "Connection". The connection uses the peer's id as client id with a
+docs/sdk.md, "Connection and TLS". The connection uses the peer's id as client id with a
 persistent session (MQTT 5: clean start off and a Session Expiry Interval; MQTT 3.1.1:
 clean session off), so that replies and events published while the peer is away are kept
 by the broker and delivered when it is back (docs/protocol.md, "Events"). aiomqtt does not
