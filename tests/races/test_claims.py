@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
+from tests.harness.api import Api
 from tests.harness.servers import StoreBackend
-from tests.races.support import LocalApi, Outcome, request, run_workers
+from tests.races.support import Outcome, request, run_workers
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
@@ -35,7 +36,7 @@ def flat(results: list[list[Outcome]]) -> list[Outcome]:
 
 
 async def test_claims_from_separate_processes_contend_for_one_code(
-    race_backend: StoreBackend, race_prefix: str, race_api: LocalApi, tmp_path: Path
+    race_backend: StoreBackend, race_prefix: str, race_api: Api, tmp_path: Path
 ) -> None:
     uses = {f"r{i}": 1 + i % 3 for i in range(6)}
     codes = {r: await race_api.code(r, max_uses=n) for r, n in uses.items()}
@@ -75,7 +76,7 @@ async def test_claims_from_separate_processes_contend_for_one_code(
 
 
 async def test_a_pair_racing_cancel_code_one_wins(
-    race_backend: StoreBackend, race_prefix: str, race_api: LocalApi, tmp_path: Path
+    race_backend: StoreBackend, race_prefix: str, race_api: Api, tmp_path: Path
 ) -> None:
     runners = [f"r{i}" for i in range(40)]
     codes = {r: await race_api.code(r) for r in runners}
@@ -100,7 +101,7 @@ async def test_a_pair_racing_cancel_code_one_wins(
 
 
 async def test_a_pair_racing_the_runners_next_code(
-    race_backend: StoreBackend, race_prefix: str, race_api: LocalApi, tmp_path: Path
+    race_backend: StoreBackend, race_prefix: str, race_api: Api, tmp_path: Path
 ) -> None:
     runners = [f"r{i}" for i in range(40)]
     old = {r: await race_api.code(r) for r in runners}
@@ -129,7 +130,7 @@ async def test_a_pair_racing_the_runners_next_code(
 
 
 async def test_pairs_racing_the_codes_expiry(
-    race_backend: StoreBackend, race_prefix: str, race_api: LocalApi, tmp_path: Path
+    race_backend: StoreBackend, race_prefix: str, race_api: Api, tmp_path: Path
 ) -> None:
     runners = [f"r{i}" for i in range(4)]
     codes: dict[str, str] = {}
