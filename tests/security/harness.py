@@ -5,8 +5,10 @@
   password files are written by `mqtt-pairing credentials add`, so the command is part of
   what is proven.
 - `running_service(broker, redis_url, key_prefix, **settings)`: the service in-process,
-  connected as the `mqtt-pairing` account on the service listener.
-- `Sniffer`: a raw MQTT 5 connection that records every delivery it gets.
+  connected as the `mqtt-pairing` account on the service listener (the shared harness's
+  `instances`).
+- `Sniffer`: a raw MQTT 5 connection that records every delivery it gets (the shared
+  harness's recorder).
 
 The ACLs fix the topic prefix to `pairing`, so tests use it with ids unique to each test
 (`uid`) rather than a unique topic prefix.
@@ -14,7 +16,6 @@ The ACLs fix the topic prefix to `pairing`, so tests use it with ids unique to e
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 import signal
@@ -23,15 +24,15 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 from typer.testing import CliRunner
 
 from mqtt_pairing.cli.main import app as cli_app
 from mqtt_pairing.client import AppClient, RunnerClient
-from mqtt_pairing.config import load_settings
-from mqtt_pairing.gateway import NODELAY, BrokerAddress
-from mqtt_pairing.service import Service, build_service
-from tests.fixtures import MosquittoBroker, free_port, port_is_open
+from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.service import Service
+from tests.harness.recorder import Recorder, recording
+from tests.harness.servers import MosquittoBroker, free_port, port_is_open
+from tests.harness.service import instance_settings, instances
 from tests.security.mosquitto_conf import BROKER_CONFIG, render_for_test
 
 SERVICE_USER = "mqtt-pairing"
@@ -141,27 +142,18 @@ class SecureBroker(MosquittoBroker):
 async def running_service(
     broker: SecureBroker, redis_url: str, key_prefix: str, **overrides: Any
 ) -> AsyncIterator[Service]:
-    """The service in-process, as the `mqtt-pairing` account on the service listener."""
-    tag = uuid.uuid4().hex[:10]
-    settings = load_settings(
+    """The service in-process, as the `mqtt-pairing` account on the service listener
+    (the shared harness's `instances`, tests/harness/service.py)."""
+    base = instance_settings(
+        "pairing",
+        key_prefix.rstrip(":"),
         mqtt_url=broker.service_url,
         redis_url=redis_url,
         pairing_secret=PAIRING_SECRET,
-        pairing_topic_prefix="pairing",
-        pairing_key_prefix=key_prefix.rstrip(":"),
-        mqtt_client_id=f"svc-{tag}",
-        pairing_shared_group=f"g{tag}",
-        **overrides,
+        pairing_shared_group=f"g{uuid.uuid4().hex[:10]}",
     )
-    service = await build_service(settings)
-    task = asyncio.create_task(service.run())
-    try:
-        await asyncio.wait_for(service.gateway.connected.wait(), 10)
-        yield service
-    finally:
-        service.stop()
-        await asyncio.wait_for(task, 20)
-        await service.close()
+    async with instances(base) as start:
+        yield (await start(**overrides)).service
 
 
 @contextlib.asynccontextmanager
@@ -180,55 +172,11 @@ async def app_client(
         yield client
 
 
-class Sniffer:
-    """A raw MQTT 5 connection that subscribes to filters and records every delivery."""
-
-    def __init__(self, address: BrokerAddress, label: str) -> None:
-        self.label = label
-        self.received: list[tuple[str, bytes]] = []
-        self.client = aiomqtt.Client(
-            address.host,
-            address.port,
-            username=address.username,
-            password=address.password,
-            identifier=f"sniff-{label}-{uuid.uuid4().hex[:8]}",
-            protocol=aiomqtt.ProtocolVersion.V5,
-            transport=address.transport,
-            websocket_path=address.websocket_path,
-            socket_options=[NODELAY],
-            timeout=10,
-        )
-        self._reader: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Sniffer:
-        await self.client.__aenter__()
-        self._reader = asyncio.create_task(self._read())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._reader
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self.client.__aexit__(None, None, None)
-
-    async def _read(self) -> None:
-        async for message in self.client.messages:
-            payload = message.payload
-            body = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
-            self.received.append((message.topic.value, bytes(body)))
-
-    async def subscribe(self, filters: Iterable[str]) -> None:
-        for topic_filter in filters:
-            await self.client.subscribe(topic_filter, qos=1)
-
-    async def publish(self, topic: str, payload: bytes, **kwargs: Any) -> None:
-        """Publish at QoS 1 and wait for the broker's acknowledgement."""
-        await self.client.publish(topic, payload, qos=1, **kwargs)
-
-    def topics(self) -> list[str]:
-        return [topic for topic, _ in self.received]
+def Sniffer(address: BrokerAddress, label: str) -> contextlib.AbstractAsyncContextManager[Recorder]:  # noqa: N802 - was a class
+    """A raw MQTT 5 connection (with `address`'s credentials) that records every delivery:
+    the shared harness's recorder (`.subscribe(filters)`, `.publish()`, `.received`,
+    `.topics()`), subscribed to nothing yet."""
+    return recording(address, label=f"sniff-{label}")
 
 
 __all__ = [
