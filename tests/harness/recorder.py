@@ -226,25 +226,36 @@ class Recorder:
         await wait_until(distinct, timeout_s, f"{count} {name} event(s) for {kind} {ident}")
         return self.events(kind, ident, name)
 
-    async def barrier(self, timeout_s: float = REPLY_TIMEOUT_S) -> None:
+    async def barrier(
+        self, timeout_s: float = REPLY_TIMEOUT_S, *, prefix: str | None = None
+    ) -> str:
         """Wait until everything the service published before now has reached us.
 
         Publishes a `sessions` request of a runner of its own and waits for the reply:
         MQTT keeps one connection's messages in order, and the service publishes replies
         and events on one connection. The recorder must see `P/runners/+/res/+`. With
         several instances, only the one that answers is covered.
+
+        Args:
+            timeout_s: the bound on the reply.
+            prefix: the service's topic prefix (default: the recorder's).
+
+        Returns:
+            The runner id the barrier used (its topics contain `/barrier-`).
         """
+        base = self.prefix if prefix is None else prefix
         ident = f"barrier-{uuid.uuid4().hex[:8]}"
         request_id = uuid.uuid4().hex
-        topic = f"{self.prefix}/runners/{ident}/req/sessions"
-        await self.publish(topic, json.dumps({"request_id": request_id}))
+        await self.publish(
+            f"{base}/runners/{ident}/req/sessions", json.dumps({"request_id": request_id})
+        )
+        reply_topic = f"{base}/runners/{ident}/res/sessions"
         await wait_until(
-            lambda: any(
-                r.get("request_id") == request_id for r in self.replies("runner", ident, "sessions")
-            ),
+            lambda: any(m.body.get("request_id") == request_id for m in self.on(reply_topic)),
             timeout_s,
             "the reply to the barrier request",
         )
+        return ident
 
 
 def pairing_filters(prefix: str) -> list[str]:
