@@ -37,6 +37,8 @@ The service and its peers (tests/harness/service.py, serve.py, peers.py, recorde
   otherwise, and a free health port; every process made is killed after the test.
 - `recorder` (function): a `Recorder` of every event, reply and status under the test's
   topic prefix on the session Mosquitto; fails the test if one of its checkers did.
+- `mqtt_checkers` (function): the checkers `recorder` hands every payload to (none here;
+  override it to validate every recorded message, e.g. against the AsyncAPI document).
 - `peers` (function): `Peers` on the session Mosquitto and the test's topic prefix.
 
 A shared server that a test stopped is started again (same port) after that test.
@@ -57,7 +59,7 @@ from amqtt.broker import Broker
 from mqtt_pairing.broker import start_embedded_broker
 from mqtt_pairing.gateway import BrokerAddress
 from tests.harness.peers import Peers
-from tests.harness.recorder import Recorder, pairing_filters, recording
+from tests.harness.recorder import Checker, Recorder, pairing_filters, recording
 from tests.harness.serve import ServeProcess
 from tests.harness.servers import (
     FakeRedisServer,
@@ -368,11 +370,26 @@ def serve_process(
 
 
 @pytest.fixture
-async def recorder(broker_address: BrokerAddress, topic_prefix: str) -> AsyncIterator[Recorder]:
+def mqtt_checkers() -> list[Checker]:
+    """Checkers the `recorder` (and tests/service's `sniffer`) hand every payload to.
+
+    Empty here; override it (a suite's conftest, or a test) to check every message a test
+    records, e.g. against the AsyncAPI document: `checker(topic, payload, properties)`
+    raises on a bad message, and the test fails after it ran.
+    """
+    return []
+
+
+@pytest.fixture
+async def recorder(
+    broker_address: BrokerAddress, topic_prefix: str, mqtt_checkers: list[Checker]
+) -> AsyncIterator[Recorder]:
     """Every event, reply and runner status under the test's prefix, copies included."""
     async with recording(
         broker_address, *pairing_filters(topic_prefix), prefix=topic_prefix
     ) as recorded:
+        for checker in mqtt_checkers:
+            recorded.add_checker(checker)
         yield recorded
     recorded.assert_checked()
 
