@@ -26,8 +26,8 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_pairing.gateway import NODELAY, BrokerAddress
 from mqtt_pairing.models import format_ts
+from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from mqtt_pairing.services.events import event_id
 from mqtt_pairing.topics import Kind, TopicScheme
 

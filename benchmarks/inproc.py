@@ -91,7 +91,7 @@ async def count_round_trips(
         pairing_topic_prefix=prefix,
         pairing_shared_group="bench-rt",
         pairing_sweep_interval_s=3600,
-        mqtt_client_id=f"bench-rt-{uuid.uuid4().hex[:6]}",
+        mqtt_client_id=f"bench-rt:{uuid.uuid4().hex[:6]}",
     )
     service = await build_service(settings)
     store = service.store

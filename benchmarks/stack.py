@@ -222,7 +222,7 @@ def launch_service(
     env = {
         **BENCH_ENV,
         "PAIRING_TOPIC_PREFIX": prefix,
-        "MQTT_CLIENT_ID": f"bench-{name}-{uuid.uuid4().hex[:6]}",
+        "MQTT_CLIENT_ID": f"bench-{name}:{uuid.uuid4().hex[:6]}",
     }
     if mqtt_url:
         env["MQTT_URL"] = mqtt_url

@@ -1,56 +1,43 @@
-"""RunnerClient and AppClient: the protocol from the other side (docs/protocol.md).
+"""Raw protocol clients for tests and benchmarks: the SDK's connection, dict results.
 
-Small asyncio clients over aiomqtt, used by the simulated `runner` and `app` commands,
-the tests and the benchmarks. Replies are matched to requests by `request_id` (which
-works for MQTT 3.1.1 and 5 alike); events arrive on a queue, with duplicates (same
-`event_id`) dropped.
+Runner and app authors want `mqtt_pairing.sdk` (typed results, the SAS, presence, a
+persistent session). These thin adapters over the same `mqtt_pairing.sdk.peer.Peer` keep
+what tests need: replies and events as the JSON objects on the wire, a random client id
+with a clean session (so that many test clients may share an id), requests sent once per
+connection, and the first connection tried once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import uuid
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import aiomqtt
 
-from mqtt_pairing.gateway import NODELAY, BrokerAddress
-from mqtt_pairing.topics import Identity, Kind, TopicScheme
+from mqtt_pairing.mqtt_address import BrokerAddress, BrokerUnreachable
+from mqtt_pairing.sdk.errors import ConnectFailed, ReplyError
+from mqtt_pairing.sdk.peer import Peer
+from mqtt_pairing.topics import Kind
+
+__all__ = ["AppClient", "PairingClient", "ReplyError", "RunnerClient"]
 
 _DEFAULT_TIMEOUT_S = 10.0
 
 
-class ReplyError(Exception):
-    """An error reply; `code`, `message` and `retry_after_s` as on the wire."""
-
-    def __init__(self, reply: dict[str, Any]) -> None:
-        error = reply.get("error") or {}
-        self.reply = reply
-        self.code: str = str(error.get("code", "INTERNAL_ERROR"))
-        self.message: str = str(error.get("message", ""))
-        self.retry_after_s: int | None = error.get("retry_after_s")
-        super().__init__(f"{self.code}: {self.message}")
-
-
-class PairingClient:
-    """One runner or app connected to the broker.
+class PairingClient(Peer):
+    """One runner or app, raw: `request`/`call` return dicts, events are dicts.
 
     Args:
-        kind: runner or app.
-        ident: its id (the broker binds it to the username in production).
+        ident: its id.
         address: the broker.
         prefix: topic prefix (`PAIRING_TOPIC_PREFIX`).
         protocol: "5" or "3.1.1".
         client_id: MQTT client id (default: `<kind>-<id>-<random>`).
-        will: a Last Will (topic, payload, retain) for runners' presence.
+        will: a Last Will (topic, payload, retain).
     """
 
     def __init__(
         self,
-        kind: Kind,
         ident: str,
         address: BrokerAddress,
         *,
@@ -59,124 +46,63 @@ class PairingClient:
         client_id: str | None = None,
         will: aiomqtt.Will | None = None,
     ) -> None:
-        self.identity = Identity(kind, ident)
-        self.scheme = TopicScheme(prefix)
-        self.address = address
-        self.protocol = protocol
-        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._seen_events: set[str] = set()
-        self._reader: asyncio.Task[None] | None = None
-        self.client = aiomqtt.Client(
-            address.host,
-            address.port,
-            username=address.username,
-            password=address.password,
-            identifier=client_id or f"{kind.value}-{ident}-{uuid.uuid4().hex[:8]}"[:64],
-            protocol=(
-                aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
-            ),
-            transport=address.transport,
-            websocket_path=address.websocket_path,
-            socket_options=[NODELAY],
-            will=will,
-            timeout=_DEFAULT_TIMEOUT_S,
+        self._given_will = will
+        super().__init__(
+            ident,
+            address,
+            prefix=prefix,
+            protocol=protocol,
+            client_id=client_id or f"{self.kind.value}-{ident}-{uuid.uuid4().hex[:8]}"[:64],
+            session_expiry_s=0,
+            request_timeout_s=_DEFAULT_TIMEOUT_S,
+            reconnect_max_s=1.0,
+            resend_after_s=None,
+            retry_first_connect=False,
         )
 
-    async def __aenter__(self) -> Self:
-        await self.client.__aenter__()
-        base = f"{self.scheme.prefix}/{self.identity.kind.segment}/{self.identity.id}"
-        await self.client.subscribe(f"{base}/res/+", qos=1)
-        await self.client.subscribe(self.scheme.events_topic(self.identity), qos=1)
-        self._reader = asyncio.create_task(self._read())
-        return self
+    @property
+    def client(self) -> aiomqtt.Client:
+        """The aiomqtt client (raw publishes)."""
+        return self.connection.client
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._reader
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self.client.__aexit__(exc_type, exc, tb)
+    def _will(self) -> aiomqtt.Will | None:
+        return self._given_will
 
-    async def _read(self) -> None:
-        async for message in self.client.messages:
-            try:
-                body = json.loads(bytes(message.payload))
-            except (ValueError, TypeError):
-                continue
-            if not isinstance(body, dict):
-                continue
-            if "event" in body:
-                event_id = str(body.get("event_id"))
-                if event_id in self._seen_events:
-                    continue
-                self._seen_events.add(event_id)
-                self.events.put_nowait(body)
-                continue
-            future = self._waiting.pop(str(body.get("request_id")), None)
-            if future is not None and not future.done():
-                future.set_result(body)
-
-    async def publish_raw(self, op: str, payload: bytes, **publish_kwargs: Any) -> None:  # noqa: ANN401
-        """Publish raw bytes on one of this client's request topics (for tests)."""
-        topic = self.scheme.request_topic(self.identity, op)
-        await self.client.publish(topic, payload, qos=1, **publish_kwargs)
-
-    async def request(
-        self, op: str, body: dict[str, Any] | None = None, *, timeout_s: float = _DEFAULT_TIMEOUT_S
-    ) -> dict[str, Any]:
-        """Send a request and wait for its reply envelope.
-
-        A `request_id` (UUID) is added unless `body` has one.
+    async def open(self) -> None:
+        """Connect once.
 
         Raises:
-            TimeoutError: no reply within `timeout_s` seconds.
+            BrokerUnreachable: the connection failed (a one-line message; an
+                `aiomqtt.MqttError`).
         """
-        payload = dict(body or {})
-        request_id = str(payload.setdefault("request_id", str(uuid.uuid4())))
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
         try:
-            await self.publish_raw(op, json.dumps(payload).encode())
-            return await asyncio.wait_for(future, timeout_s)
-        finally:
-            self._waiting.pop(request_id, None)
+            await super().open()
+        except ConnectFailed as exc:
+            raise BrokerUnreachable(str(exc)) from None
 
-    async def call(
-        self, op: str, body: dict[str, Any] | None = None, *, timeout_s: float = _DEFAULT_TIMEOUT_S
-    ) -> dict[str, Any]:
-        """Like `request`, but return the `result` of a success.
+    def _on_message(self, message: aiomqtt.Message) -> None:
+        self._handle(message)
 
-        Raises:
-            ReplyError: the reply is an error.
-            TimeoutError: no reply in time.
-        """
-        reply = await self.request(op, body, timeout_s=timeout_s)
-        if not reply.get("ok"):
-            raise ReplyError(reply)
-        result: dict[str, Any] = reply["result"]
-        return result
+    def _handle(self, message: aiomqtt.Message) -> None:
+        """Route one incoming message: an event to the events, a reply to its request."""
+        super()._on_message(message)
 
-    async def next_event(self, timeout_s: float = _DEFAULT_TIMEOUT_S) -> dict[str, Any]:
-        """The next event (duplicates dropped).
+    def _parse_event(self, body: dict[str, Any]) -> Any:  # noqa: ANN401
+        return body
+
+    async def next_event(self, timeout_s: float | None = _DEFAULT_TIMEOUT_S) -> Any:  # noqa: ANN401
+        """The next event as a dict, duplicates dropped.
 
         Raises:
             TimeoutError: none within `timeout_s` seconds.
         """
-        return await asyncio.wait_for(self.events.get(), timeout_s)
+        return await super().next_event(timeout_s)
 
 
 class RunnerClient(PairingClient):
-    """A runner: asks for codes, hears of pairings, publishes its presence."""
+    """A runner, raw: asks for codes, hears of pairings, publishes its presence."""
 
-    def __init__(self, ident: str, address: BrokerAddress, **kwargs: Any) -> None:  # noqa: ANN401
-        super().__init__(Kind.RUNNER, ident, address, **kwargs)
+    kind = Kind.RUNNER
 
     async def request_code(self, **fields: Any) -> dict[str, Any]:  # noqa: ANN401
         """`code` op: fields ttl_s, max_uses, runner_name, metadata, public_key.
@@ -205,14 +131,14 @@ class RunnerClient(PairingClient):
     async def publish_status(self, state: Literal["online", "offline"]) -> None:
         """Publish the retained presence status."""
         topic = self.scheme.status_topic(self.identity.id)
-        await self.client.publish(topic, json.dumps({"state": state}), qos=1, retain=True)
+        payload = f'{{"state": "{state}"}}'.encode()
+        await self.client.publish(topic, payload, qos=1, retain=True)
 
 
 class AppClient(PairingClient):
-    """An app: pairs with codes, lists and closes its sessions."""
+    """An app, raw: pairs with codes, lists and closes its sessions."""
 
-    def __init__(self, ident: str, address: BrokerAddress, **kwargs: Any) -> None:  # noqa: ANN401
-        super().__init__(Kind.APP, ident, address, **kwargs)
+    kind = Kind.APP
 
     async def pair(self, code: str, **fields: Any) -> dict[str, Any]:  # noqa: ANN401
         """`pair` op: fields app_name, metadata, public_key, request_id.

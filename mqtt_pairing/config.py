@@ -7,6 +7,9 @@ Durations are whole seconds (`*_s`).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import logging
 import os
 import socket
 from typing import Literal
@@ -17,13 +20,25 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mqtt_pairing.errors import ConfigError
 from mqtt_pairing.tombstones import TombstoneLayout
+from mqtt_pairing.topics import is_valid_id
+
+log = logging.getLogger(__name__)
 
 MIN_SECRET_BYTES = 32
 """docs/protocol.md: `PAIRING_SECRET` is at least 32 bytes."""
 
+SHARED_GROUP_LABEL = b"mqtt-pairing shared subscription group v1"
+"""What `derive_shared_group` MACs with `PAIRING_SECRET`; changing it moves every group."""
+
+LEGACY_SHARED_GROUP = "mqtt-pairing"
+"""The public default group of earlier versions, which any runner or app could join."""
+
+_MIN_SAFE_GROUP_CHARS = 16
+
 
 def _default_client_id() -> str:
-    return f"mqtt-pairing-{socket.gethostname()}"[:64]
+    # The `:` keeps it outside the runner/app id pattern (docs/security.md, "Client ids").
+    return f"mqtt-pairing:{socket.gethostname()}"[:64]
 
 
 class Settings(BaseSettings):
@@ -41,6 +56,8 @@ class Settings(BaseSettings):
     mqtt_protocol: Literal["5", "3.1.1"] = "5"
     mqtt_username: str | None = None
     mqtt_password: SecretStr | None = None
+    mqtt_ca_file: str | None = None
+    mqtt_tls_insecure: bool = False
     mqtt_client_id: str = Field(default_factory=_default_client_id, min_length=1, max_length=64)
     mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
     mqtt_session_expiry_s: int = Field(default=60, ge=0, le=86400)
@@ -59,8 +76,8 @@ class Settings(BaseSettings):
     pairing_secret: SecretStr | None = None
     pairing_topic_prefix: str = "pairing"
     pairing_key_prefix: str = "pairing"
-    pairing_shared_group: str = "mqtt-pairing"
-    pairing_session_idle_ttl_s: int = Field(default=2_592_000, ge=60)
+    pairing_shared_group: str | None = None
+    pairing_session_idle_ttl_s: int = Field(default=2_592_000, ge=1)
     pairing_max_sessions_per_runner: int = Field(default=10, ge=1)
 
     pairing_code_ttl_s: int = Field(default=600, ge=1)
@@ -107,6 +124,13 @@ class Settings(BaseSettings):
             )
         if value.endswith("/"):
             raise ValueError("must not end with /")
+        return value
+
+    @field_validator("pairing_shared_group")
+    @classmethod
+    def _check_shared_group(cls, value: str | None) -> str | None:
+        if value is not None and any(c in value for c in "/+#\x00"):
+            raise ValueError("must not contain '/', '+', '#' or NUL (an MQTT 5 share name)")
         return value
 
     @property
@@ -157,6 +181,69 @@ class Settings(BaseSettings):
                 auth = ":" + quote(self.redis_password.get_secret_value(), safe="") + "@"
             return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
         return None
+
+
+def check_service_client_id(client_id: str) -> None:
+    """Refuse a service client id that a runner or app could also connect with.
+
+    On the shipped broker configuration a runner's or app's client id is its username,
+    which matches the id pattern; an id outside it (the default `mqtt-pairing:<hostname>`
+    has a `:`) can never be taken over from those listeners (docs/security.md).
+
+    Raises:
+        ConfigError: `client_id` matches the runner/app id pattern (one line).
+    """
+    if is_valid_id(client_id):
+        raise ConfigError(
+            "MQTT_CLIENT_ID: must not look like a runner or app id (a runner or app could "
+            "then take the service's connection over); put a ':' in it, e.g. "
+            "mqtt-pairing:instance-1"
+        )
+
+
+def derive_shared_group(secret: bytes) -> str:
+    """The shared-subscription group name derived from `PAIRING_SECRET`.
+
+    HMAC-SHA256(secret, `SHARED_GROUP_LABEL`), 128 bits in hex: every instance with the
+    same secret derives the same name, and no runner or app can (docs/security.md,
+    "The service's request stream").
+
+    Args:
+        secret: `PAIRING_SECRET` as bytes.
+
+    Returns:
+        ``mqtt-pairing-`` and 32 hex digits.
+    """
+    digest = hmac.new(secret, SHARED_GROUP_LABEL, hashlib.sha256).hexdigest()
+    return f"mqtt-pairing-{digest[:32]}"
+
+
+def shared_group(settings: Settings, secret: bytes, *, secret_generated: bool = False) -> str:
+    """The share group the service subscribes with; "" means no `$share`.
+
+    `PAIRING_SHARED_GROUP` when set (a short or the old public name is logged as a
+    warning: anyone who knows the name can join the group); else derived from the
+    secret; "" when the secret was generated for this process (the in-memory store
+    serves one instance, so there is no group to share).
+
+    Args:
+        settings: the settings.
+        secret: `PAIRING_SECRET` as bytes (or the one generated for this process).
+        secret_generated: True when `secret` was generated for this process.
+
+    Returns:
+        The group name, or "".
+    """
+    group = settings.pairing_shared_group
+    if group is None:
+        return "" if secret_generated else derive_shared_group(secret)
+    if group and (len(group) < _MIN_SAFE_GROUP_CHARS or group == LEGACY_SHARED_GROUP):
+        log.warning(
+            "PAIRING_SHARED_GROUP is short or well known: a runner or app that names it "
+            "joins the service's group and takes requests away from it; unset it to use "
+            "a name derived from PAIRING_SECRET (docs/security.md)"
+        )
+    return group
 
 
 def redact_url(url: str) -> str:

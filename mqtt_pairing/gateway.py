@@ -16,79 +16,34 @@ import contextlib
 import json
 import logging
 import random
-import socket
-import ssl
 import uuid
 import zlib
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_pairing.config import Settings, redact_url
+from mqtt_pairing.config import LEGACY_SHARED_GROUP, Settings
 from mqtt_pairing.dispatcher import Dispatcher
-from mqtt_pairing.errors import ConfigError, PairingError
+from mqtt_pairing.errors import PairingError
 from mqtt_pairing.faults import fault_point
+
+# NODELAY and BrokerAddress live in mqtt_address; importing them from here still works
+# while branches written before the move are merged (then drop NODELAY from this line).
+from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress, describe_connect_error  # noqa: F401
 from mqtt_pairing.services.events import Event
 from mqtt_pairing.services.outbox import OutboxRelay
 from mqtt_pairing.topics import Identity, Kind, RequestTopic, TopicDrop, TopicScheme
 
 log = logging.getLogger(__name__)
 
-NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 _BACKOFF_FIRST_S = 0.2
 _STATUS_QUEUE_MAX = 10_000
 _STATUS_WORKERS = 4
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 """What `json.dumps(obj, separators=(",", ":"))` does, without a new encoder per call."""
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    """Where and how to connect: parsed from `MQTT_URL` (mqtt, mqtts, ws, wss)."""
-
-    host: str
-    port: int
-    transport: Literal["tcp", "websockets"] = "tcp"
-    tls: bool = False
-    username: str | None = None
-    password: str | None = None
-    websocket_path: str | None = None
-
-    @classmethod
-    def from_url(
-        cls, url: str, *, username: str | None = None, password: str | None = None
-    ) -> BrokerAddress:
-        """Parse an MQTT URL; `MQTT_USERNAME`/`MQTT_PASSWORD` fill what the URL lacks.
-
-        Raises:
-            ConfigError: unknown scheme or missing host (the URL is redacted).
-        """
-        parts = urlsplit(url)
-        defaults = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883, "ws": 80, "wss": 443}
-        if parts.scheme not in defaults or not parts.hostname:
-            raise ConfigError(
-                "MQTT_URL: expected mqtt://, mqtts://, ws:// or wss://host[:port]"
-                f" ({redact_url(url)})"
-            )
-        try:
-            port = parts.port or defaults[parts.scheme]
-        except ValueError:
-            raise ConfigError("MQTT_URL: invalid port") from None
-        ws = parts.scheme in ("ws", "wss")
-        return cls(
-            host=parts.hostname,
-            port=port,
-            transport="websockets" if ws else "tcp",
-            tls=parts.scheme in ("mqtts", "ssl", "wss"),
-            username=unquote(parts.username) if parts.username else username,
-            password=unquote(parts.password) if parts.password else password,
-            websocket_path=(parts.path or "/mqtt") if ws else None,
-        )
 
 
 def _reply_properties(correlation: bytes | None, expiry_s: int) -> Properties:
@@ -173,18 +128,10 @@ class PairingGateway:
             kwargs.update(protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props)
         else:
             kwargs.update(protocol=aiomqtt.ProtocolVersion.V311, clean_session=False)
-        if a.tls:
-            kwargs["tls_context"] = ssl.create_default_context()
         client = aiomqtt.Client(
-            a.host,
-            a.port,
-            username=a.username,
-            password=a.password,
+            **a.client_options(),  # host, credentials, transport, verified TLS, NODELAY
             identifier=s.mqtt_client_id,
-            transport=a.transport,
-            websocket_path=a.websocket_path,
             keepalive=s.mqtt_keepalive_s,
-            socket_options=[NODELAY],
             # Unbounded here: what arrives is bounded by the broker's in-flight window
             # (Receive Maximum above; max_inflight_messages for MQTT 3.1.1), since every
             # request is acknowledged only after its reply. A bounded aiomqtt queue would
@@ -247,7 +194,11 @@ class PairingGateway:
                     break
                 delay = min(backoff, self.settings.mqtt_reconnect_max_s)
                 delay *= random.uniform(0.5, 1.0)
-                log.warning("broker connection lost (%s); retrying in %.1f s", exc, delay)
+                log.warning(
+                    "broker connection lost (%s); retrying in %.1f s",
+                    describe_connect_error(exc, self.address),
+                    delay,
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 backoff = min(backoff * 2, self.settings.mqtt_reconnect_max_s)
@@ -258,6 +209,11 @@ class PairingGateway:
         for kind in Kind:
             topic = self.scheme.request_filter(kind, self.share_group)
             await self.client.subscribe(topic, qos=1)
+            if self.share_group != LEGACY_SHARED_GROUP:
+                # A session resumed from a version with the public default group still
+                # holds it, and a runner or app could share it (docs/security.md).
+                legacy = self.scheme.request_filter(kind, LEGACY_SHARED_GROUP)
+                await self.client.unsubscribe(legacy)
         # Without $share: shared subscriptions get no retained messages (docs/design.md). An
         # instance that does not record presence drops a subscription its persistent
         # session may keep from an earlier run.

@@ -26,11 +26,12 @@ from mqtt_pairing.broker import (
     parse_listen,
     start_embedded_broker,
 )
-from mqtt_pairing.config import Settings, redact_url
+from mqtt_pairing.config import Settings, check_service_client_id, redact_url, shared_group
 from mqtt_pairing.dispatcher import Dispatcher
 from mqtt_pairing.errors import ConfigError, PairingError
-from mqtt_pairing.gateway import BrokerAddress, PairingGateway
+from mqtt_pairing.gateway import PairingGateway
 from mqtt_pairing.health import HealthServer
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
 
 log = logging.getLogger(__name__)
@@ -131,17 +132,21 @@ async def _open_store(settings: Settings) -> tuple[PairingStore, str, InMemoryRe
 
 
 async def _attach_broker(
-    settings: Settings, listen: str, broker_config: Path | None
+    settings: Settings, listen: str, broker_config: Path | None, share_group: str
 ) -> tuple[BrokerAddress, Literal["5", "3.1.1"], str, Broker | None]:
     """(address, protocol, share group, embedded broker or None)."""
     if not settings.embedded_broker:
         assert settings.mqtt_url is not None  # noqa: S101 - not embedded
         password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
         address = BrokerAddress.from_url(
-            settings.mqtt_url, username=settings.mqtt_username, password=password
+            settings.mqtt_url,
+            username=settings.mqtt_username,
+            password=password,
+            ca_file=settings.mqtt_ca_file,
+            tls_insecure=settings.mqtt_tls_insecure,
         )
         log.info("MQTT broker: %s", redact_url(settings.mqtt_url))
-        return address, settings.mqtt_protocol, settings.pairing_shared_group, None
+        return address, settings.mqtt_protocol, share_group, None
     host, port = parse_listen(listen)
     broker = await start_embedded_broker(host, port, broker_config)
     log.info("embedded MQTT broker (amqtt, MQTT 3.1.1) listening on %s:%d", host, port)
@@ -161,6 +166,7 @@ async def build_service(
         ConfigError: a bad setting, the listen address taken, or Redis unreachable.
     """
     secret, generated = resolve_secret(settings)
+    check_service_client_id(settings.mqtt_client_id)
     if (
         settings.embedded_broker
         and "pairing_shared_group" in settings.model_fields_set
@@ -175,7 +181,10 @@ async def build_service(
     store, url, memory = await _open_store(settings)
     try:
         address, protocol, share_group, broker = await _attach_broker(
-            settings, listen, broker_config
+            settings,
+            listen,
+            broker_config,
+            shared_group(settings, secret, secret_generated=generated),
         )
     except ConfigError:
         await store.aclose()

@@ -293,9 +293,11 @@ class TopicScheme:
     def accept_response_topic(self, identity: Identity, response_topic: str | None) -> bool:
         """Whether an MQTT 5 Response Topic may be honoured (docs/protocol.md, "Topics").
 
-        It must lie strictly under the requester's own subtree ``P/{segment}/{id}/``, not
-        under (or equal to) its ``req``, not be its ``status``, and hold no wildcard, no
-        NUL and no unencodable text, in at most 65535 UTF-8 bytes.
+        It must match the filter ``P/{segment}/{id}/res/#`` of the requester: be its
+        ``res`` level or lie under it (the same filter as the shipped ACLs: the requester
+        may read it, the service may write it, so a reply sent there is delivered), with
+        no wildcard, no NUL and no unencodable text, in at most 65535 UTF-8 bytes.
+        Anything else gets the default `reply_topic`.
 
         Args:
             identity: the requester, from the request topic.
@@ -312,8 +314,5 @@ class TopicScheme:
             return False
         if len(encoded) > MAX_TOPIC_BYTES or any(c in response_topic for c in "+#\x00"):
             return False
-        own = f"{self._base(identity)}/"
-        if not response_topic.startswith(own):
-            return False
-        rest = response_topic[len(own) :]
-        return bool(rest) and rest not in ("req", "status") and not rest.startswith("req/")
+        res = f"{self._base(identity)}/res"
+        return response_topic == res or response_topic.startswith(f"{res}/")

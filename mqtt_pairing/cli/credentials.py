@@ -1,14 +1,17 @@
-"""`mqtt-pairing credentials`: provision broker identities in Mosquitto password files.
+"""`mqtt-pairing credentials`: provision and check broker identities in password files.
 
 The broker, not the service, authenticates clients (docs/design.md, "Security model"), and
 `broker-config/mosquitto.conf` gives each kind of client its own listener and password
-file, so a username belongs to one kind only. These commands add and remove one entry of
-one of those files. Hashing is Mosquitto's own: the entry is written by `mosquitto_passwd`
-(found on PATH or in /usr/bin, /usr/sbin), never by this module. The password is handed
-to it on stdin, not on its command line, so it never shows in the process list.
+file. The service trusts the id in a topic because every username the broker accepts is
+a well-formed id of one kind only (docs/security.md, "Identities"): `add` refuses
+anything else, and `check` refuses password files, however they were written, that break
+the rule. Hashing is Mosquitto's own: an entry is written by `mosquitto_passwd` (found on
+PATH or in /usr/bin, /usr/sbin), never by this module. The password is handed to it on
+stdin, not on its command line, so it never shows in the process list.
 
 Exit codes: 0 success, 1 a runtime error (no `mosquitto_passwd`, the user exists or is
-missing, the file cannot be written), 2 bad usage (a malformed id or password).
+missing, the file cannot be written) or, for `check`, problems found, 2 bad usage (a
+malformed id or password).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import shutil
 import stat
 import subprocess
 import unicodedata
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -31,13 +35,17 @@ from mqtt_pairing.topics import is_valid_id
 
 __all__ = [
     "DEFAULT_PASSWORD_FILES",
+    "PASSWORD_FILE_NAMES",
     "SERVICE_USERNAME",
     "CredentialError",
     "CredentialKind",
+    "CredentialProblem",
     "add_credential",
+    "check_password_files",
     "credentials_app",
     "find_mosquitto_passwd",
     "generate_password",
+    "read_entries",
     "read_usernames",
     "remove_credential",
 ]
@@ -51,10 +59,17 @@ class CredentialKind(StrEnum):
     SERVICE = "service"
 
 
+PASSWORD_FILE_NAMES: dict[CredentialKind, str] = {
+    CredentialKind.RUNNER: "runners.passwd",
+    CredentialKind.APP: "apps.passwd",
+    CredentialKind.SERVICE: "service.passwd",
+}
+"""File name of each kind's password file, as `broker-config/mosquitto.conf` names them."""
+
+DEFAULT_DIRECTORY = Path("broker-config")
+
 DEFAULT_PASSWORD_FILES: dict[CredentialKind, Path] = {
-    CredentialKind.RUNNER: Path("broker-config/runners.passwd"),
-    CredentialKind.APP: Path("broker-config/apps.passwd"),
-    CredentialKind.SERVICE: Path("broker-config/service.passwd"),
+    kind: DEFAULT_DIRECTORY / name for kind, name in PASSWORD_FILE_NAMES.items()
 }
 """Password file of each kind, relative to the working directory (`broker-config/`)."""
 
@@ -142,6 +157,59 @@ def check_password(password: str) -> None:
         )
 
 
+_C_SPACE = " \t\n\v\f\r"
+"""What C's isspace() trims in Mosquitto's password file parser (C locale)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordEntry:
+    """One line of a password file as Mosquitto 2.0 reads it.
+
+    Attributes:
+        line: 1-based line number.
+        username: the username Mosquitto sees (trimmed of blanks).
+        has_password: False when the line has no password field (Mosquitto skips it).
+    """
+
+    line: int
+    username: str
+    has_password: bool
+
+
+def read_entries(path: Path) -> list[PasswordEntry]:
+    """The entries of a Mosquitto password file, parsed the way Mosquitto 2.0 parses it.
+
+    Mosquitto (`pwfile__parse`, src/security_default.c) skips lines that start with `#`
+    or hold no `:`; it takes the first non-empty `:`-separated field as the username and
+    the next as the password hash, each trimmed of blanks, so `  x :h` is user `x`.
+
+    Args:
+        path: the password file.
+
+    Returns:
+        The entries in file order; an empty list when the file does not exist.
+
+    Raises:
+        CredentialError: the file exists but cannot be read.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise CredentialError(f"cannot read {path}: {exc.strerror}") from None
+    entries = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        line = raw.decode("utf-8", errors="surrogateescape")
+        if line.startswith("#") or ":" not in line:
+            continue
+        fields = [f for f in line.split(":") if f]
+        if not fields:
+            continue
+        entries.append(PasswordEntry(number, fields[0].strip(_C_SPACE), len(fields) > 1))
+    return entries
+
+
 def read_usernames(path: Path) -> set[str]:
     """Usernames in a Mosquitto password file (`username:hash` lines).
 
@@ -154,18 +222,103 @@ def read_usernames(path: Path) -> set[str]:
     Raises:
         CredentialError: the file exists but cannot be read.
     """
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return set()
-    except OSError as exc:
-        raise CredentialError(f"cannot read {path}: {exc.strerror}") from None
-    names = set()
-    for line in text.splitlines():
-        name, sep, _hash = line.partition(":")
-        if sep and name and not name.startswith("#"):
-            names.add(name)
-    return names
+    return {entry.username for entry in read_entries(path) if entry.has_password}
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialProblem:
+    """One thing wrong with the password files; `str()` is the line `check` prints."""
+
+    path: Path
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line is not None else str(self.path)
+        return f"{where}: {self.message}"
+
+
+_ID_RULE = "1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+
+
+def _with_article(kind: CredentialKind) -> str:
+    label = _KIND_LABEL[kind]
+    return f"{'an' if label[0] in 'aeiou' else 'a'} {label}"
+
+
+def _shown(name: str) -> str:
+    """A username safe to print: quoted, control and odd characters escaped."""
+    return '"' + name.encode("unicode_escape", "backslashreplace").decode("ascii") + '"'
+
+
+def check_password_files(files: dict[CredentialKind, Path]) -> list[CredentialProblem]:
+    """Everything that breaks "one well-formed id, one kind" in a set of password files.
+
+    The rules (docs/security.md, "Identities"), in file order (runners, apps, service):
+
+    - a username must match the id pattern (docs/protocol.md, "Identities"): a `/`, `+`
+      or `#` would reach the `%u` ACL patterns, and an id with another shape could not
+      be used in a topic;
+    - a username appears once in its file, and in one kind's file only (the service's
+      included): on the shipped listeners a client id is the username, and a name in
+      two kinds would be two identities sharing one client id;
+    - a line has a password hash (Mosquitto ignores one without).
+
+    Args:
+        files: the password file of each kind; a missing file holds no identity.
+
+    Returns:
+        One problem per offending line, in file order; empty when all is well.
+
+    Raises:
+        CredentialError: a file exists but cannot be read.
+    """
+    problems: list[CredentialProblem] = []
+    seen: dict[str, tuple[CredentialKind, Path, int]] = {}
+    for kind in CredentialKind:
+        path = files.get(kind)
+        if path is None:
+            continue
+        for entry in read_entries(path):
+            name = entry.username
+            if not entry.has_password:
+                problems.append(
+                    CredentialProblem(
+                        path, entry.line, f"{_shown(name)} has no password hash (ignored)"
+                    )
+                )
+                continue
+            if not is_valid_id(name):
+                problems.append(
+                    CredentialProblem(
+                        path, entry.line, f"{_shown(name)} is not a valid id ({_ID_RULE})"
+                    )
+                )
+                continue
+            first = seen.get(name)
+            if first is None:
+                seen[name] = (kind, path, entry.line)
+            elif first[0] is kind:
+                problems.append(
+                    CredentialProblem(
+                        path, entry.line, f"{_shown(name)} is already on line {first[2]}"
+                    )
+                )
+            else:
+                problems.append(
+                    CredentialProblem(
+                        path,
+                        entry.line,
+                        f"{_shown(name)} is also {_with_article(first[0])} "
+                        f"({first[1]}:{first[2]}); a username must belong to one kind",
+                    )
+                )
+    return problems
+
+
+def _sibling_files(path: Path) -> dict[CredentialKind, Path]:
+    """The password files of every kind beside `path` (same directory, usual names)."""
+    return {kind: path.parent / name for kind, name in PASSWORD_FILE_NAMES.items()}
 
 
 def _create_private(path: Path) -> None:
@@ -214,6 +367,7 @@ def add_credential(
     username: str,
     password: str,
     *,
+    kind: CredentialKind | None = None,
     replace: bool = False,
     binary: str | None = None,
 ) -> None:
@@ -226,16 +380,26 @@ def add_credential(
         path: the password file.
         username: the id (checked with `is_valid_id`).
         password: the clear password (checked with `check_password`).
+        kind: the kind `path` holds; when given, the id must not be in the password
+            file of another kind beside `path` (`PASSWORD_FILE_NAMES`).
         replace: set a new password if the user exists, instead of refusing.
         binary: the `mosquitto_passwd` to run (default: `find_mosquitto_passwd`).
 
     Raises:
         CredentialError: malformed id or password (exit code 2), no `mosquitto_passwd`,
-            the user already exists (without `replace`), or the file cannot be written.
+            the user already exists (without `replace`) or is of another kind, or the
+            file cannot be written.
     """
     check_username(username)
     check_password(password)
     found = _require_binary(binary)
+    if kind is not None:
+        for other, sibling in _sibling_files(path).items():
+            if other is not kind and username in read_usernames(sibling):
+                raise CredentialError(
+                    f"{username!r} is already {_with_article(other)} ({sibling}); a username "
+                    "must belong to one kind: pick another id"
+                )
     if not replace and username in read_usernames(path):
         raise CredentialError(
             f"{username!r} already exists in {path}; use --replace to set a new password"
@@ -330,7 +494,7 @@ def add(
     generated = password is None
     secret = generate_password() if password is None else password
     try:
-        add_credential(path, ident, secret, replace=replace)
+        add_credential(path, ident, secret, kind=kind, replace=replace)
     except CredentialError as exc:
         fail(str(exc), exc.exit_code)
     console = _console()
@@ -368,3 +532,42 @@ def remove(kind: KindArg, ident: IdArg, password_file: PasswordFileOpt = None) -
     console = _console()
     console.print(f"removed {_KIND_LABEL[kind]} [bold]{ident}[/bold] from {path}", markup=True)
     console.print(_RELOAD_HINT, markup=False)
+
+
+@credentials_app.command("check")
+def check(
+    directory: Annotated[
+        Path,
+        typer.Argument(
+            metavar="[DIR]",
+            help="Directory of runners.passwd, apps.passwd and service.passwd.",
+            file_okay=False,
+        ),
+    ] = DEFAULT_DIRECTORY,
+) -> None:
+    """Check the password files: every username a valid id, of one kind only.
+
+    Prints one line per problem and exits 1, or a summary and exits 0. Run it after
+    writing the files with plain mosquitto_passwd; the mosquitto container of
+    docker-compose.yml runs the same check before it starts or reloads. Examples:
+
+        mqtt-pairing credentials check
+
+        mqtt-pairing credentials check /etc/mosquitto/pairing
+    """
+    files = {kind: directory / name for kind, name in PASSWORD_FILE_NAMES.items()}
+    if not any(path.exists() for path in files.values()):
+        fail(f"no password file in {directory} ({', '.join(PASSWORD_FILE_NAMES.values())})")
+    try:
+        problems = check_password_files(files)
+        counts = {kind: len(read_usernames(path)) for kind, path in files.items()}
+    except CredentialError as exc:
+        fail(str(exc), exc.exit_code)
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    if problems:
+        raise typer.Exit(EXIT_ERROR)
+    typer.echo(
+        f"ok: {counts[CredentialKind.RUNNER]} runners, {counts[CredentialKind.APP]} apps, "
+        f"{counts[CredentialKind.SERVICE]} service accounts in {directory}"
+    )

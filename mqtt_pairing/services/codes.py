@@ -115,6 +115,7 @@ class PairingCodeService:
             runner_id,
             digest,
             expires_ms=expires_ms,
+            code_ttl_s=ttl_s,
             idle_ttl_s=s.pairing_session_idle_ttl_s,
             request_id=req.request_id,
             sealed_reply=sealed,

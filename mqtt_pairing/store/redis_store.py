@@ -104,10 +104,21 @@ _UNAVAILABLE = (
 )
 """Errors that mean "Redis is not there right now": SERVICE_UNAVAILABLE, retry later."""
 
-INDEX_TTL_MARGIN_S = 86_400
-"""An app's session index and a session's by-id lookup live this much longer than the
-idle TTL, so that the expiry sweep (which refreshes them when runner traffic kept the
-session alive) always finds them."""
+SESSION_KEYS_MARGIN_S = 86_400
+"""Every key of a session lives this much longer than the session's idle deadline.
+
+The expiry sweep acts at the deadline (last_seen_at + idle TTL) and reads the runner's
+sessions hash and runner hash, then the app's index and the by-id lookup; a key whose TTL
+were the idle TTL itself would vanish at that very moment, and the session with it,
+without a `session.closed`. The margin lets a sweep that runs late (every instance down,
+a failover) still close the session; closed sessions are deleted outright, so the margin
+holds memory only for keys nothing closes."""
+
+
+def session_keys_ttl_ms(idle_ttl_s: int) -> int:
+    """TTL of the keys of a session refreshed now (idle TTL plus the margin), ms."""
+    return (idle_ttl_s + SESSION_KEYS_MARGIN_S) * MS_PER_S
+
 
 OUTBOX_DUE_TTL_S = 86_400
 """TTL of an outbox-due set, refreshed by every mark (marks are handled within seconds)."""
@@ -687,7 +698,7 @@ class PairingStore:
                 "",  # the app index: see app_index_call
                 "",
                 "",
-                (idle_ttl_s + INDEX_TTL_MARGIN_S) * MS_PER_S,
+                session_keys_ttl_ms(idle_ttl_s),
             ),
         )
 
@@ -841,6 +852,7 @@ class PairingStore:
         digest: str,
         *,
         expires_ms: int,
+        code_ttl_s: int,
         idle_ttl_s: int,
         request_id: str,
         sealed_reply: str,
@@ -862,7 +874,8 @@ class PairingStore:
             (
                 digest,
                 expires_ms,
-                idle_ttl_s * MS_PER_S,
+                # the runner hash holds the code until it expires, and its sessions' data
+                session_keys_ttl_ms(max(idle_ttl_s, code_ttl_s)),
                 sealed_reply,
                 dedupe_ttl_s * MS_PER_S,
                 name or "",
@@ -1046,7 +1059,7 @@ class PairingStore:
                 runner_id,
                 app_id,
                 app_name or "",
-                idle_ttl_s * MS_PER_S,
+                session_keys_ttl_ms(idle_ttl_s),
                 max_sessions,
                 json.dumps({"app_public_key": app_public_key, "app_metadata": app_metadata}),
                 uses_left,
@@ -1147,7 +1160,7 @@ class PairingStore:
     ) -> RawCall:
         """The SET of a session's by-id lookup (`session:{session:<id>}`), idle TTL (s)."""
         value = json.dumps({"runner_id": runner_id, "app_id": app_id})
-        ttl_s = idle_ttl_s + INDEX_TTL_MARGIN_S
+        ttl_s = idle_ttl_s + SESSION_KEYS_MARGIN_S
         return RawCall(("SET", self.keys.session(session_id), value, "EX", ttl_s))
 
     def app_index_call(
@@ -1186,7 +1199,7 @@ class PairingStore:
                 session_id,
                 runner_id,
                 "",
-                (idle_ttl_s + INDEX_TTL_MARGIN_S) * MS_PER_S,
+                session_keys_ttl_ms(idle_ttl_s),
             ),
         )
 
@@ -1222,7 +1235,7 @@ class PairingStore:
         res = await self._run(
             "touch_sessions",
             [self.keys.runner_sessions(runner_id), self.keys.runner(runner_id)],
-            [idle_ttl_s * MS_PER_S, app_id],
+            [session_keys_ttl_ms(idle_ttl_s), app_id],
         )
         return sorted((_session(raw) for raw in res), key=lambda s: s.created_at_ms)
 
@@ -1246,7 +1259,7 @@ class PairingStore:
             await self._guard(self.client.hdel(self.keys.app_sessions(app_id), *stale))
         if found:
             await self._guard(
-                self.client.expire(self.keys.app_sessions(app_id), idle_ttl_s + INDEX_TTL_MARGIN_S)
+                self.client.pexpire(self.keys.app_sessions(app_id), session_keys_ttl_ms(idle_ttl_s))
             )
         return sorted(found, key=lambda s: s.created_at_ms)
 
@@ -1272,7 +1285,7 @@ class PairingStore:
         res = await self._run(
             "heartbeat",
             self._runner_slot(runner_id),
-            [idle_ttl_s * MS_PER_S, heartbeat_online_s * MS_PER_S],
+            [session_keys_ttl_ms(idle_ttl_s), heartbeat_online_s * MS_PER_S],
         )
         return parse_outbox(runner_id, res[1])
 
@@ -1297,7 +1310,12 @@ class PairingStore:
         res = await self._run(
             "record_status",
             self._runner_slot(runner_id),
-            [state, int(retained), heartbeat_online_s * MS_PER_S, idle_ttl_s * MS_PER_S],
+            [
+                state,
+                int(retained),
+                heartbeat_online_s * MS_PER_S,
+                session_keys_ttl_ms(idle_ttl_s),
+            ],
         )
         return parse_outbox(runner_id, res[1])
 
@@ -1496,7 +1514,7 @@ class PairingStore:
             # Runner traffic kept it alive: move its deadline, and keep the app's index
             # and the by-id lookup (other slots, with plain TTLs) alive as long.
             deadline_ms, app_id, now_ms = int(res[1]), str(res[2]), int(res[3])
-            ttl_s = -(-(deadline_ms - now_ms) // MS_PER_S) + INDEX_TTL_MARGIN_S
+            ttl_s = -(-(deadline_ms - now_ms) // MS_PER_S) + SESSION_KEYS_MARGIN_S
             await self.batch(
                 [
                     ScriptCall("mark_due", (key,), (member, 0, deadline_ms, 1)),

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mqtt_pairing.client import AppClient, PairingClient, RunnerClient
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.service import Service
 from tests.cli.support import json_lines, run_cli
 from tests.harness.servers import MosquittoBroker, RedisServer

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
 from tests.cluster.support import Swarm
 from tests.harness.servers import MosquittoBroker, RedisClusterServers

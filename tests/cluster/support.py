@@ -24,7 +24,7 @@ import aiomqtt
 import pytest
 from redis.crc import key_slot
 
-from mqtt_pairing.gateway import NODELAY, BrokerAddress
+from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from mqtt_pairing.store import PairingStore
 from mqtt_pairing.store.keys import hash_tag
 from mqtt_pairing.store.redis_store import Call, RawCall, ScriptCall

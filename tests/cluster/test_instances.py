@@ -54,7 +54,7 @@ async def test_three_instances_answer_every_pair_exactly_once(
     instances: list[RunningService] = [
         await start_cluster_service(
             pairing_shared_group=group,
-            mqtt_client_id=f"svc-{group}-{n}",
+            mqtt_client_id=f"svc:{group}-{n}",
             redis_timeout_s=REDIS_TIMEOUT_S,
         )
         for n in range(INSTANCES)

@@ -57,7 +57,7 @@ import pytest
 from amqtt.broker import Broker
 
 from mqtt_pairing.broker import start_embedded_broker
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from tests.harness.peers import Peers
 from tests.harness.recorder import Checker, Recorder, pairing_filters, recording
 from tests.harness.serve import ServeProcess
@@ -72,6 +72,7 @@ from tests.harness.servers import (
     start_with_retries,
 )
 from tests.harness.service import SECRET, StartService, instance_settings, instances
+from tests.security.certs import TestCA
 from tests.security.harness import SecureBroker
 
 _REDIS_FIXTURES = frozenset({"redis_server", "make_redis_server", "redis_url", "redis_cluster"})
@@ -276,14 +277,18 @@ async def amqtt_broker() -> AsyncIterator[AmqttBroker]:
 def make_shipped_mosquitto(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., SecureBroker]]:
-    """Factory: `make_shipped_mosquitto(runners=[...], apps=[...])`, stopped after the test.
+    """Factory: `make_shipped_mosquitto(runners=[...], apps=[...], tls=ca)`, stopped after
+    the test.
 
     Mosquitto with broker-config/mosquitto.conf, its ACLs and password files written by
-    `mqtt-pairing credentials add` (`tests.security.harness.SecureBroker`).
+    `mqtt-pairing credentials add` (`tests.security.harness.SecureBroker`); with `tls` (a
+    `tests.security.certs.TestCA`) the shipped TLS listeners are enabled too.
     """
     made: list[SecureBroker] = []
 
-    def make(*, runners: Iterable[str] = (), apps: Iterable[str] = ()) -> SecureBroker:
+    def make(
+        *, runners: Iterable[str] = (), apps: Iterable[str] = (), tls: TestCA | None = None
+    ) -> SecureBroker:
         binary = require_binary("mosquitto")
         require_binary("mosquitto_passwd")
         runner_ids, app_ids = list(runners), list(apps)
@@ -293,6 +298,7 @@ def make_shipped_mosquitto(
                 tmp_path_factory.mktemp("mosquitto-shipped"),
                 runners=runner_ids,
                 apps=app_ids,
+                tls=tls,
             )
         )
         made.append(broker)

@@ -24,7 +24,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mqtt_pairing.client import AppClient, RunnerClient
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 
 CONNECT_TIMEOUT_S = 10.0
 REPLY_TIMEOUT_S = 5.0

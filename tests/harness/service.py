@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from mqtt_pairing.config import Settings, load_settings
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.service import Service, build_service
 
 SECRET = "x" * 40

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
 from tests.harness.peers import Peers, StatusLink, clear_retained
 from tests.harness.recorder import Recorder

@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from mqtt_pairing.client import AppClient, RunnerClient
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
 from tests.harness.peers import OFFLINE, StatusLink, clear_retained
 from tests.harness.recorder import Message, Recorder, pairing_filters, recording

@@ -333,7 +333,7 @@ async def test_retained_status_replayed_on_restart_sends_nothing(
     r1's retained status is `online`; r2's is its Last Will `offline`, but a heartbeat
     came after it, so r2 is online and the replayed offline must not undo that.
     """
-    client_id = f"lc-restart-{topic_prefix[-12:]}"
+    client_id = f"lc-restart:{topic_prefix[-12:]}"
     svc = await start_service(mqtt_client_id=client_id)
     async with (
         peers.runner("r1") as r1,

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
 from tests.harness.fixtures import MakeServe
 from tests.harness.peers import Peers, StatusLink, clear_retained

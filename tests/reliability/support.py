@@ -31,7 +31,7 @@ import redis
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_pairing.gateway import NODELAY, BrokerAddress
+from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.topics import Kind
 from tests.harness import waiting

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import pytest
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.topics import Kind
 from tests.fixtures import MosquittoBroker, RedisServer

@@ -27,7 +27,7 @@ from collections import Counter
 
 import pytest
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.topics import Kind
 from tests.fixtures import MosquittoBroker, RedisServer
@@ -67,7 +67,7 @@ async def test_sigkill_after_claim_completes_with_the_original_session(
     sniffer: Sniffer,
     rel_prefix: str,
 ) -> None:
-    client_id = f"svc-crash-{uuid.uuid4().hex[:8]}"
+    client_id = f"svc:crash-{uuid.uuid4().hex[:8]}"
     env = settings_env(mosquitto_broker, redis_server, client_id)
     first = serve_process(**env, MQTT_PAIRING_FAULT_POINT="after_claim")
     first.start()
@@ -130,7 +130,7 @@ async def test_sigkill_before_publishing_events_loses_no_event(
     sniffer: Sniffer,
     rel_prefix: str,
 ) -> None:
-    client_id = f"svc-crash-{uuid.uuid4().hex[:8]}"
+    client_id = f"svc:crash-{uuid.uuid4().hex[:8]}"
     env = settings_env(mosquitto_broker, redis_server, client_id)
     first = serve_process(**env, MQTT_PAIRING_FAULT_POINT="before_publish_events")
     first.start()
@@ -171,7 +171,7 @@ async def test_sigterm_drains_then_a_new_instance_answers_the_rest(
     Requests the first process had not taken stay with its broker session and go to the
     next process with the same client id; apps retry with the same request_id.
     """
-    env = settings_env(mosquitto_broker, redis_server, f"svc-drain-{uuid.uuid4().hex[:8]}")
+    env = settings_env(mosquitto_broker, redis_server, f"svc:drain-{uuid.uuid4().hex[:8]}")
     first = serve_process(**env)
     first.start()
     await first.wait_ready()

@@ -14,7 +14,7 @@ import json
 import uuid
 from collections import Counter
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.topics import Kind
 from tests.fixtures import MosquittoBroker, RedisServer
@@ -53,7 +53,7 @@ async def test_two_instances_one_killed_mid_run(
         serve_process(
             MQTT_URL=mosquitto_broker.url,
             REDIS_URL=redis_server.url,
-            MQTT_CLIENT_ID=f"svc-{group}-{n}",
+            MQTT_CLIENT_ID=f"svc:{group}-{n}",
             MQTT_SESSION_EXPIRY_S=SESSION_EXPIRY_S,
             PAIRING_SHARED_GROUP=group,
             PAIRING_APP_REQUEST_LIMIT="100000",

@@ -20,7 +20,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_pairing.gateway import NODELAY, BrokerAddress
+from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from tests.reliability.support import report
 from tests.service.support import Peers, Sniffer, StartService
 

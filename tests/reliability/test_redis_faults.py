@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store import PairingStore
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.topics import Kind

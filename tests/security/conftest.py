@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.security.certs import TestCA
 from tests.security.harness import SecureBroker
 
 
@@ -14,9 +15,16 @@ from tests.security.harness import SecureBroker
 def make_secure_broker(
     make_shipped_mosquitto: Callable[..., SecureBroker],
 ) -> Callable[..., SecureBroker]:
-    """Factory: `make_secure_broker(runners=[...], apps=[...])`, stopped after the test
+    """Factory: `make_secure_broker(runners=[...], apps=[...], tls=ca)`, stopped after the
+    test; with `tls` the shipped TLS listeners are enabled with a certificate of that CA
     (the shared harness's `make_shipped_mosquitto`)."""
     return make_shipped_mosquitto
+
+
+@pytest.fixture
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    """A CA made for this test (tests/security/certs.py)."""
+    return TestCA(tmp_path_factory.mktemp("ca"))
 
 
 @pytest.fixture

@@ -3,11 +3,12 @@
 - `SecureBroker` (made by the `make_secure_broker` fixture): Mosquitto with the production
   `broker-config/mosquitto.conf` and ACL files (rendered by `mosquitto_conf.py`), whose
   password files are written by `mqtt-pairing credentials add`, so the command is part of
-  what is proven.
+  what is proven. With `tls=TestCA(...)` its commented TLS listeners are enabled too, with
+  a server certificate from that CA.
 - `running_service(broker, redis_url, key_prefix, **settings)`: the service in-process,
   connected as the `mqtt-pairing` account on the service listener (the shared harness's
   `instances`).
-- `Sniffer`: a raw MQTT 5 connection that records every delivery it gets (the shared
+- `Sniffer`: a raw MQTT connection that records every delivery it gets (the shared
   harness's recorder).
 
 The ACLs fix the topic prefix to `pairing`, so tests use it with ids unique to each test
@@ -19,20 +20,21 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
-import uuid
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 from typer.testing import CliRunner
 
 from mqtt_pairing.cli.main import app as cli_app
 from mqtt_pairing.client import AppClient, RunnerClient
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.service import Service
-from tests.harness.recorder import Recorder, recording
-from tests.harness.servers import MosquittoBroker, free_port, port_is_open
-from tests.harness.service import instance_settings, instances
+from tests.harness.recorder import RecordingClient
+from tests.harness.servers import LOOPBACK, MosquittoBroker, free_port, port_is_open
+from tests.harness.service import instances
+from tests.security.certs import TestCA
 from tests.security.mosquitto_conf import BROKER_CONFIG, render_for_test
 
 SERVICE_USER = "mqtt-pairing"
@@ -58,7 +60,9 @@ class SecureBroker(MosquittoBroker):
     """Mosquitto with broker-config/mosquitto.conf: four listeners, authentication, ACLs.
 
     Attributes:
-        ports: listener port by key: ``runner`` (= `port`), ``app``, ``app-ws``, ``service``.
+        ports: listener port by key: ``runner`` (= `port`), ``app``, ``app-ws``, ``service``,
+            and with TLS ``runner-tls``, ``app-tls``, ``app-ws-tls``, ``service-tls``.
+        ca: the CA that signed the TLS listeners' certificate, or None.
         passwords: password by (kind, id); the service account is ("service", "mqtt-pairing").
         conf_dir: the directory standing in for /etc/mosquitto/pairing/.
     """
@@ -72,8 +76,10 @@ class SecureBroker(MosquittoBroker):
         *,
         runners: Iterable[str] = (),
         apps: Iterable[str] = (),
+        tls: TestCA | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        self.ca = tls
         self.conf_dir = directory / "pairing"
         self.conf_dir.mkdir()
         for acl in ("runners.acl", "apps.acl", "service.acl"):
@@ -86,14 +92,20 @@ class SecureBroker(MosquittoBroker):
         for name in _KIND_FILE.values():
             (self.conf_dir / name).touch(mode=0o600)
         port = free_port()
-        self.ports = {
-            "runner": port,
-            "app": free_port(),
-            "app-ws": free_port(),
-            "service": free_port(),
-        }
+        keys = ["app", "app-ws", "service"]
+        tls_dir = None
+        if tls is not None:
+            keys += ["runner-tls", "app-tls", "app-ws-tls", "service-tls"]
+            tls_dir = directory / "certs"
+            tls_dir.mkdir()
+            issued = tls.issue("broker", ("localhost", LOOPBACK))
+            shutil.copy(issued.cert_file, tls_dir / "server.crt")
+            shutil.copy(issued.key_file, tls_dir / "server.key")
+        self.ports = {"runner": port, **{key: free_port() for key in keys}}
         template = directory / "mosquitto.conf.template"
-        template.write_text(render_for_test(conf_dir=self.conf_dir, ports=self.ports))
+        template.write_text(
+            render_for_test(conf_dir=self.conf_dir, ports=self.ports, tls_dir=tls_dir)
+        )
         super().__init__(binary, directory, port=port, template=template)
 
     def add_identity(self, kind: str, ident: str) -> str:
@@ -123,19 +135,33 @@ class SecureBroker(MosquittoBroker):
     ) -> BrokerAddress:
         """Where `ident` of `kind` connects (its own listener unless `listener` says)."""
         key = listener or kind
+        tls = key.endswith("-tls")
+        ws = key.startswith("app-ws")
         return BrokerAddress(
             host=self.host,
             port=self.ports[key],
-            transport="websockets" if key == "app-ws" else "tcp",
-            websocket_path="/mqtt" if key == "app-ws" else None,
+            transport="websockets" if ws else "tcp",
+            tls=tls,
+            websocket_path="/mqtt" if ws else None,
             username=ident,
             password=password if password is not None else self.passwords[kind, ident],
+            ca_file=str(self.ca.ca_file) if tls and self.ca is not None else None,
         )
+
+    def url(self, listener: str, *, user: str | None = None, password: str | None = None) -> str:
+        """The URL of a listener (``mqtts://`` for ``-tls`` ones), with credentials."""
+        tls = listener.endswith("-tls")
+        if listener.startswith("app-ws"):
+            scheme, path = ("wss" if tls else "ws"), "/mqtt"
+        else:
+            scheme, path = ("mqtts" if tls else "mqtt"), ""
+        auth = f"{user}:{password}@" if user is not None else ""
+        return f"{scheme}://{auth}{self.host}:{self.ports[listener]}{path}"
 
     @property
     def service_url(self) -> str:
         password = self.passwords["service", SERVICE_USER]
-        return f"mqtt://{SERVICE_USER}:{password}@{self.host}:{self.ports['service']}"
+        return self.url("service", user=SERVICE_USER, password=password)
 
 
 @contextlib.asynccontextmanager
@@ -143,45 +169,117 @@ async def running_service(
     broker: SecureBroker, redis_url: str, key_prefix: str, **overrides: Any
 ) -> AsyncIterator[Service]:
     """The service in-process, as the `mqtt-pairing` account on the service listener
-    (the shared harness's `instances`, tests/harness/service.py)."""
-    base = instance_settings(
-        "pairing",
-        key_prefix.rstrip(":"),
-        mqtt_url=broker.service_url,
-        redis_url=redis_url,
-        pairing_secret=PAIRING_SECRET,
-        pairing_shared_group=f"g{uuid.uuid4().hex[:10]}",
-    )
+    (the shared harness's `instances`: a client id of its own, stopped with timeouts)."""
+    base: dict[str, Any] = {
+        "mqtt_url": broker.service_url,
+        "redis_url": redis_url,
+        "pairing_secret": PAIRING_SECRET,
+        "pairing_topic_prefix": "pairing",
+        "pairing_key_prefix": key_prefix.rstrip(":"),
+        "pairing_shutdown_grace_s": 2.0,
+        "mqtt_reconnect_max_s": 1.0,
+    }
     async with instances(base) as start:
         yield (await start(**overrides)).service
 
 
+class _Recording:
+    """Mixed into RunnerClient/AppClient: record every delivery, publish anywhere.
+
+    On the shipped listeners a client id is the username, so an identity has one
+    connection at a time: a test that watches what an identity receives, or makes it
+    publish forged messages, does it through the identity's own client.
+    """
+
+    client: aiomqtt.Client
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.received: list[tuple[str, bytes]] = []
+
+    def _handle(self, message: aiomqtt.Message) -> None:
+        payload = message.payload
+        body = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
+        self.received.append((message.topic.value, bytes(body)))
+        super()._handle(message)  # type: ignore[misc]
+
+    async def subscribe(self, filters: Iterable[str]) -> None:
+        for topic_filter in filters:
+            await self.client.subscribe(topic_filter, qos=1)
+
+    async def publish(self, topic: str, payload: bytes, **kwargs: Any) -> None:
+        """Publish at QoS 1 on any topic and wait for the broker's acknowledgement."""
+        await self.client.publish(topic, payload, qos=1, **kwargs)
+
+    def topics(self) -> list[str]:
+        return [topic for topic, _ in self.received]
+
+
+class RecordingRunner(_Recording, RunnerClient):
+    """A RunnerClient that records every delivery (`received`, `topics()`)."""
+
+
+class RecordingApp(_Recording, AppClient):
+    """An AppClient that records every delivery (`received`, `topics()`)."""
+
+
 @contextlib.asynccontextmanager
-async def runner_client(broker: SecureBroker, ident: str) -> AsyncIterator[RunnerClient]:
-    """A RunnerClient with its credentials, on the runners listener."""
-    async with RunnerClient(ident, broker.address("runner", ident)) as client:
+async def runner_client(broker: SecureBroker, ident: str) -> AsyncIterator[RecordingRunner]:
+    """A runner with its credentials on the runners listener, its id as client id."""
+    address = broker.address("runner", ident)
+    async with RecordingRunner(ident, address, client_id=ident) as client:
         yield client
 
 
 @contextlib.asynccontextmanager
 async def app_client(
     broker: SecureBroker, ident: str, *, listener: str = "app"
-) -> AsyncIterator[AppClient]:
-    """An AppClient with its credentials, on the apps listener (or ``app-ws``)."""
-    async with AppClient(ident, broker.address("app", ident, listener=listener)) as client:
+) -> AsyncIterator[RecordingApp]:
+    """An app with its credentials on the apps listener (or ``app-ws``), its id as client
+    id."""
+    address = broker.address("app", ident, listener=listener)
+    async with RecordingApp(ident, address, client_id=ident) as client:
         yield client
 
 
-def Sniffer(address: BrokerAddress, label: str) -> contextlib.AbstractAsyncContextManager[Recorder]:  # noqa: N802 - was a class
-    """A raw MQTT 5 connection (with `address`'s credentials) that records every delivery:
-    the shared harness's recorder (`.subscribe(filters)`, `.publish()`, `.received`,
-    `.topics()`), subscribed to nothing yet."""
-    return recording(address, label=f"sniff-{label}")
+class Sniffer(RecordingClient):
+    """A raw MQTT connection (as `address` says: where, as whom, TLS) that records every
+    delivery: the shared harness's recorder (`subscribe(filters)`, `publish()`,
+    `received`, `topics()`), subscribed to nothing yet.
+
+    Args:
+        address: where and as whom it connects.
+        label: for messages (and the default client id `sniff-<label>-...`).
+        v311: speak MQTT 3.1.1 instead of 5.
+        persistent: keep the broker session when disconnected, so that the broker goes
+            on queueing for it while it is away.
+        client_id: the client id it asks for.
+    """
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        label: str,
+        *,
+        v311: bool = False,
+        persistent: bool = False,
+        client_id: str | None = None,
+    ) -> None:
+        super().__init__(
+            address,
+            label=f"sniff-{label}",
+            v311=v311,
+            persistent=persistent,
+            client_id=client_id,
+        )
+        self.label = label
 
 
 __all__ = [
     "PAIRING_SECRET",
     "SERVICE_USER",
+    "RecordingApp",
+    "RecordingRunner",
     "SecureBroker",
     "Sniffer",
     "add_credentials",

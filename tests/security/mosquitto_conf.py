@@ -4,7 +4,10 @@ The tests run the production configuration itself, not a copy written for them: 
 listeners are moved to free loopback ports, its `/etc/mosquitto/pairing/` files to a
 temporary directory, its persistence and log to the broker's own directory, and `user` is
 set to the user running the tests (tests/fixtures.py explains why). Everything else
-(per-listener security, ACLs, `sys_interval 0`, `max_packet_size`) is used as shipped.
+(per-listener security, ACLs, client ids bound to usernames, `sys_interval 0`,
+`max_packet_size`) is used as shipped. With `tls_dir`, the commented TLS listeners at the
+end of the file are enabled the way README.md tells an operator to (the `#` in front of
+each option removed), with `/etc/mosquitto/certs/` moved to `tls_dir`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ BROKER_CONFIG = REPO_ROOT / "broker-config"
 MOSQUITTO_CONF = BROKER_CONFIG / "mosquitto.conf"
 INSTALL_DIR = "/etc/mosquitto/pairing/"
 """Where mosquitto.conf expects the files of broker-config/ (README.md, "Install")."""
+CERT_DIR = "/etc/mosquitto/certs/"
+"""Where the commented TLS listeners expect the server's certificate and key."""
+TLS_SECTION = "# -- TLS"
+"""The comment that opens the commented TLS listeners."""
+_COMMENTED_OPTION = re.compile(r"^#(?=[a-z_]+ )")
 
 _PASSWD_KIND = {"runners.passwd": "runner", "apps.passwd": "app", "service.passwd": "service"}
 
@@ -40,6 +48,17 @@ class Listener:
         """runner, app or service, from the listener's password file."""
         name = Path(self.options.get("password_file", "")).name
         return _PASSWD_KIND.get(name, "?")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the listener has a certificate (is a TLS listener)."""
+        return "certfile" in self.options
+
+    @property
+    def key(self) -> str:
+        """``runner``, ``app``, ``app-ws``, ``service``, and ``-tls`` after TLS ones."""
+        key = self.kind + ("-ws" if self.protocol == "websockets" else "")
+        return key + ("-tls" if self.tls else "")
 
 
 def parse_listeners(text: str) -> list[Listener]:
@@ -70,16 +89,42 @@ def global_option(text: str, name: str) -> str | None:
     return None
 
 
+def enable_tls_listeners(text: str) -> str:
+    """`text` with the commented listener options of its TLS section uncommented.
+
+    Raises:
+        ValueError: the file has no TLS section, or it holds no commented listener.
+    """
+    lines = text.splitlines()
+    try:
+        start = next(n for n, line in enumerate(lines) if line.startswith(TLS_SECTION))
+    except StopIteration:
+        raise ValueError(f"no {TLS_SECTION!r} section") from None
+    for n in range(start, len(lines)):
+        lines[n] = _COMMENTED_OPTION.sub("", lines[n])
+    enabled = "\n".join(lines) + "\n"
+    if not any(listener.tls for listener in parse_listeners(enabled)):
+        raise ValueError("the TLS section enables no TLS listener")
+    return enabled
+
+
 def render_for_test(
-    *, conf_dir: Path, ports: dict[str, int], first_port_placeholder: str = "runner"
+    *,
+    conf_dir: Path,
+    ports: dict[str, int],
+    first_port_placeholder: str = "runner",
+    tls_dir: Path | None = None,
 ) -> str:
     """broker-config/mosquitto.conf with test ports and paths.
 
     Args:
         conf_dir: where the ACL and password files are (replaces /etc/mosquitto/pairing/).
-        ports: port per listener key: ``runner``, ``app``, ``app-ws``, ``service``.
+        ports: port per listener key (`Listener.key`): ``runner``, ``app``, ``app-ws``,
+            ``service``, and with `tls_dir` ``runner-tls``, ``app-tls``, ``app-ws-tls``,
+            ``service-tls``.
         first_port_placeholder: the listener whose port is left as ``{{PORT}}`` for
             `tests.fixtures.MosquittoBroker` to fill in (the port it watches).
+        tls_dir: enable the TLS listeners, with ``server.crt`` and ``server.key`` here.
 
     Returns:
         A template for `render_mosquitto_config` (placeholders {{PORT}}, {{DATA_DIR}},
@@ -89,9 +134,11 @@ def render_for_test(
         ValueError: the shipped file no longer has what this rendering relies on.
     """
     text = MOSQUITTO_CONF.read_text()
+    if tls_dir is not None:
+        text = enable_tls_listeners(text).replace(CERT_DIR, f"{tls_dir}/")
     lines = text.splitlines()
     for listener in parse_listeners(text):
-        key = listener.kind + ("-ws" if listener.protocol == "websockets" else "")
+        key = listener.key
         if key not in ports:
             raise ValueError(f"unexpected listener {listener.port} ({key}) in {MOSQUITTO_CONF}")
         port = "{{PORT}}" if key == first_port_placeholder else str(ports[key])

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from mqtt_pairing.config import check_service_client_id
 from tests.fixtures import RedisServer, free_port, require_binary
 from tests.security.harness import SecureBroker, running_service
 from tests.security.mosquitto_conf import (
@@ -291,3 +292,7 @@ async def test_service_healthcheck_passes_against_a_running_service(
         subprocess.run, command, timeout=30, check=False, capture_output=True
     )
     assert done.returncode != 0
+
+
+def test_the_service_client_id_is_one_no_device_can_have(services: dict[str, Any]) -> None:
+    check_service_client_id(_env(services["mqtt-pairing"])["MQTT_CLIENT_ID"])

@@ -95,9 +95,31 @@ def test_default_password_file_follows_the_kind(
     (tmp_path / "broker-config").mkdir()
     monkeypatch.chdir(tmp_path)
     for kind, file in (("runner", "runners"), ("app", "apps"), ("service", "service")):
-        result = invoke("add", kind, "same-id")
+        result = invoke("add", kind, f"{kind}-1")
         assert result.exit_code == 0, result.output
-        assert list(_entries(tmp_path / "broker-config" / f"{file}.passwd")) == ["same-id"]
+        assert list(_entries(tmp_path / "broker-config" / f"{file}.passwd")) == [f"{kind}-1"]
+
+
+LABELS = {"runner": "a runner", "app": "an app", "service": "a service account"}
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("runner", "app"), ("app", "runner"), ("service", "runner"), ("app", "service")],
+)
+def test_an_id_of_another_kind_in_the_same_directory_is_refused(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    files = {"runner": "runners", "app": "apps", "service": "service"}
+    path = {kind: str(tmp_path / f"{name}.passwd") for kind, name in files.items()}
+    assert invoke("add", first, "x-1", "--password-file", path[first]).exit_code == 0
+    again = invoke("add", second, "x-1", "--password-file", path[second])
+    assert again.exit_code == 1
+    assert again.stderr == (
+        f"error: 'x-1' is already {LABELS[first]} "
+        f"({path[first]}); a username must belong to one kind: pick another id\n"
+    )
+    assert not Path(path[second]).exists()
 
 
 def test_adding_an_existing_id_is_refused_unless_replace(tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ import pytest
 from tests.fixtures import RedisServer
 from tests.security.harness import (
     SERVICE_USER,
+    RecordingApp,
+    RecordingRunner,
     SecureBroker,
     Sniffer,
     app_client,
@@ -131,19 +133,25 @@ async def test_isolation_matrix(
         running_service(broker, redis_server.url, key_prefix) as service,
         contextlib.AsyncExitStack() as stack,
     ):
-        sniffers: dict[str, Sniffer] = {}
-        for label, address in who.items():
-            sniffer = await stack.enter_async_context(Sniffer(address, label))
-            await sniffer.subscribe([*snoop_filters(ids), f"$share/snoop{label}/pairing/#"])
-            sniffers[label] = sniffer
-        for label, topics in forbidden.items():
-            for n, topic in enumerate(topics):
-                await sniffers[label].publish(topic, forged(f"forged-{label}-{n}"))
-
+        # One connection per identity (its client id is its username): each client both
+        # snoops and forges, and goes on working normally afterwards.
         runner_a = await stack.enter_async_context(runner_client(broker, a))
         runner_b = await stack.enter_async_context(runner_client(broker, b))
         app_c = await stack.enter_async_context(app_client(broker, c))
         app_d = await stack.enter_async_context(app_client(broker, d, listener="app-ws"))
+        service_account = await stack.enter_async_context(Sniffer(who["S"], "S"))
+        sniffers: dict[str, Sniffer | RecordingRunner | RecordingApp] = {
+            "A": runner_a,
+            "B": runner_b,
+            "C": app_c,
+            "D": app_d,
+            "S": service_account,
+        }
+        for label, sniffer in sniffers.items():
+            await sniffer.subscribe([*snoop_filters(ids), f"$share/snoop{label}/pairing/#"])
+        for label, topics in forbidden.items():
+            for n, topic in enumerate(topics):
+                await sniffers[label].publish(topic, forged(f"forged-{label}-{n}"))
 
         # A round trip: anything the broker let through before it has reached the service.
         assert await runner_b.sessions() == []

@@ -137,7 +137,8 @@ async def test_payloads_above_the_service_and_broker_limits_are_refused(
         )
         assert answer == b"", "the broker answered the oversized PUBLISH instead of closing"
         log_lines = broker.log_path.read_text().splitlines()
-        assert any(f"raw-{big}" in line and "oversize" in line for line in log_lines)
+        # Its client id is its username on the apps listener (use_username_as_clientid).
+        assert any(f"Client {big} " in line and "oversize" in line for line in log_lines)
         # Everyone else carries on: the bystander and a new pairing.
         assert await bystander.sessions()
         code2 = (await runner2.request_code())["code"]

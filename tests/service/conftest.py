@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from tests.harness.fixtures import broker_address, peers, start_service
 from tests.harness.recorder import Checker, Recorder, recording
 from tests.harness.service import RunningService, StartService

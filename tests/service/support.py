@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from mqtt_pairing.client import PairingClient
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from tests.harness.peers import Peers
 from tests.harness.recorder import Message, Recorder, recording
 from tests.harness.service import (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from tests.harness.peers import Peers
 from tests.harness.serve import ServeProcess
 from tests.harness.servers import free_port

@@ -84,7 +84,7 @@ async def test_shared_group_answers_each_request_once(
 async def test_requests_sent_while_the_service_is_away_are_answered(
     start_service: StartService, peers: Peers
 ) -> None:
-    client_id = f"svc-{uuid.uuid4().hex[:12]}"
+    client_id = f"svc:{uuid.uuid4().hex[:12]}"
     key_prefix = f"e2e-{uuid.uuid4().hex[:12]}"
     first = await start_service(mqtt_client_id=client_id, pairing_key_prefix=key_prefix)
     async with peers.runner("r1") as runner, peers.app("a1") as app:

@@ -9,7 +9,7 @@ import pytest
 
 from mqtt_pairing.client import ReplyError
 from mqtt_pairing.config import load_settings
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.service import build_service
 from tests.fixtures import free_port
 from tests.service.support import Peers, RunningService, by_event, events, start_running
@@ -37,7 +37,7 @@ async def embedded_service(
     port = free_port()
     settings = load_settings(
         pairing_topic_prefix=topic_prefix,
-        mqtt_client_id=f"svc-{uuid.uuid4().hex[:12]}",
+        mqtt_client_id=f"svc:{uuid.uuid4().hex[:12]}",
         pairing_shutdown_grace_s=2.0,
     )
     service = await build_service(settings, listen=f"127.0.0.1:{port}")

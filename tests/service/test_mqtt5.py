@@ -26,7 +26,7 @@ async def test_own_response_topic_is_honoured(
     running_service: RunningService, peers: Peers, sniffer: Sniffer
 ) -> None:
     p = peers.prefix
-    inbox = f"{p}/apps/a1/inbox/x"
+    inbox = f"{p}/apps/a1/res/inbox/x"
     await sniffer.publish(
         f"{p}/apps/a1/req/sessions",
         b'{"request_id": "s1"}',
@@ -45,7 +45,7 @@ async def test_error_reply_and_null_request_id_follow_the_response_topic(
     running_service: RunningService, peers: Peers, sniffer: Sniffer
 ) -> None:
     p = peers.prefix
-    inbox = f"{p}/apps/a1/replies"
+    inbox = f"{p}/apps/a1/res/replies"
     await sniffer.publish(
         f"{p}/apps/a1/req/pair", b"not json", properties=request_properties(inbox, b"c-1")
     )
@@ -67,7 +67,7 @@ async def test_code_reply_expires_with_the_code(
     running_service: RunningService, peers: Peers, sniffer: Sniffer
 ) -> None:
     p = peers.prefix
-    inbox = f"{p}/runners/r1/codes"
+    inbox = f"{p}/runners/r1/res/codes"
     await sniffer.publish(
         f"{p}/runners/r1/req/code",
         b'{"request_id": "c1", "ttl_s": 120}',
@@ -99,6 +99,8 @@ async def test_reply_without_properties_has_expiry_only(
         "{p}/apps/a1/req/pair",  # its own request topic: the reply would loop back in
         "{p}/apps/a1/req",
         "{p}/apps/a1",  # the subtree root itself
+        "{p}/apps/a1/inbox/x",  # its own subtree, outside res/ (its ACL drops it)
+        "{p}/apps/a1/events",
         "{p}/apps/a1x/res/x",  # an id that merely starts with the requester's
         "{p}/runners/a1/res/x",  # the same id, the other kind
         "{p}x/apps/a1/res/x",  # a prefix that merely starts with the service's
@@ -140,8 +142,10 @@ async def test_runner_response_topic_rules(
     for topic, accepted in [
         (f"{p}/runners/r1/status", False),  # its presence topic
         (f"{p}/runners/r1/req/x", False),
-        (f"{p}/runners/r1/status/x", True),  # below status is not status
-        (f"{p}/runners/r1/inbox", True),
+        (f"{p}/runners/r1/status/x", False),  # outside res/ (docs/protocol.md)
+        (f"{p}/runners/r1/inbox", False),
+        (f"{p}/runners/r1/res", True),
+        (f"{p}/runners/r1/res/inbox/1", True),
     ]:
         await sniffer.publish(
             f"{p}/runners/r1/req/sessions",

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable
 
 from mqtt_pairing.config import load_settings
-from mqtt_pairing.gateway import BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.service import build_service
 from tests.harness.servers import MosquittoBroker, RedisServer
 from tests.harness.waiting import wait_until
@@ -27,7 +27,7 @@ async def test_service_reconnects_after_broker_restart(
         pairing_secret=SECRET,
         pairing_topic_prefix=topic_prefix,
         pairing_key_prefix=f"e2e-{unique}",
-        mqtt_client_id=f"svc-{unique}",
+        mqtt_client_id=f"svc:{unique}",
         pairing_shared_group="",
         pairing_shutdown_grace_s=2.0,
         mqtt_reconnect_max_s=0.5,

@@ -7,7 +7,7 @@ import re
 
 from mqtt_pairing.codes import normalise_code
 from mqtt_pairing.store import PairingStore
-from mqtt_pairing.store.redis_store import INDEX_TTL_MARGIN_S
+from mqtt_pairing.store.redis_store import SESSION_KEYS_MARGIN_S
 from mqtt_pairing.tombstones import KEEP_MARGIN_MS
 from tests.store.helpers import Api, all_keys, dump_key, full_flow
 
@@ -91,10 +91,12 @@ async def test_key_ttls_are_bounded_by_their_settings(
         "tomb": s.pairing_code_ttl_max_s
         + s.pairing_code_tombstone_s
         + (s.tombstones.window_ms + KEEP_MARGIN_MS) // 1000,
-        "runner": s.pairing_session_idle_ttl_s,
-        # the app's index and the by-id lookup outlive the idle TTL by a margin
-        "app": s.pairing_session_idle_ttl_s + INDEX_TTL_MARGIN_S,
-        "session": s.pairing_session_idle_ttl_s + INDEX_TTL_MARGIN_S,
+        # a session's keys outlive its idle deadline by a margin; the runner hash also
+        # outlives its code
+        "runner": max(s.pairing_session_idle_ttl_s, s.pairing_code_ttl_max_s)
+        + SESSION_KEYS_MARGIN_S,
+        "app": s.pairing_session_idle_ttl_s + SESSION_KEYS_MARGIN_S,
+        "session": s.pairing_session_idle_ttl_s + SESSION_KEYS_MARGIN_S,
         "history": s.pairing_history_retention_s,
         "budget": s.pairing_global_fail_window_s,
         "limit": s.pairing_penalty_max_s + s.pairing_penalty_memory_s,

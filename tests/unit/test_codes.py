@@ -1,4 +1,7 @@
-"""Tests of mqtt_pairing.codes: docs/protocol.md "Codes" and tests/data/vectors/code-normalisation.json."""
+"""Tests of mqtt_pairing.codes: docs/protocol.md "Codes".
+
+Vectors: tests/data/vectors/code-normalisation.json.
+"""
 
 from __future__ import annotations
 

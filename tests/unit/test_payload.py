@@ -1,4 +1,7 @@
-"""Tests of mqtt_pairing.payload: docs/protocol.md "Payloads" and tests/data/vectors/payloads.json."""
+"""Tests of mqtt_pairing.payload: docs/protocol.md "Payloads".
+
+Vectors: tests/data/vectors/payloads.json.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from paho.mqtt.client import topic_matches_sub
 
 from mqtt_pairing.topics import (
     APP_OPS,
@@ -239,16 +240,17 @@ def test_parse_status_round_trip(runner_id: str) -> None:
 @pytest.mark.parametrize(
     "response_topic",
     [
-        "pairing/runners/abc/inbox",
+        "pairing/runners/abc/res",  # the level itself: `res/#` matches it
         "pairing/runners/abc/res/code",
-        "pairing/runners/abc/events",
-        "pairing/runners/abc/a/b/c",
-        "pairing/runners/abc/requests",  # "req" only as a whole level is refused
-        "pairing/runners/abc/status/x",
-        "pairing/runners/abc/é",
+        "pairing/runners/abc/res/inbox",
+        "pairing/runners/abc/res/a/b/c",
+        "pairing/runners/abc/res/",  # an empty level under res
+        "pairing/runners/abc/res//x",
+        "pairing/runners/abc/res/é",
+        "pairing/runners/abc/res/req/code",  # under res, whatever the level is called
     ],
 )
-def test_response_topic_in_own_subtree_is_accepted(response_topic: str) -> None:
+def test_response_topic_under_own_res_is_accepted(response_topic: str) -> None:
     assert SCHEME.accept_response_topic(RUNNER, response_topic)
 
 
@@ -258,23 +260,29 @@ def test_response_topic_in_own_subtree_is_accepted(response_topic: str) -> None:
         None,
         "",
         "pairing/runners/abc",  # the subtree root itself
-        "pairing/runners/abc/",  # nothing under it
+        "pairing/runners/abc/",
+        "pairing/runners/abc/inbox",  # own subtree, but outside res/ (the ACL drops it)
+        "pairing/runners/abc/inbox/1",
+        "pairing/runners/abc/events",
+        "pairing/runners/abc/status",
+        "pairing/runners/abc/status/x",
+        "pairing/runners/abc/results",  # `res` only as a whole level
+        "pairing/runners/abc/resx/1",
         "pairing/runners/abc/req",
         "pairing/runners/abc/req/code",
-        "pairing/runners/abc/req/x/y",
-        "pairing/runners/abc/status",
-        "pairing/runners/abc/+",
-        "pairing/runners/abc/#",
-        "pairing/runners/abc/a+b",
-        "pairing/runners/abc/x\x00",
-        "pairing/runners/abc/\ud800",  # not encodable as UTF-8
-        "pairing/runners/abc/" + "x" * 65535,  # too long
-        "pairing/runners/other/inbox",
-        "pairing/runners/abc2/x",  # prefix sibling
-        "pairing/runners/ab/x",
-        "pairing/apps/abc/x",  # same id, other kind
-        "other/runners/abc/x",
-        "$share/g/pairing/runners/abc/x",
+        "pairing/runners/abc/res/+",
+        "pairing/runners/abc/res/#",
+        "pairing/runners/abc/res/a+b",
+        "pairing/runners/abc/res/x\x00",
+        "pairing/runners/abc/res/\ud800",  # not encodable as UTF-8
+        "pairing/runners/abc/res/" + "x" * 65535,  # too long
+        "pairing/runners/other/res/code",
+        "pairing/runners/abc2/res/x",  # prefix sibling
+        "pairing/runners/ab/res/x",
+        "pairing/apps/abc/res/x",  # same id, other kind
+        "other/runners/abc/res/x",
+        "$share/g/pairing/runners/abc/res/x",
+        "/pairing/runners/abc/res/x",
     ],
 )
 def test_response_topic_elsewhere_is_refused(response_topic: str | None) -> None:
@@ -282,14 +290,39 @@ def test_response_topic_elsewhere_is_refused(response_topic: str | None) -> None
 
 
 def test_response_topic_length_bound_is_in_bytes() -> None:
-    base = "pairing/apps/abc/"
+    base = "pairing/apps/abc/res/"
     assert SCHEME.accept_response_topic(APP, base + "x" * (65535 - len(base)))
     assert not SCHEME.accept_response_topic(APP, base + "x" * (65536 - len(base)))
     assert not SCHEME.accept_response_topic(APP, base + "é" * ((65535 - len(base)) // 2 + 1))
 
 
 def test_response_topic_rule_for_apps() -> None:
-    assert SCHEME.accept_response_topic(APP, "pairing/apps/abc/replies/1")
+    assert SCHEME.accept_response_topic(APP, "pairing/apps/abc/res/replies/1")
+    assert not SCHEME.accept_response_topic(APP, "pairing/apps/abc/replies/1")
     assert not SCHEME.accept_response_topic(APP, "pairing/apps/abc/req/pair")
-    assert not SCHEME.accept_response_topic(APP, "pairing/apps/abc/status")
-    assert not SCHEME.accept_response_topic(APP, "pairing/runners/abc/x")
+    assert not SCHEME.accept_response_topic(APP, "pairing/runners/abc/res/x")
+
+
+_levels = st.sampled_from(
+    ["pairing", "runners", "apps", "abc", "abd", "res", "req", "events", "x", "", "+", "#"]
+) | st.text(st.characters(codec="utf-8", exclude_characters="/"), max_size=4)
+
+
+@given(
+    identity=st.builds(Identity, kinds, st.sampled_from(["abc", "abd", "x"])),
+    levels=st.lists(_levels, max_size=7),
+    own_res=st.booleans(),
+)
+def test_response_topic_rule_is_the_acl_filter(
+    identity: Identity, levels: list[str], own_res: bool
+) -> None:
+    """Accepted exactly when the shipped ACL's filter `P/<kind>s/<id>/res/#` matches the
+    topic and the topic is a valid topic name (no wildcard, no NUL): what the service may
+    write and the requester may read (broker-config/*.acl), so every reply sent to an
+    accepted Response Topic is delivered."""
+    base = ["pairing", identity.kind.segment, identity.id, "res"] if own_res else []
+    topic = "/".join(base + levels)
+    acl_filter = f"pairing/{identity.kind.segment}/{identity.id}/res/#"
+    valid_name = not any(c in topic for c in "+#\x00")
+    deliverable = valid_name and bool(topic) and topic_matches_sub(acl_filter, topic)
+    assert SCHEME.accept_response_topic(identity, topic) == deliverable

@@ -4,7 +4,7 @@
 -- KEYS[1] - runner hash ({runner:<id>})
 -- KEYS[2] - runner sessions hash (same tag)
 -- KEYS[3] - runner outbox stream (same tag)
--- ARGV[1] - session idle TTL, ms
+-- ARGV[1] - TTL of the runner's keys, ms (idle TTL plus a margin, see open_session.lua)
 -- ARGV[2] - how long a heartbeat makes a runner online, ms
 -- returns {sessions refreshed, outbox entries (empty if nothing was announced)}
 local now = now_ms()

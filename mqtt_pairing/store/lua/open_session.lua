@@ -10,7 +10,8 @@
 -- ARGV[3] - runner_id
 -- ARGV[4] - app_id
 -- ARGV[5] - app name ('' none)
--- ARGV[6] - session idle TTL, ms
+-- ARGV[6] - TTL of the runner's keys, ms (idle TTL plus a margin: they must outlive the
+--           idle deadline, at which the expiry sweep reads them)
 -- ARGV[7] - most active sessions per runner
 -- ARGV[8] - JSON {app_public_key, app_metadata} for the session.opened event
 -- ARGV[9] - uses left on the code after this use (for the code.used event)

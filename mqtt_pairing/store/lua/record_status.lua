@@ -7,7 +7,7 @@
 -- ARGV[1] - state: 'online' | 'offline'
 -- ARGV[2] - '1' if the broker replayed it as retained (on subscribe)
 -- ARGV[3] - how long a heartbeat makes a runner online, ms
--- ARGV[4] - runner idle TTL, ms
+-- ARGV[4] - TTL of the runner's keys, ms (idle TTL plus a margin, see open_session.lua)
 -- returns {changed (0/1), outbox entries}
 local now = now_ms()
 local r = redis.call('HMGET', KEYS[1], 'status', 'status_ms', 'hb_ms')

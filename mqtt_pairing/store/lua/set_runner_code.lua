@@ -4,7 +4,7 @@
 -- KEYS[2] - dedupe hash of the request
 -- ARGV[1] - digest of the new code
 -- ARGV[2] - its expiry, ms since the epoch
--- ARGV[3] - runner idle TTL, ms
+-- ARGV[3] - TTL of the runner hash, ms (outlives the code and the idle TTL by a margin)
 -- ARGV[4] - sealed reply
 -- ARGV[5] - dedupe TTL, ms
 -- ARGV[6] - runner name ('' none)

@@ -2,7 +2,7 @@
 -- their last_seen_at (docs/protocol.md: a request that lists a session refreshes it).
 -- KEYS[1] - runner sessions hash ({runner:<id>})
 -- KEYS[2] - runner hash (same tag)
--- ARGV[1] - session idle TTL, ms
+-- ARGV[1] - TTL of the runner's keys, ms (idle TTL plus a margin, see open_session.lua)
 -- ARGV[2] - app_id filter ('' all)
 -- returns a list of session JSON
 local now = now_ms()
