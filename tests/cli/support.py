@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,9 +19,12 @@ from mqtt_pairing.cli.main import app
 from mqtt_pairing.config import Settings, load_settings
 from mqtt_pairing.dispatcher import Dispatcher
 from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
-from mqtt_pairing.topics import Identity, Kind
+from tests.harness.api import Api as HarnessApi
+from tests.harness.api import new_id
 
 T = TypeVar("T")
+
+__all__ = ["Api", "Backend", "json_lines", "new_id", "one_line_error", "run_cli"]
 SECRET = b"s" * 32
 
 MASKED_RE = r"^[0-9A-HJKMNP-TV-Z]\*\*-\*\*\*-\*\*\* #[0-9a-f]{8}$"
@@ -48,51 +50,10 @@ def one_line_error(result: Result, code: int) -> str:
     return lines[0]
 
 
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-@dataclass
-class Api:
+class Api(HarnessApi):
     """Requests through a Dispatcher, recording history as the gateway does."""
 
-    dispatcher: Dispatcher
-
-    @property
-    def store(self) -> PairingStore:
-        return self.dispatcher.store
-
-    @property
-    def settings(self) -> Settings:
-        return self.dispatcher.settings
-
-    async def request(self, kind: Kind, ident: str, op: str, **fields: Any) -> dict[str, Any]:
-        payload = {"request_id": new_id(), **fields}
-        handled = await self.dispatcher.handle(
-            Identity(kind, ident), op, json.dumps(payload).encode()
-        )
-        await self.dispatcher.history.record(handled.history)
-        assert handled.reply is not None
-        return handled.reply
-
-    async def code(self, runner_id: str, **fields: Any) -> str:
-        reply = await self.request(Kind.RUNNER, runner_id, "code", **fields)
-        assert reply["ok"], reply
-        code: str = reply["result"]["code"]
-        return code
-
-    async def pair(self, app_id: str, code: str) -> dict[str, Any]:
-        return await self.request(Kind.APP, app_id, "pair", code=code)
-
-    async def pair_ok(self, app_id: str, code: str) -> str:
-        reply = await self.pair(app_id, code)
-        assert reply["ok"], reply
-        session_id: str = reply["result"]["session"]["session_id"]
-        return session_id
-
-    async def paired(self, runner_id: str, app_id: str) -> str:
-        """A new session between the two (a fresh code each time)."""
-        return await self.pair_ok(app_id, await self.code(runner_id))
+    record_history = True
 
 
 @dataclass

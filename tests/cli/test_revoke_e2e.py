@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
 from mqtt_pairing.client import AppClient, PairingClient, RunnerClient
-from mqtt_pairing.config import load_settings
 from mqtt_pairing.mqtt_address import BrokerAddress
-from mqtt_pairing.service import Service, build_service
+from mqtt_pairing.service import Service
 from tests.cli.support import json_lines, run_cli
-from tests.fixtures import MosquittoBroker, RedisServer
+from tests.harness.servers import MosquittoBroker, RedisServer
+from tests.harness.service import instance_settings, instances
 
-CONNECT_TIMEOUT_S = 10.0
 EVENT_TIMEOUT_S = 5.0
 
 Start = Callable[[], "contextlib.AbstractAsyncContextManager[Service]"]
@@ -52,36 +50,15 @@ def serving(
 
     @contextlib.asynccontextmanager
     async def start() -> AsyncIterator[Service]:
-        settings = load_settings(
+        base = instance_settings(
+            topic_prefix,
+            prefix,
             mqtt_url=mosquitto_broker.url,
             redis_url=redis_server.url,
-            pairing_secret="x" * 40,
-            pairing_topic_prefix=topic_prefix,
-            pairing_key_prefix=prefix,
-            mqtt_client_id=f"svc:{uuid.uuid4().hex[:12]}",
-            pairing_shared_group="",
             pairing_shutdown_grace_s=1.0,
         )
-        service = await build_service(settings)
-        task = asyncio.create_task(service.run())
-        try:
-            connected = asyncio.ensure_future(service.gateway.connected.wait())
-            done, _ = await asyncio.wait(
-                {connected, task}, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
-            )
-            if connected not in done:
-                connected.cancel()
-                pytest.fail(f"the service did not connect within {CONNECT_TIMEOUT_S} s")
-            yield service
-        finally:
-            service.stop()
-            try:
-                await asyncio.wait_for(asyncio.shield(task), 10)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            await service.close()
+        async with instances(base) as start_one:
+            yield (await start_one()).service
 
     return start
 

@@ -7,7 +7,9 @@
   the service with `REDIS_CLUSTER_URL` set to the session cluster and `MQTT_URL` to the
   session Mosquitto, runs it in a task and waits until it is connected; every instance is
   stopped after the test. Each gets its own `mqtt_client_id`.
-- `peers`, `swarm`, `broker_address`: clients on the session broker and the test's topics.
+- `swarm`: many runners and apps over one MQTT connection (tests/cluster/support.py).
+
+`peers` and `broker_address` are the shared harness's (tests/harness/fixtures.py).
 """
 
 from __future__ import annotations
@@ -20,13 +22,8 @@ import pytest
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
 from tests.cluster.support import Swarm
-from tests.fixtures import MosquittoBroker, RedisClusterServers
-from tests.service.support import (
-    Peers,
-    StartService,
-    instance_settings,
-    instances,
-)
+from tests.harness.servers import MosquittoBroker, RedisClusterServers
+from tests.harness.service import StartService, instance_settings, instances
 
 
 @pytest.fixture
@@ -47,11 +44,6 @@ async def cluster_store(
 
 
 @pytest.fixture
-def broker_address(mosquitto_broker: MosquittoBroker) -> BrokerAddress:
-    return BrokerAddress(mosquitto_broker.host, mosquitto_broker.port)
-
-
-@pytest.fixture
 async def start_cluster_service(
     broker_address: BrokerAddress,
     mosquitto_broker: MosquittoBroker,
@@ -68,11 +60,6 @@ async def start_cluster_service(
     )
     async with instances(base) as start:
         yield start
-
-
-@pytest.fixture
-def peers(broker_address: BrokerAddress, topic_prefix: str) -> Peers:
-    return Peers(broker_address, topic_prefix)
 
 
 @pytest.fixture

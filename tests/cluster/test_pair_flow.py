@@ -6,7 +6,6 @@ call of it keeps to one slot."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ from mqtt_pairing.client import AppClient, PairingClient, ReplyError, RunnerClie
 from mqtt_pairing.models import ClosedReason
 from mqtt_pairing.store import PairingStore
 from tests.cluster.support import recording_slots
+from tests.harness.waiting import wait_until
 from tests.service.support import (
     CODE_RE,
     EVENT_TIMEOUT_S,
@@ -58,10 +58,7 @@ async def closed(client: PairingClient, sid: str, reason: str) -> None:
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
+    await wait_until(check, timeout_s, "the condition", interval_s=0.05)
 
 
 async def test_the_whole_pair_flow_on_the_cluster(

@@ -37,6 +37,8 @@ The service and its peers (tests/harness/service.py, serve.py, peers.py, recorde
   otherwise, and a free health port; every process made is killed after the test.
 - `recorder` (function): a `Recorder` of every event, reply and status under the test's
   topic prefix on the session Mosquitto; fails the test if one of its checkers did.
+- `mqtt_checkers` (function): the checkers `recorder` hands every payload to (none here;
+  override it to validate every recorded message, e.g. against the AsyncAPI document).
 - `peers` (function): `Peers` on the session Mosquitto and the test's topic prefix.
 
 A shared server that a test stopped is started again (same port) after that test.
@@ -57,7 +59,7 @@ from amqtt.broker import Broker
 from mqtt_pairing.broker import start_embedded_broker
 from mqtt_pairing.mqtt_address import BrokerAddress
 from tests.harness.peers import Peers
-from tests.harness.recorder import Recorder, pairing_filters, recording
+from tests.harness.recorder import Checker, Recorder, pairing_filters, recording
 from tests.harness.serve import ServeProcess
 from tests.harness.servers import (
     FakeRedisServer,
@@ -71,6 +73,7 @@ from tests.harness.servers import (
 )
 from tests.harness.service import SECRET, StartService, instance_settings, instances
 from tests.sdk.contract import Contract
+from tests.security.certs import TestCA
 from tests.security.harness import SecureBroker
 
 _REDIS_FIXTURES = frozenset({"redis_server", "make_redis_server", "redis_url", "redis_cluster"})
@@ -275,14 +278,18 @@ async def amqtt_broker() -> AsyncIterator[AmqttBroker]:
 def make_shipped_mosquitto(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., SecureBroker]]:
-    """Factory: `make_shipped_mosquitto(runners=[...], apps=[...])`, stopped after the test.
+    """Factory: `make_shipped_mosquitto(runners=[...], apps=[...], tls=ca)`, stopped after
+    the test.
 
     Mosquitto with broker-config/mosquitto.conf, its ACLs and password files written by
-    `mqtt-pairing credentials add` (`tests.security.harness.SecureBroker`).
+    `mqtt-pairing credentials add` (`tests.security.harness.SecureBroker`); with `tls` (a
+    `tests.security.certs.TestCA`) the shipped TLS listeners are enabled too.
     """
     made: list[SecureBroker] = []
 
-    def make(*, runners: Iterable[str] = (), apps: Iterable[str] = ()) -> SecureBroker:
+    def make(
+        *, runners: Iterable[str] = (), apps: Iterable[str] = (), tls: TestCA | None = None
+    ) -> SecureBroker:
         binary = require_binary("mosquitto")
         require_binary("mosquitto_passwd")
         runner_ids, app_ids = list(runners), list(apps)
@@ -292,6 +299,7 @@ def make_shipped_mosquitto(
                 tmp_path_factory.mktemp("mosquitto-shipped"),
                 runners=runner_ids,
                 apps=app_ids,
+                tls=tls,
             )
         )
         made.append(broker)
@@ -369,19 +377,29 @@ def serve_process(
 
 
 @pytest.fixture
-async def recorder(
-    broker_address: BrokerAddress, topic_prefix: str, request: pytest.FixtureRequest
-) -> AsyncIterator[Recorder]:
-    """Every event, reply and runner status under the test's prefix, copies included.
+def mqtt_checkers(topic_prefix: str, request: pytest.FixtureRequest) -> list[Checker]:
+    """Checkers the `recorder` (and tests/service's `sniffer`) hand every payload to.
 
-    Each reply and event is also checked against docs/asyncapi.yaml (tests/sdk/contract.py)
-    unless the test is marked `no_contract`.
+    By default every reply and event is checked against docs/asyncapi.yaml
+    (tests/sdk/contract.py) unless the test is marked `no_contract`; a suite's conftest or
+    a test may override it. `checker(topic, payload, properties)` raises on a bad message,
+    and the test fails after it ran.
     """
+    if request.node.get_closest_marker("no_contract") is not None:
+        return []
+    return [Contract(topic_prefix).checker]
+
+
+@pytest.fixture
+async def recorder(
+    broker_address: BrokerAddress, topic_prefix: str, mqtt_checkers: list[Checker]
+) -> AsyncIterator[Recorder]:
+    """Every event, reply and runner status under the test's prefix, copies included."""
     async with recording(
         broker_address, *pairing_filters(topic_prefix), prefix=topic_prefix
     ) as recorded:
-        if request.node.get_closest_marker("no_contract") is None:
-            recorded.add_checker(Contract(topic_prefix).checker)
+        for checker in mqtt_checkers:
+            recorded.add_checker(checker)
         yield recorded
     recorded.assert_checked()
 

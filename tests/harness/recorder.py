@@ -12,7 +12,8 @@ order), the pairing views `events(kind, id, name)`, `replies(kind, id, op)`,
 `statuses(runner_id)`, `presence_events(app_id)`, and `wait_for(...)`, `wait_events(...)`.
 `barrier(prefix)` waits until everything the service published before it has arrived.
 
-`recording(address, *filters)` is the async context that connects, subscribes and reads.
+`RecordingClient(address, *filters)` (also `recording`) is the async context that
+connects, subscribes and reads.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
+from mqtt_pairing.mqtt_address import BrokerAddress
 from tests.harness.waiting import wait_until
 
 REPLY_TIMEOUT_S = 5.0
@@ -226,25 +229,36 @@ class Recorder:
         await wait_until(distinct, timeout_s, f"{count} {name} event(s) for {kind} {ident}")
         return self.events(kind, ident, name)
 
-    async def barrier(self, timeout_s: float = REPLY_TIMEOUT_S) -> None:
+    async def barrier(
+        self, timeout_s: float = REPLY_TIMEOUT_S, *, prefix: str | None = None
+    ) -> str:
         """Wait until everything the service published before now has reached us.
 
         Publishes a `sessions` request of a runner of its own and waits for the reply:
         MQTT keeps one connection's messages in order, and the service publishes replies
         and events on one connection. The recorder must see `P/runners/+/res/+`. With
         several instances, only the one that answers is covered.
+
+        Args:
+            timeout_s: the bound on the reply.
+            prefix: the service's topic prefix (default: the recorder's).
+
+        Returns:
+            The runner id the barrier used (its topics contain `/barrier-`).
         """
+        base = self.prefix if prefix is None else prefix
         ident = f"barrier-{uuid.uuid4().hex[:8]}"
         request_id = uuid.uuid4().hex
-        topic = f"{self.prefix}/runners/{ident}/req/sessions"
-        await self.publish(topic, json.dumps({"request_id": request_id}))
+        await self.publish(
+            f"{base}/runners/{ident}/req/sessions", json.dumps({"request_id": request_id})
+        )
+        reply_topic = f"{base}/runners/{ident}/res/sessions"
         await wait_until(
-            lambda: any(
-                r.get("request_id") == request_id for r in self.replies("runner", ident, "sessions")
-            ),
+            lambda: any(m.body.get("request_id") == request_id for m in self.on(reply_topic)),
             timeout_s,
             "the reply to the barrier request",
         )
+        return ident
 
 
 def pairing_filters(prefix: str) -> list[str]:
@@ -252,42 +266,72 @@ def pairing_filters(prefix: str) -> list[str]:
     return [f"{prefix}/+/+/events", f"{prefix}/+/+/res/+", f"{prefix}/runners/+/status"]
 
 
-@contextlib.asynccontextmanager
-async def recording(
-    address: BrokerAddress,
-    *filters: str,
-    prefix: str = "",
-    no_local: bool = False,
-    label: str = "recorder",
-) -> AsyncIterator[Recorder]:
-    """A `Recorder` on `address` (its credentials and transport), subscribed to `filters`.
+class RecordingClient(Recorder):
+    """A `Recorder` with its own connection: `async with RecordingClient(...) as r`.
 
     Args:
-        address: the broker, as a client of it connects.
-        filters: topic filters, subscribed at QoS 1 before the recorder is handed out.
+        address: the broker, as a client of it connects (credentials, transport, TLS).
+        filters: topic filters, subscribed at QoS 1 on entering.
         prefix: the topic prefix of the pairing views.
         no_local: MQTT 5 No Local: never record what the recorder itself publishes.
-        label: part of the client id.
+        label: part of the default client id.
+        v311: speak MQTT 3.1.1 instead of 5.
+        persistent: keep the broker session when disconnected (MQTT 5: clean start off and
+            a 300 s Session Expiry; 3.1.1: clean session off), so that the broker goes on
+            queueing for it while it is away.
+        client_id: the client id it asks for (default: `<label>-<random>`).
     """
-    client = aiomqtt.Client(
-        address.host,
-        address.port,
-        username=address.username,
-        password=address.password,
-        identifier=f"{label}-{uuid.uuid4().hex[:12]}",
-        protocol=aiomqtt.ProtocolVersion.V5,
-        transport=address.transport,
-        websocket_path=address.websocket_path,
-        socket_options=[NODELAY],
-        timeout=10,
-    )
-    async with client:
-        recorder = Recorder(client, prefix)
-        await recorder.subscribe(filters, no_local=no_local)
-        reader = asyncio.create_task(recorder.read())
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        *filters: str,
+        prefix: str = "",
+        no_local: bool = False,
+        label: str = "recorder",
+        v311: bool = False,
+        persistent: bool = False,
+        client_id: str | None = None,
+    ) -> None:
+        session: dict[str, Any] = {}
+        if v311:
+            session["clean_session"] = not persistent
+        elif persistent:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 300
+            session.update(clean_start=False, properties=properties)
+        client = aiomqtt.Client(
+            **address.client_options(),
+            identifier=client_id or f"{label}-{uuid.uuid4().hex[:12]}",
+            protocol=aiomqtt.ProtocolVersion.V311 if v311 else aiomqtt.ProtocolVersion.V5,
+            timeout=10,
+            **session,
+        )
+        super().__init__(client, prefix)
+        self.label = label
+        self._filters = filters
+        self._no_local = no_local
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.client.__aenter__()
         try:
-            yield recorder
-        finally:
-            reader.cancel()
+            await self.subscribe(self._filters, no_local=self._no_local)
+        except BaseException:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self.client.__aexit__(None, None, None)
+            raise
+        self._reader = asyncio.create_task(self.read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await reader
+                await self._reader
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self.client.__aexit__(None, None, None)
+
+
+recording = RecordingClient
+"""`async with recording(address, *filters, ...) as recorder`: a `RecordingClient`."""

@@ -82,6 +82,15 @@ async def probe(host: str, port: int, path: str) -> int | None:
         return None
 
 
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as file:
+            file.seek(offset)
+            return file.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 class ServeProcess:
     """`python -m mqtt_pairing serve` in a subprocess, logging to a file.
 
@@ -89,31 +98,58 @@ class ServeProcess:
         env: the settings (environment variables) on top of a clean environment.
         log_path: where its stdout and stderr go.
         args: extra command-line arguments of `serve` (e.g. `--listen`).
+        separate_stderr: stderr to `log_path` + ".err" instead (`stderr()`), for tests of
+            what the command prints where.
+        log_level: `--log-level` (None: the command's default).
     """
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        args: tuple[str, ...] = (),
+        *,
+        separate_stderr: bool = False,
+        log_level: str | None = "INFO",
+    ) -> None:
         self.env = env
         self.log_path = log_path
+        self.err_path = log_path.with_name(log_path.name + ".err") if separate_stderr else None
         self.args = args
+        self.log_level = log_level
         self.health: tuple[str, int] | None = None
         if env.get("PAIRING_HEALTH_LISTEN"):
             host, _, port = env["PAIRING_HEALTH_LISTEN"].rpartition(":")
             self.health = (host, int(port))
         self.process: subprocess.Popen[bytes] | None = None
         self._log_start = 0
+        self._err_start = 0
 
     def start(self) -> None:
         """Start the process (a restart logs on after the previous run's lines)."""
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
+        self._err_start = (
+            self.err_path.stat().st_size if self.err_path and self.err_path.exists() else 0
+        )
+        level = ("--log-level", self.log_level) if self.log_level else ()
+        command = [sys.executable, "-m", "mqtt_pairing", "serve", *level, *self.args]
+        with contextlib.ExitStack() as files:
+            log = files.enter_context(self.log_path.open("ab"))
+            err = files.enter_context(self.err_path.open("ab")) if self.err_path else None
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "mqtt_pairing", "serve", "--log-level", "INFO", *self.args],
+                command,
                 cwd=REPO_ROOT,
                 env=clean_env(**self.env),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
-                stderr=subprocess.STDOUT,
+                stderr=err if err is not None else subprocess.STDOUT,
             )
+
+    @property
+    def command(self) -> list[str]:
+        """The command line it runs (or ran)."""
+        assert self.process is not None
+        return [str(a) for a in self.process.args]  # type: ignore[union-attr]
 
     @property
     def pid(self) -> int:
@@ -125,13 +161,16 @@ class ServeProcess:
         return None if self.process is None else self.process.poll()
 
     def output(self) -> str:
-        """Everything this run (since the last `start`) has logged."""
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(self._log_start)
-                return log.read().decode(errors="replace")
-        except OSError:
-            return ""
+        """Everything this run (since the last `start`) has written (stderr included)."""
+        return self.stdout() + self.stderr()
+
+    def stdout(self) -> str:
+        """What this run wrote to stdout (and stderr, unless `separate_stderr`)."""
+        return _read_from(self.log_path, self._log_start)
+
+    def stderr(self) -> str:
+        """What this run wrote to stderr, with `separate_stderr` ("" otherwise)."""
+        return _read_from(self.err_path, self._err_start) if self.err_path else ""
 
     def log(self, lines: int = 40) -> str:
         """The last `lines` lines of the log (every run)."""
@@ -170,6 +209,11 @@ class ServeProcess:
                 pytest.fail(f"serve still running after {timeout_s} s:\n{self.log()}")
             await asyncio.sleep(0.02)
         return code
+
+    def wait(self, timeout_s: float) -> int:
+        """Wait (blocking) for the process to end; its return code."""
+        assert self.process is not None
+        return self.process.wait(timeout=timeout_s)
 
     def kill(self) -> None:
         """SIGKILL this process (a crash: nothing flushed, nothing acknowledged)."""

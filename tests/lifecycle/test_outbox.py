@@ -10,17 +10,10 @@ without the fault, with the same client id, as a supervisor would.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -28,9 +21,10 @@ import redis
 
 from mqtt_pairing.faults import FAULT_ENV
 from mqtt_pairing.store.keys import KeySchema
-from tests.fixtures import REPO_ROOT, MosquittoBroker, RedisServer
+from tests.harness.fixtures import MakeServe
+from tests.harness.serve import ServeProcess
 from tests.lifecycle.conftest import Peers
-from tests.lifecycle.support import SECRET, Wire, history, wait_until
+from tests.lifecycle.support import Wire, history, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,103 +32,28 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
 
-def serve_env(**extra: str) -> dict[str, str]:
-    """The test's environment without MQTT_*, REDIS_*, PAIRING_* or a fault point."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("MQTT_", "REDIS_", "PAIRING_"))
-    }
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Serve:
-    """One `mqtt-pairing serve` process, its stderr in a log file."""
-
-    process: asyncio.subprocess.Process
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    async def wait_connected(self, connections: int = 1) -> None:
-        """Wait until the log says it connected to the broker (`connections` times in all)."""
-        await wait_until(
-            lambda: (
-                self.output().count("connected to the broker") >= connections
-                or self.process.returncode is not None
-            ),
-            START_TIMEOUT_S,
-            "serve to connect",
-            interval_s=0.05,
-        )
-        assert self.process.returncode is None, self.output()
-
-    async def stop(self) -> None:
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT_S)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
-
-
-StartServe = Callable[..., Awaitable[Serve]]
+StartServe = Callable[..., Awaitable[ServeProcess]]
 
 
 @pytest.fixture
-async def start_serve(
-    mosquitto_broker: MosquittoBroker,
-    redis_server: RedisServer,
-    topic_prefix: str,
-    lc_prefix: str,
-    tmp_path: Path,
-) -> AsyncIterator[StartServe]:
-    """Factory: `await start_serve(fault=None)` starts serve with the test's settings.
+def start_serve(serve_process: MakeServe) -> StartServe:
+    """Factory: `await start_serve(fault=None)` starts serve (the harness's `serve_process`)
+    and waits until it is ready.
 
     Every process shares the client id, key prefix and topic prefix of the test.
     """
-    started: list[Serve] = []
     client_id = f"lc-serve:{uuid.uuid4().hex[:12]}"
 
-    async def start(fault: str | None = None) -> Serve:
-        env = serve_env(
-            MQTT_URL=mosquitto_broker.url,
-            REDIS_URL=redis_server.url,
-            PAIRING_SECRET=SECRET,
-            PAIRING_TOPIC_PREFIX=topic_prefix,
-            PAIRING_KEY_PREFIX=lc_prefix,
-            MQTT_CLIENT_ID=client_id,
-            PAIRING_SHARED_GROUP="",
-        )
-        env.pop(FAULT_ENV, None)
+    async def start(fault: str | None = None) -> ServeProcess:
+        env = {"MQTT_CLIENT_ID": client_id}
         if fault is not None:
             env[FAULT_ENV] = fault
-        log = tmp_path / f"serve-{len(started)}.log"
-        with log.open("wb") as sink:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "mqtt_pairing",
-                "serve",
-                cwd=REPO_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=sink,
-            )
-        serve = Serve(process, log)
-        started.append(serve)
-        await serve.wait_connected()
+        serve = serve_process(**env)
+        serve.start()
+        await serve.wait_ready(START_TIMEOUT_S)
         return serve
 
-    yield start
-    for serve in started:
-        with contextlib.suppress(ProcessLookupError):
-            await serve.stop()
+    return start
 
 
 async def crash_after_pair(
@@ -150,8 +69,7 @@ async def crash_after_pair(
         code = (await runner.request_code())["code"]
         request = {"code": code, "request_id": f"pair-{uuid.uuid4().hex[:8]}"}
         await app.publish_raw("pair", json.dumps(request).encode())
-        await asyncio.wait_for(crashing.process.wait(), STOP_TIMEOUT_S)
-        assert crashing.process.returncode == -signal.SIGKILL, crashing.output()
+        assert await crashing.wait_exit(STOP_TIMEOUT_S) == -signal.SIGKILL, crashing.output()
 
     # The state changed, the events wait in the outbox, none was published.
     (sid,) = rdb.hkeys(keys.runner_sessions("r1"))

@@ -16,8 +16,9 @@ import pytest
 from mqtt_pairing.config import load_settings
 from mqtt_pairing.dispatcher import Dispatcher
 from mqtt_pairing.store import KeySchema, PairingStore
+from tests.harness.api import Api
 from tests.harness.servers import RedisClusterServers, RedisServer, StoreBackend
-from tests.races.support import RACE_SETTINGS, LocalApi
+from tests.races.support import RACE_SETTINGS
 from tests.races.worker import SECRET
 
 
@@ -41,8 +42,8 @@ def race_prefix(service_key_prefix: str) -> str:
 
 
 @pytest.fixture
-async def race_api(race_backend: StoreBackend, race_prefix: str) -> AsyncIterator[LocalApi]:
+async def race_api(race_backend: StoreBackend, race_prefix: str) -> AsyncIterator[Api]:
     store = PairingStore(race_backend.client(), KeySchema(race_prefix))
     settings: dict[str, Any] = {"pairing_key_prefix": race_prefix, **RACE_SETTINGS}
-    yield LocalApi(Dispatcher(store, load_settings(**settings), SECRET))
+    yield Api(Dispatcher(store, load_settings(**settings), SECRET))
     await store.aclose()

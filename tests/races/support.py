@@ -19,9 +19,7 @@ from typing import Any
 
 import pytest
 
-from mqtt_pairing.dispatcher import Dispatcher
 from mqtt_pairing.store import connect_redis
-from mqtt_pairing.topics import Identity, Kind
 from tests.harness.serve import clean_env
 from tests.harness.servers import REPO_ROOT
 from tests.harness.waiting import wait_redis_time
@@ -40,41 +38,6 @@ RACE_SETTINGS: dict[str, Any] = {
     "pairing_code_max_uses_max": 100,
 }
 """Settings of the test's Dispatcher and of every worker's."""
-
-
-class LocalApi:
-    """Requests through a Dispatcher in the test's own process."""
-
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
-        self.store = dispatcher.store
-
-    async def request(self, kind: str, ident: str, op: str, **body: Any) -> dict[str, Any]:
-        body.setdefault("request_id", uuid.uuid4().hex)
-        handled = await self.dispatcher.handle(
-            Identity(Kind(kind), ident), op, json.dumps(body).encode()
-        )
-        assert handled.reply is not None
-        return handled.reply
-
-    async def code(self, runner_id: str, **fields: Any) -> str:
-        reply = await self.request("runner", runner_id, "code", **fields)
-        assert reply["ok"], reply
-        return str(reply["result"]["code"])
-
-    async def expires_ms(self, code: str) -> int:
-        """The code's deadline (Redis time, ms), from its record."""
-        key = self.store.keys.code(self.dispatcher.codes.digest(code))
-        return int(await self.store.client.hget(key, "e"))
-
-    async def sessions_of(self, runner_id: str) -> dict[str, Any]:
-        """session_id -> session (internal JSON) of one runner's active sessions."""
-        raw = await self.store.client.hgetall(self.store.keys.runner_sessions(runner_id))
-        return {sid: json.loads(value) for sid, value in raw.items()}
-
-    async def now_ms(self) -> int:
-        secs, micros = await self.store.client.time()
-        return int(secs) * 1000 + int(micros) // 1000
 
 
 @dataclass

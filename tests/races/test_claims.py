@@ -4,7 +4,7 @@ Each worker is a process of its own with its own Dispatcher and Redis connection
 service instances are; all are released at one moment (a Redis list they BLPOP), so
 their requests reach Redis together. Checked on a single Redis and on the cluster:
 
-- many apps in several processes pair one code: exactly `max_uses` sessions, every other
+- many apps in three processes pair one code: exactly `max_uses` sessions, every other
   pair CODE_ALREADY_USED, and Redis holds exactly the sessions that were answered;
 - a pair racing the runner's `cancel-code`: exactly one of them wins;
 - a pair racing the runner's next `code` (which replaces the old one): the pair is
@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
+from tests.harness.api import Api
 from tests.harness.servers import StoreBackend
-from tests.races.support import LocalApi, Outcome, request, run_workers
+from tests.races.support import Outcome, request, run_workers
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
@@ -35,18 +36,14 @@ def flat(results: list[list[Outcome]]) -> list[Outcome]:
 
 
 async def test_claims_from_separate_processes_contend_for_one_code(
-    race_backend: StoreBackend, race_prefix: str, race_api: LocalApi, tmp_path: Path
+    race_backend: StoreBackend, race_prefix: str, race_api: Api, tmp_path: Path
 ) -> None:
-    uses = {f"r{i}": 1 + i % 3 for i in range(6)}
+    uses = {f"r{i}": 1 + i % 3 for i in range(4)}
     codes = {r: await race_api.code(r, max_uses=n) for r, n in uses.items()}
-    apps_each = 5  # per worker and code: 20 contenders for every code
+    contenders = 3  # workers, each with 6 apps per code: 18 contenders for every code
     jobs = [
-        [
-            request("app", f"w{w}-a{j}-{r}", "pair", code=codes[r])
-            for j in range(apps_each)
-            for r in codes
-        ]
-        for w in range(WORKERS)
+        [request("app", f"w{w}-a{j}-{r}", "pair", code=codes[r]) for j in range(6) for r in codes]
+        for w in range(contenders)
     ]
     for job in jobs:
         random.Random(len(job)).shuffle(job)
@@ -75,7 +72,7 @@ async def test_claims_from_separate_processes_contend_for_one_code(
 
 
 async def test_a_pair_racing_cancel_code_one_wins(
-    race_backend: StoreBackend, race_prefix: str, race_api: LocalApi, tmp_path: Path
+    race_backend: StoreBackend, race_prefix: str, race_api: Api, tmp_path: Path
 ) -> None:
     runners = [f"r{i}" for i in range(40)]
     codes = {r: await race_api.code(r) for r in runners}
@@ -100,7 +97,7 @@ async def test_a_pair_racing_cancel_code_one_wins(
 
 
 async def test_a_pair_racing_the_runners_next_code(
-    race_backend: StoreBackend, race_prefix: str, race_api: LocalApi, tmp_path: Path
+    race_backend: StoreBackend, race_prefix: str, race_api: Api, tmp_path: Path
 ) -> None:
     runners = [f"r{i}" for i in range(40)]
     old = {r: await race_api.code(r) for r in runners}
@@ -129,7 +126,7 @@ async def test_a_pair_racing_the_runners_next_code(
 
 
 async def test_pairs_racing_the_codes_expiry(
-    race_backend: StoreBackend, race_prefix: str, race_api: LocalApi, tmp_path: Path
+    race_backend: StoreBackend, race_prefix: str, race_api: Api, tmp_path: Path
 ) -> None:
     runners = [f"r{i}" for i in range(4)]
     codes: dict[str, str] = {}

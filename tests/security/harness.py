@@ -6,8 +6,10 @@
   what is proven. With `tls=TestCA(...)` its commented TLS listeners are enabled too, with
   a server certificate from that CA.
 - `running_service(broker, redis_url, key_prefix, **settings)`: the service in-process,
-  connected as the `mqtt-pairing` account on the service listener.
-- `Sniffer`: a raw MQTT 5 connection that records every delivery it gets.
+  connected as the `mqtt-pairing` account on the service listener (the shared harness's
+  `instances`).
+- `Sniffer`: a raw MQTT connection that records every delivery it gets (the shared
+  harness's recorder).
 
 The ACLs fix the topic prefix to `pairing`, so tests use it with ids unique to each test
 (`uid`) rather than a unique topic prefix.
@@ -15,26 +17,23 @@ The ACLs fix the topic prefix to `pairing`, so tests use it with ids unique to e
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 import signal
-import uuid
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from typer.testing import CliRunner
 
 from mqtt_pairing.cli.main import app as cli_app
 from mqtt_pairing.client import AppClient, RunnerClient
-from mqtt_pairing.config import load_settings
 from mqtt_pairing.mqtt_address import BrokerAddress
-from mqtt_pairing.service import Service, build_service
-from tests.fixtures import LOOPBACK, MosquittoBroker, free_port, port_is_open
+from mqtt_pairing.service import Service
+from tests.harness.recorder import RecordingClient
+from tests.harness.servers import LOOPBACK, MosquittoBroker, free_port, port_is_open
+from tests.harness.service import instances
 from tests.security.certs import TestCA
 from tests.security.mosquitto_conf import BROKER_CONFIG, render_for_test
 
@@ -169,26 +168,19 @@ class SecureBroker(MosquittoBroker):
 async def running_service(
     broker: SecureBroker, redis_url: str, key_prefix: str, **overrides: Any
 ) -> AsyncIterator[Service]:
-    """The service in-process, as the `mqtt-pairing` account on the service listener."""
-    tag = uuid.uuid4().hex[:10]
-    values: dict[str, Any] = {
+    """The service in-process, as the `mqtt-pairing` account on the service listener
+    (the shared harness's `instances`: a client id of its own, stopped with timeouts)."""
+    base: dict[str, Any] = {
         "mqtt_url": broker.service_url,
         "redis_url": redis_url,
         "pairing_secret": PAIRING_SECRET,
         "pairing_topic_prefix": "pairing",
         "pairing_key_prefix": key_prefix.rstrip(":"),
-        "mqtt_client_id": f"svc:{tag}",
+        "pairing_shutdown_grace_s": 2.0,
+        "mqtt_reconnect_max_s": 1.0,
     }
-    settings = load_settings(**{**values, **overrides})
-    service = await build_service(settings)
-    task = asyncio.create_task(service.run())
-    try:
-        await asyncio.wait_for(service.gateway.connected.wait(), 10)
-        yield service
-    finally:
-        service.stop()
-        await asyncio.wait_for(task, 20)
-        await service.close()
+    async with instances(base) as start:
+        yield (await start(**overrides)).service
 
 
 class _Recording:
@@ -250,17 +242,18 @@ async def app_client(
         yield client
 
 
-class Sniffer:
-    """A raw MQTT connection that subscribes to filters and records every delivery.
+class Sniffer(RecordingClient):
+    """A raw MQTT connection (as `address` says: where, as whom, TLS) that records every
+    delivery: the shared harness's recorder (`subscribe(filters)`, `publish()`,
+    `received`, `topics()`), subscribed to nothing yet.
 
     Args:
         address: where and as whom it connects.
-        label: for messages.
+        label: for messages (and the default client id `sniff-<label>-...`).
         v311: speak MQTT 3.1.1 instead of 5.
-        persistent: keep the broker session when disconnected (MQTT 5: clean start off
-            and a 300 s Session Expiry; 3.1.1: clean session off), so that the broker
-            goes on queueing for it while it is away.
-        client_id: the client id it asks for (default: a random `sniff-...`).
+        persistent: keep the broker session when disconnected, so that the broker goes
+            on queueing for it while it is away.
+        client_id: the client id it asks for.
     """
 
     def __init__(
@@ -272,53 +265,14 @@ class Sniffer:
         persistent: bool = False,
         client_id: str | None = None,
     ) -> None:
-        self.label = label
-        self.received: list[tuple[str, bytes]] = []
-        session: dict[str, Any] = {}
-        if v311:
-            session["clean_session"] = not persistent
-        elif persistent:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = 300
-            session.update(clean_start=False, properties=properties)
-        self.client = aiomqtt.Client(
-            **address.client_options(),
-            identifier=client_id or f"sniff-{label}-{uuid.uuid4().hex[:8]}",
-            protocol=aiomqtt.ProtocolVersion.V311 if v311 else aiomqtt.ProtocolVersion.V5,
-            timeout=10,
-            **session,
+        super().__init__(
+            address,
+            label=f"sniff-{label}",
+            v311=v311,
+            persistent=persistent,
+            client_id=client_id,
         )
-        self._reader: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Sniffer:
-        await self.client.__aenter__()
-        self._reader = asyncio.create_task(self._read())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._reader
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self.client.__aexit__(None, None, None)
-
-    async def _read(self) -> None:
-        async for message in self.client.messages:
-            payload = message.payload
-            body = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
-            self.received.append((message.topic.value, bytes(body)))
-
-    async def subscribe(self, filters: Iterable[str]) -> None:
-        for topic_filter in filters:
-            await self.client.subscribe(topic_filter, qos=1)
-
-    async def publish(self, topic: str, payload: bytes, **kwargs: Any) -> None:
-        """Publish at QoS 1 and wait for the broker's acknowledgement."""
-        await self.client.publish(topic, payload, qos=1, **kwargs)
-
-    def topics(self) -> list[str]:
-        return [topic for topic, _ in self.received]
+        self.label = label
 
 
 __all__ = [

@@ -15,7 +15,7 @@ import pytest
 
 from mqtt_pairing.mqtt_address import BrokerAddress
 from tests.harness.fixtures import broker_address, peers, start_service
-from tests.harness.recorder import Recorder, recording
+from tests.harness.recorder import Checker, Recorder, recording
 from tests.harness.service import RunningService, StartService
 
 # Compatibility names: tests/reliability/conftest.py imported these from here.
@@ -29,8 +29,12 @@ async def running_service(start_service: StartService) -> RunningService:
 
 
 @pytest.fixture
-async def sniffer(broker_address: BrokerAddress) -> AsyncIterator[Recorder]:
-    """Everything (`#`) on the session broker, copies included."""
+async def sniffer(
+    broker_address: BrokerAddress, mqtt_checkers: list[Checker]
+) -> AsyncIterator[Recorder]:
+    """Everything (`#`) on the session broker, copies included (and checked)."""
     async with recording(broker_address, "#", label="sniffer") as recorded:
+        for checker in mqtt_checkers:
+            recorded.add_checker(checker)
         yield recorded
     recorded.assert_checked()

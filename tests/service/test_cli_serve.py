@@ -2,95 +2,61 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from mqtt_pairing.mqtt_address import BrokerAddress
-from tests.fixtures import REPO_ROOT, free_port
-from tests.service.support import Peers
+from tests.harness.peers import Peers
+from tests.harness.serve import ServeProcess
+from tests.harness.servers import free_port
 
 START_TIMEOUT_S = 120.0  # several serve processes start at once on a possibly slow machine
 STOP_TIMEOUT_S = 10.0
 SECRET = "s" * 40
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without any MQTT_*, REDIS_* or PAIRING_* setting."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("MQTT_", "REDIS_", "PAIRING_"))
-    }
-    env.update(extra)
-    return env
-
-
-def serve_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "mqtt_pairing", "serve", "--listen", f"127.0.0.1:{port}"]
-
-
-async def test_sigterm_stops_cleanly(topic_prefix: str) -> None:
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        *serve_command(port),
-        cwd=REPO_ROOT,
-        env=clean_env(PAIRING_TOPIC_PREFIX=topic_prefix),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+def serve(log_dir: Path, port: int, **env: str) -> ServeProcess:
+    """`serve --listen 127.0.0.1:PORT` (the embedded broker), stdout and stderr apart."""
+    log = log_dir / f"serve-{port}.log"
+    return ServeProcess(
+        env, log, ("--listen", f"127.0.0.1:{port}"), separate_stderr=True, log_level=None
     )
-    lines: list[str] = []
+
+
+async def test_sigterm_stops_cleanly(topic_prefix: str, tmp_path: Path) -> None:
+    port = free_port()
+    process = serve(tmp_path, port, PAIRING_TOPIC_PREFIX=topic_prefix)
+    process.start()
     try:
-        assert process.stderr is not None
-        async with asyncio.timeout(START_TIMEOUT_S):
-            # "connected to the broker": subscribed, so a request now is not lost
-            while not any("connected to the broker" in line for line in lines):
-                raw = await process.stderr.readline()
-                assert raw, f"serve exited before serving: {lines}"
-                lines.append(raw.decode(errors="replace"))
+        # "connected to the broker": subscribed, so a request now is not lost
+        await process.wait_ready(START_TIMEOUT_S)
         # It really serves: a runner gets a code over the embedded broker.
         peers = Peers(BrokerAddress("127.0.0.1", port), topic_prefix)
         async with peers.runner("r1", protocol="3.1.1") as runner:
             assert (await runner.request_code(timeout_s=5))["code"]
 
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(STOP_TIMEOUT_S):
-            rest = await process.stderr.read()
-            code = await process.wait()
-        output = "".join(lines) + rest.decode(errors="replace")
+        assert process.process is not None
+        process.process.send_signal(signal.SIGTERM)
+        code = await process.wait_exit(STOP_TIMEOUT_S)
+        output = process.output()
         assert code == 0, output
         assert "Traceback" not in output
         assert "stopped" in output
     finally:
-        if process.returncode is None:
-            process.kill()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
-
-
-def serve_process(port: int, **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        serve_command(port),
-        cwd=REPO_ROOT,
-        env=clean_env(**env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+        process.kill()
 
 
 @pytest.fixture(scope="module")
-def startup_failures() -> Iterator[dict[str, subprocess.CompletedProcess[str]]]:
+def startup_failures(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, subprocess.CompletedProcess[str]]]:
     """`serve` started once per failure case, all at once (each takes ~1-2 s to fail)."""
+    log_dir = tmp_path_factory.mktemp("serve-failures")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -123,19 +89,19 @@ def startup_failures() -> Iterator[dict[str, subprocess.CompletedProcess[str]]]:
                 {"REDIS_HOST": "127.0.0.1", "PAIRING_SECRET": "tooshort-secret"},
             ),
         }
-        processes = {name: serve_process(port, **env) for name, (port, env) in cases.items()}
+        processes = {name: serve(log_dir, port, **env) for name, (port, env) in cases.items()}
         results: dict[str, subprocess.CompletedProcess[str]] = {}
         try:
+            for process in processes.values():
+                process.start()
             for name, process in processes.items():
-                stdout, stderr = process.communicate(timeout=START_TIMEOUT_S)
+                code = process.wait(START_TIMEOUT_S)
                 results[name] = subprocess.CompletedProcess(
-                    process.args, process.returncode, stdout, stderr
+                    process.command, code, process.stdout(), process.stderr()
                 )
         finally:
             for process in processes.values():
-                if process.poll() is None:
-                    process.kill()
-                    process.communicate(timeout=STOP_TIMEOUT_S)
+                process.kill()
         yield results
 
 

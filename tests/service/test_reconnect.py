@@ -9,16 +9,9 @@ from collections.abc import Callable
 from mqtt_pairing.config import load_settings
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.service import build_service
-from tests.fixtures import MosquittoBroker, RedisServer
+from tests.harness.servers import MosquittoBroker, RedisServer
+from tests.harness.waiting import wait_until
 from tests.service.support import SECRET, Peers, start_running
-
-
-async def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def test_service_reconnects_after_broker_restart(

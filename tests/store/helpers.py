@@ -1,10 +1,12 @@
-"""Helpers of the store tests: a thin client over the Dispatcher, key dumps, Redis time."""
+"""Helpers of the store tests: key dumps, Redis time, round trips, the whole flow.
+
+`Api` (requests through a Dispatcher), `CODE_FIELDS` and `new_id` are the shared
+harness's (tests/harness/api.py); the names are kept here for the store tests.
+"""
 
 from __future__ import annotations
 
-import json
 import re
-import uuid
 from collections.abc import Awaitable, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -12,31 +14,16 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from mqtt_pairing.dispatcher import Dispatcher
-from mqtt_pairing.services.outcome import Handled
 from mqtt_pairing.store import PairingStore
 from mqtt_pairing.store.keys import hash_tag
 from mqtt_pairing.store.redis_store import Call
-from mqtt_pairing.topics import Identity, Kind
+from mqtt_pairing.topics import Kind
+from tests.harness.api import CODE_FIELDS, Api, new_id
 
 SECRET = b"s" * 32
+
+__all__ = ["CODE_FIELDS", "SECRET", "Api", "new_id"]
 TAG_PATTERN = re.compile(r"(runner|app|session|global):[A-Za-z0-9._-]+|c:[0-9a-f]{2}")
-
-
-CODE_FIELDS = {
-    "r": "runner_id",
-    "s": "state",
-    "m": "max_uses",
-    "u": "uses_left",
-    "c": "created_ms",
-    "e": "expires_ms",
-    "f": "first",
-}
-"""The one-letter field names of a code record (store/lua/issue_code.lua)."""
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
 
 
 def error_code(reply: dict[str, Any] | None) -> str | None:
@@ -46,60 +33,6 @@ def error_code(reply: dict[str, Any] | None) -> str | None:
         return None
     code: str = reply["error"]["code"]
     return code
-
-
-class Api:
-    """Requests through a Dispatcher, as the gateway would make them (no MQTT)."""
-
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.d = dispatcher
-        self.store: PairingStore = dispatcher.store
-        self.settings = dispatcher.settings
-
-    async def handle(self, kind: Kind, ident: str, op: str, payload: dict[str, Any]) -> Handled:
-        return await self.d.handle(Identity(kind, ident), op, json.dumps(payload).encode())
-
-    async def request(
-        self, kind: Kind, ident: str, op: str, *, request_id: str | None = None, **fields: Any
-    ) -> dict[str, Any]:
-        payload = {"request_id": request_id or new_id(), **fields}
-        handled = await self.handle(kind, ident, op, payload)
-        assert handled.reply is not None
-        return handled.reply
-
-    async def code(self, runner_id: str, *, request_id: str | None = None, **fields: Any) -> str:
-        """Issue a code for `runner_id` and return it (as shown, XXX-XXX-XXX)."""
-        reply = await self.request(Kind.RUNNER, runner_id, "code", request_id=request_id, **fields)
-        assert reply["ok"], reply
-        code: str = reply["result"]["code"]
-        return code
-
-    async def pair(
-        self, app_id: str, code: str, *, request_id: str | None = None, **fields: Any
-    ) -> dict[str, Any]:
-        return await self.request(
-            Kind.APP, app_id, "pair", request_id=request_id, code=code, **fields
-        )
-
-    async def pair_ok(self, app_id: str, code: str, **fields: Any) -> str:
-        """Pair and return the new session_id (the pair must succeed)."""
-        reply = await self.pair(app_id, code, **fields)
-        assert reply["ok"], reply
-        session_id: str = reply["result"]["session"]["session_id"]
-        return session_id
-
-    def digest(self, code: str) -> str:
-        return self.d.codes.digest(code)
-
-    async def code_hash(self, code: str) -> dict[str, str]:
-        """The code's record, with the field names spelt out (stored as one letter)."""
-        client = self.store.client
-        raw = await client.hgetall(self.store.keys.code(self.digest(code)))
-        return {CODE_FIELDS.get(name, name): value for name, value in raw.items()}
-
-    async def runner_session_count(self, runner_id: str) -> int:
-        client = self.store.client
-        return int(await client.hlen(self.store.keys.runner_sessions(runner_id)))
 
 
 _IN_BATCH: ContextVar[bool] = ContextVar("in_batch", default=False)
