@@ -145,6 +145,7 @@ async def test_unknown_op_gets_invalid_request(
     running_service.assert_serving()
 
 
+@pytest.mark.no_contract  # it publishes a request body on a reply topic itself
 async def test_hostile_ids_and_ops_get_no_reply(
     running_service: RunningService, peers: Peers, sniffer: Sniffer
 ) -> None:
