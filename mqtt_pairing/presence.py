@@ -23,8 +23,12 @@ Nothing is lost for good, because a runner's retained status is its presence. A
   that it drops the rest and logs "Outgoing messages are being dropped"); then the
   runners the store knows (`PairingStore.runner_pages`) that the replay missed are
   checked by exact topic;
-- after statuses were dropped: the runners whose status was dropped (every runner the
-  store knows, if more than SHED_MEMORY were);
+- after a storm (more than STORM live statuses within a minute, some of which the
+  broker may have dropped unseen if they came faster than they were read), or after
+  Redis failed to record some: the same, subscribing to the filter again, once the
+  backlog has drained;
+- after statuses were dropped here: the runners whose status was dropped (as after a
+  storm, if more than SHED_MEMORY were);
 - every `PAIRING_PRESENCE_RECONCILE_S` (0: never): every runner the store knows.
 
 Checking by exact topic means subscribing to up to PAGE runners' status topics at once
@@ -84,6 +88,17 @@ HIGH_WATER = 0.8
 SHED_MEMORY = 100_000
 """Runners whose dropped status is remembered for the repair (at least); past that, the
 repair checks every runner the store knows."""
+
+STORM = 10_000
+"""Live statuses within STORM_WINDOW_S that make a full reconciliation follow: the broker
+may have dropped some of them unseen, if they came faster than they were read."""
+STORM_WINDOW_S = 60.0
+STORM_GAP_S = 30.0
+"""The least time between two reconciliations after a storm."""
+
+Mode = Literal["on connect", "after a storm", "after dropped statuses", "periodic"]
+# "after a storm" also covers statuses Redis failed to record.
+"""Why a reconciliation runs (its log line says it)."""
 
 Finish = Callable[[Handled], Awaitable[None]]
 """Publishes a recorded status's events (the gateway's, on the requests connection)."""
@@ -172,6 +187,14 @@ class PresenceRecorder:
         self._shed_ids: set[str] = set()
         self._shed_overflowed = False
         self._high = False
+        self._check_all = False
+        """Some statuses may be lost (a storm, Redis away): check every runner soon."""
+        self._failures_seen = 0
+        self._full_at = 0.0
+        self._live = 0
+        """Live (not replayed) statuses read so far."""
+        self._window_start = 0.0
+        self._window_count = 0
         self._page_size = max(1, min(PAGE, self.limit // 4))
 
     # ---- running ------------------------------------------------------------------------
@@ -258,6 +281,8 @@ class PresenceRecorder:
             self._enqueue(_Status(runner_id, bytes(payload), bool(message.retain)))
 
     def _enqueue(self, status: _Status) -> None:
+        if not status.retained:
+            self._count_live()
         # Replays are never shed: they come only when asked for, as many as the broker
         # queues for a new subscription or a page holds.
         if self.backlog >= self.limit and not status.retained:
@@ -291,6 +316,21 @@ class PresenceRecorder:
         index = zlib.crc32(status.runner_id.encode()) % WORKERS
         self._queues[index].put_nowait(status)
 
+    def _count_live(self) -> None:
+        self._live += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._window_start > STORM_WINDOW_S:
+            self._window_start, self._window_count = now, 0
+        self._window_count += 1
+        if self._window_count == STORM:
+            self._check_all = True
+            log.warning(
+                "presence storm: %d status messages within %.0f s; every runner is checked "
+                "once the backlog has drained",
+                STORM,
+                STORM_WINDOW_S,
+            )
+
     async def _worker(self, queue: asyncio.Queue[_Status | asyncio.Future[None]]) -> None:
         while True:
             item = await queue.get()
@@ -302,6 +342,7 @@ class PresenceRecorder:
                 handled = await self.dispatcher.handle_status(
                     item.runner_id, item.payload, retained=item.retained
                 )
+                self._note_failures()
                 await self.finish(handled)
             except aiomqtt.MqttError as exc:
                 self.counters["publish_failed"] += 1  # the events stay in the outbox
@@ -312,18 +353,36 @@ class PresenceRecorder:
             finally:
                 self._recorded()
 
+    def _note_failures(self) -> None:
+        """After a status Redis did not take (unreachable, refused), check every runner.
+
+        `Dispatcher.handle_status` counts such failures; the check runs once the backlog
+        has drained, and again later if Redis is still away.
+        """
+        counters = self.dispatcher.counters
+        failures = counters["status.SERVICE_UNAVAILABLE"] + counters["status.INTERNAL_ERROR"]
+        if failures > self._failures_seen:
+            self._failures_seen = failures
+            if not self._check_all:
+                log.warning("status messages not recorded (Redis): every runner is checked later")
+            self._check_all = True
+
     def _recorded(self) -> None:
         self.backlog -= 1
         self._backlog_changed.set()
         if self._high and self.backlog < self.limit * HIGH_WATER / 2:
             self._high = False
-        if self._shed_in_episode and self.backlog <= self.limit // 10:
+        if self.backlog > self.limit // 10:
+            return
+        if self._shed_in_episode:
             log.warning(
                 "presence backlog drained; %d status messages were dropped: reconciling "
                 "those runners",
                 self._shed_in_episode,
             )
             self._shed_in_episode = 0
+            self._wake.set()
+        if self._check_all:
             self._wake.set()
 
     async def _recorded_so_far(self) -> None:
@@ -338,15 +397,22 @@ class PresenceRecorder:
     # ---- reconciliation -----------------------------------------------------------------
 
     async def _keep_reconciled(self, client: aiomqtt.Client) -> None:
-        """Reconcile now (a fresh connection), then after shedding and every period."""
+        """Reconcile now (a fresh connection), then after a storm or shedding, and every period."""
         period = self.settings.pairing_presence_reconcile_s or None
-        mode: Literal["on connect", "after dropped statuses", "periodic"] = "on connect"
+        loop = asyncio.get_running_loop()
+        mode: Mode = "on connect"
         while True:
             self._wake.clear()
             shed, overflowed = self._shed_ids, self._shed_overflowed
             self._shed_ids, self._shed_overflowed = set(), False
+            if mode != "on connect" and (self._check_all or overflowed):
+                mode = "after a storm"
+                # A storm that goes on brings this back: not more often than this.
+                await asyncio.sleep(max(0.0, self._full_at + STORM_GAP_S - loop.time()))
+            self._check_all = False
+            live_before = self._live
             try:
-                if mode == "after dropped statuses" and not overflowed:
+                if mode == "after dropped statuses":
                     await self._reconcile(client, mode, only=shed)
                 else:
                     await self._reconcile(client, mode)
@@ -355,6 +421,7 @@ class PresenceRecorder:
             except Exception as exc:
                 self._shed_ids |= shed
                 self._shed_overflowed |= overflowed
+                self._check_all |= mode in ("after a storm", "periodic")
                 if isinstance(exc, PairingError):
                     log.warning(
                         "presence reconciliation stopped (%s); again in %.0f s",
@@ -366,26 +433,31 @@ class PresenceRecorder:
                     log.exception("presence reconciliation failed; again in %.0f s", RETRY_S)
                 await asyncio.sleep(RETRY_S)
                 continue
+            if mode in ("on connect", "after a storm"):
+                self._full_at = loop.time()
+                if self._live - live_before > STORM // 10:
+                    self._check_all = True  # the storm went on meanwhile: once more
+                    self._wake.set()
             try:
                 await asyncio.wait_for(self._wake.wait(), period)
-                mode = "after dropped statuses"
+                mode = "after dropped statuses"  # or after a storm: see above
             except TimeoutError:
                 mode = "periodic"
 
     async def _reconcile(
         self,
         client: aiomqtt.Client,
-        mode: Literal["on connect", "after dropped statuses", "periodic"],
+        mode: Mode,
         *,
         only: set[str] | None = None,
     ) -> None:
         """Make the recorded presence match the retained statuses.
 
-        On connect, the fresh status subscription replays the retained statuses (as many as
-        the broker queues), then the runners the store knows and the replay missed are
+        On connect and after a storm, subscribing to every status again replays the
+        retained statuses (as many as the broker queues; runners the store does not know
+        yet included), then the runners the store knows and the replay missed are
         checked by exact topic. Periodically, every runner the store knows is checked by
-        exact topic; after shedding, only the runners whose status was dropped (all the
-        store knows if there were too many to remember).
+        exact topic; after shedding, only the runners whose status was dropped.
 
         Raises:
             aiomqtt.MqttError: the connection was lost.
@@ -396,10 +468,11 @@ class PresenceRecorder:
         replays_before = self._replays
         replayed: set[str] = set()
         checked = 0
-        if mode == "on connect":
+        wildcard = mode in ("on connect", "after a storm")
+        if wildcard:
             self._replayed = replayed
         try:
-            if mode == "on connect":
+            if wildcard:
                 await self._subscribe_wildcard(client)
                 await self._settle()
             if only is not None:
@@ -433,6 +506,9 @@ class PresenceRecorder:
 
     async def _subscribe_wildcard(self, client: aiomqtt.Client) -> None:
         """Subscribe to every runner's status; the broker replays what it can queue.
+
+        Subscribing again to the same filter replays too (MQTT 3.1.1, and MQTT 5 with
+        Retain Handling 0, the default).
 
         MQTT 5: QoS 1, with the presence connection's Receive Maximum (65,535) as the
         window. MQTT 3.1.1 has no Receive Maximum: at QoS 1 the broker's

@@ -31,7 +31,7 @@ from tests.reliability.conftest import ServiceOn
 from tests.reliability.statuses import State, publish_statuses, queue_limits, wait_recorded
 from tests.reliability.support import Fleet, issue_codes, report, summary, wait_until
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 FLOOD = 20_000
 PAIRS = 100
@@ -97,7 +97,7 @@ async def test_pair_requests_are_answered_during_a_status_flood(
             assert not unanswered, f"{len(unanswered)} of {PAIRS} pair requests never answered"
 
             expected = dict(states)
-            recorded_at = await wait_recorded(rdb, keys, expected, 120, "the flooded statuses")
+            recorded_at = await wait_recorded(rdb, keys, expected, 300, "the flooded statuses")
             report(
                 f"pair requests during a flood of {FLOOD} statuses",
                 flood_published_s=f"{flood_s:.2f}",
