@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -74,7 +75,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 500
 """Runners per exact-topic SUBSCRIBE of a reconciliation: well below any broker's queue."""
-WORKERS = 8
+WORKERS = 4
 """Status messages recorded at once (one runner's always by the same worker, in order)."""
 SETTLE_S = 0.5
 """A replay is taken as complete once no replayed status came for this long."""
@@ -484,7 +485,7 @@ class PresenceRecorder:
                 if topics:
                     await self._paced()
                     await self._subscribe(client, topics)
-                    await client.unsubscribe(topics)
+                    await client.unsubscribe(topics, timeout=math.inf)
                     self._awaited += len(topics)
                     checked += len(topics)
             if checked:
@@ -517,9 +518,9 @@ class PresenceRecorder:
         """
         topic = self.scheme.status_filter()
         if self.protocol == "5":
-            await client.subscribe(topic, options=SubscribeOptions(qos=1))
+            await client.subscribe(topic, options=SubscribeOptions(qos=1), timeout=math.inf)
         else:
-            await client.subscribe(topic, qos=0)
+            await client.subscribe(topic, qos=0, timeout=math.inf)
 
     async def _paced(self) -> None:
         """Wait until a page's replay fits: few replays awaited, a short backlog.
@@ -538,12 +539,16 @@ class PresenceRecorder:
                 self._awaited = 0
 
     async def _subscribe(self, client: aiomqtt.Client, filters: list[str]) -> None:
-        """One SUBSCRIBE, QoS 1, for all `filters`; the broker replays their retained statuses."""
+        """One SUBSCRIBE, QoS 1, for all `filters`; the broker replays their retained statuses.
+
+        Its SUBACK may come behind a long replay or storm still to be read: no timeout (a
+        lost connection ends the reconciliation through the reader instead).
+        """
         if self.protocol == "5":
             options = SubscribeOptions(qos=1)
-            await client.subscribe([(f, options) for f in filters])
+            await client.subscribe([(f, options) for f in filters], timeout=math.inf)
         else:
-            await client.subscribe([(f, 1) for f in filters])
+            await client.subscribe([(f, 1) for f in filters], timeout=math.inf)
 
     async def _settle(self) -> None:
         """Wait until the replay has come in: no replayed status for SETTLE_S."""

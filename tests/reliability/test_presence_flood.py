@@ -50,7 +50,9 @@ async def test_pair_requests_are_answered_during_a_status_flood(
     address = BrokerAddress(broker.host, broker.port)
     keys = KeySchema(rel_prefix)
     rdb = redis_server.client(decode_responses=True)
-    running = await service_on(mqtt_url=broker.url, redis_url=redis_server.url)
+    # Redis's 1 s timeout is not what this measures: on a loaded 2-core machine a call can
+    # wait that long behind the flood and answer SERVICE_UNAVAILABLE (docs/operations.md).
+    running = await service_on(mqtt_url=broker.url, redis_url=redis_server.url, redis_timeout_s=5.0)
     gateway = running.service.gateway
     runners = Fleet(address, topic_prefix, [f"{topic_prefix}/runners/+/res/+"], name="runners")
     apps = Fleet(address, topic_prefix, [f"{topic_prefix}/apps/+/res/+"], name="apps")
