@@ -23,12 +23,12 @@ Nothing is lost for good, because a runner's retained status is its presence. A
   that it drops the rest and logs "Outgoing messages are being dropped"); then the
   runners the store knows (`PairingStore.runner_pages`) that the replay missed are
   checked by exact topic;
-- after a storm (more than STORM live statuses within a minute, some of which the
-  broker may have dropped unseen if they came faster than they were read), or after
-  Redis failed to record some: the same, subscribing to the filter again, once the
-  backlog has drained;
-- after statuses were dropped here: the runners whose status was dropped (as after a
-  storm, if more than SHED_MEMORY were);
+- after losses, statuses the broker dropped (it drops what its queue for the session
+  cannot hold: on Mosquitto a dropped message leaves a gap in the packet ids the
+  session receives) or Redis failed to record: the same, subscribing to the filter
+  again, once the backlog has drained, at most every FULL_GAP_S;
+- after statuses were dropped here: the runners whose status was dropped (as after
+  losses, if more than SHED_MEMORY were);
 - every `PAIRING_PRESENCE_RECONCILE_S` (0: never): every runner the store knows.
 
 Checking by exact topic means subscribing to up to PAGE runners' status topics at once
@@ -90,16 +90,14 @@ SHED_MEMORY = 100_000
 """Runners whose dropped status is remembered for the repair (at least); past that, the
 repair checks every runner the store knows."""
 
-STORM = 10_000
-"""Live statuses within STORM_WINDOW_S that make a full reconciliation follow: the broker
-may have dropped some of them unseen, if they came faster than they were read."""
-STORM_WINDOW_S = 60.0
-STORM_GAP_S = 30.0
-"""The least time between two reconciliations after a storm."""
+FULL_GAP_S = 30.0
+"""The least time between two reconciliations after the broker dropped statuses (or Redis
+failed to record some): a storm that goes on brings them back, not more often."""
+MID_MAX = 65_535
 
-Mode = Literal["on connect", "after a storm", "after dropped statuses", "periodic"]
-# "after a storm" also covers statuses Redis failed to record.
-"""Why a reconciliation runs (its log line says it)."""
+Mode = Literal["on connect", "after losses", "after dropped statuses", "periodic"]
+"""Why a reconciliation runs (its log line says it). "after losses": the broker dropped
+statuses, or Redis did not record some; "after dropped statuses": this process shed some."""
 
 Finish = Callable[[Handled], Awaitable[None]]
 """Publishes a recorded status's events (the gateway's, on the requests connection)."""
@@ -189,13 +187,15 @@ class PresenceRecorder:
         self._shed_overflowed = False
         self._high = False
         self._check_all = False
-        """Some statuses may be lost (a storm, Redis away): check every runner soon."""
+        """Some statuses may be lost (the broker dropped some, Redis away): check every
+        runner soon."""
         self._failures_seen = 0
         self._full_at = 0.0
-        self._live = 0
-        """Live (not replayed) statuses read so far."""
-        self._window_start = 0.0
-        self._window_count = 0
+        self._last_mid = 0
+        """The packet id of the last QoS 1 status read (0: none yet on this connection)."""
+        self._gaps = 0
+        """Statuses the broker dropped (gaps in packet ids), all told."""
+        self._paging = False
         self._page_size = max(1, min(PAGE, self.limit // 4))
 
     # ---- running ------------------------------------------------------------------------
@@ -250,6 +250,7 @@ class PresenceRecorder:
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         """Read and reconcile until the tenure ends; raises MqttError on a lost connection."""
+        self._last_mid = 0  # a new session numbers from 1
         reader = asyncio.ensure_future(self._read(client))
         keeper = asyncio.ensure_future(self._keep_reconciled(client))
         over = asyncio.ensure_future(self._tenure_over.wait())
@@ -279,11 +280,38 @@ class PresenceRecorder:
                 payload = payload.encode()
             elif not isinstance(payload, bytes | bytearray):
                 payload = b"" if payload is None else str(payload).encode()
+            if message.qos > 0:
+                self._check_packet_id(message.mid)
             self._enqueue(_Status(runner_id, bytes(payload), bool(message.retain)))
 
+    def _check_packet_id(self, mid: int) -> None:
+        """Count the statuses the broker dropped for this session: gaps in packet ids.
+
+        Mosquitto numbers the QoS 1 messages it sends a client 1, 2, ... 65535, 1, ...
+        in the order it sends them, and takes the number before it finds the session's
+        queue full and drops the message (`subs__send`, `retain__process`), so every
+        dropped status leaves a gap. Other brokers may number on delivery; there the
+        periodic check (`PAIRING_PRESENCE_RECONCILE_S`) is what repairs.
+        """
+        last, self._last_mid = self._last_mid, mid
+        if last == 0:
+            return
+        gap = (mid - (last % MID_MAX + 1)) % MID_MAX
+        if 0 < gap < MID_MAX // 2:  # a large "gap" is a message sent again, not a loss
+            self.counters["status_dropped_by_broker"] += gap
+            self._gaps += gap
+            if self._paging:
+                return  # a page the queue did not hold: the reconciliation redoes it
+            if not self._check_all:
+                log.warning(
+                    "the broker dropped status messages for %s (its queue for the session "
+                    "was full: max_queued_messages); every runner is checked once the "
+                    "backlog has drained",
+                    self.link.endpoint.client_id,
+                )
+            self._check_all = True
+
     def _enqueue(self, status: _Status) -> None:
-        if not status.retained:
-            self._count_live()
         # Replays are never shed: they come only when asked for, as many as the broker
         # queues for a new subscription or a page holds.
         if self.backlog >= self.limit and not status.retained:
@@ -316,21 +344,6 @@ class PresenceRecorder:
                 self._replayed.add(status.runner_id)
         index = zlib.crc32(status.runner_id.encode()) % WORKERS
         self._queues[index].put_nowait(status)
-
-    def _count_live(self) -> None:
-        self._live += 1
-        now = asyncio.get_running_loop().time()
-        if now - self._window_start > STORM_WINDOW_S:
-            self._window_start, self._window_count = now, 0
-        self._window_count += 1
-        if self._window_count == STORM:
-            self._check_all = True
-            log.warning(
-                "presence storm: %d status messages within %.0f s; every runner is checked "
-                "once the backlog has drained",
-                STORM,
-                STORM_WINDOW_S,
-            )
 
     async def _worker(self, queue: asyncio.Queue[_Status | asyncio.Future[None]]) -> None:
         while True:
@@ -398,7 +411,7 @@ class PresenceRecorder:
     # ---- reconciliation -----------------------------------------------------------------
 
     async def _keep_reconciled(self, client: aiomqtt.Client) -> None:
-        """Reconcile now (a fresh connection), then after a storm or shedding, and every period."""
+        """Reconcile now (a fresh connection), then after losses or shedding, and every period."""
         period = self.settings.pairing_presence_reconcile_s or None
         loop = asyncio.get_running_loop()
         mode: Mode = "on connect"
@@ -407,11 +420,9 @@ class PresenceRecorder:
             shed, overflowed = self._shed_ids, self._shed_overflowed
             self._shed_ids, self._shed_overflowed = set(), False
             if mode != "on connect" and (self._check_all or overflowed):
-                mode = "after a storm"
-                # A storm that goes on brings this back: not more often than this.
-                await asyncio.sleep(max(0.0, self._full_at + STORM_GAP_S - loop.time()))
+                mode = "after losses"
+                await asyncio.sleep(max(0.0, self._full_at + FULL_GAP_S - loop.time()))
             self._check_all = False
-            live_before = self._live
             try:
                 if mode == "after dropped statuses":
                     await self._reconcile(client, mode, only=shed)
@@ -422,7 +433,7 @@ class PresenceRecorder:
             except Exception as exc:
                 self._shed_ids |= shed
                 self._shed_overflowed |= overflowed
-                self._check_all |= mode in ("after a storm", "periodic")
+                self._check_all |= mode in ("after losses", "periodic")
                 if isinstance(exc, PairingError):
                     log.warning(
                         "presence reconciliation stopped (%s); again in %.0f s",
@@ -434,14 +445,11 @@ class PresenceRecorder:
                     log.exception("presence reconciliation failed; again in %.0f s", RETRY_S)
                 await asyncio.sleep(RETRY_S)
                 continue
-            if mode in ("on connect", "after a storm"):
+            if mode in ("on connect", "after losses"):
                 self._full_at = loop.time()
-                if self._live - live_before > STORM // 10:
-                    self._check_all = True  # the storm went on meanwhile: once more
-                    self._wake.set()
             try:
                 await asyncio.wait_for(self._wake.wait(), period)
-                mode = "after dropped statuses"  # or after a storm: see above
+                mode = "after dropped statuses"  # or after losses: see above
             except TimeoutError:
                 mode = "periodic"
 
@@ -454,7 +462,7 @@ class PresenceRecorder:
     ) -> None:
         """Make the recorded presence match the retained statuses.
 
-        On connect and after a storm, subscribing to every status again replays the
+        On connect and after losses, subscribing to every status again replays the
         retained statuses (as many as the broker queues; runners the store does not know
         yet included), then the runners the store knows and the replay missed are
         checked by exact topic. Periodically, every runner the store knows is checked by
@@ -468,30 +476,40 @@ class PresenceRecorder:
         started = loop.time()
         replays_before = self._replays
         replayed: set[str] = set()
-        checked = 0
-        wildcard = mode in ("on connect", "after a storm")
-        if wildcard:
-            self._replayed = replayed
+        asked: set[str] = set()
+        self._replayed = replayed
         try:
-            if wildcard:
+            if mode in ("on connect", "after losses"):
                 await self._subscribe_wildcard(client)
                 await self._settle()
+                # What the queue could not hold of the replay left a gap in the packet
+                # ids: asked for, not a loss of live statuses. Count from here.
+                self._last_mid = 0
+            self._paging = True
+            gaps = self._gaps
             if only is not None:
                 pages = _chunks(sorted(only), self._page_size)
             else:
                 pages = self.dispatcher.store.runner_pages(self._page_size)
-            async for page in pages:
-                topics = [self.scheme.status_topic(r) for r in page if _checkable(r, replayed)]
-                if topics:
-                    await self._paced()
-                    await self._subscribe(client, topics)
-                    await client.unsubscribe(topics, timeout=math.inf)
-                    self._awaited += len(topics)
-                    checked += len(topics)
-            if checked:
-                await self._settle()
+            await self._check_pages(client, pages, replayed, asked)
+            # A page the broker's queue could not hold (gaps): its runners that did not
+            # come again, in smaller pages, until a page fits.
+            while self._gaps > gaps and self._page_size > 1:
+                self._page_size = max(1, self._page_size // 4)
+                missing = sorted(asked - replayed)
+                log.info(
+                    "the broker's queue did not hold a page of replayed statuses; checking "
+                    "%d runners again, %d at a time",
+                    len(missing),
+                    self._page_size,
+                )
+                gaps = self._gaps
+                await self._check_pages(client, _chunks(missing, self._page_size), replayed)
+            if self._gaps > gaps:
+                self._check_all = True
         finally:
             self._replayed = None
+            self._paging = False
         await self._recorded_so_far()
         took = loop.time() - started
         self.last_reconcile_s = took
@@ -501,26 +519,44 @@ class PresenceRecorder:
             "%d retained statuses replayed",
             mode,
             took,
-            checked,
+            len(asked),
             self._replays - replays_before,
         )
 
+    async def _check_pages(
+        self,
+        client: aiomqtt.Client,
+        pages: AsyncIterator[list[str]],
+        replayed: set[str],
+        asked: set[str] | None = None,
+    ) -> None:
+        """Subscribe to the exact status topics of each page, paced; then settle."""
+        checked = 0
+        async for page in pages:
+            ids = [r for r in page if r not in replayed and is_valid_id(r)]
+            if not ids:
+                continue
+            topics = [self.scheme.status_topic(r) for r in ids]
+            await self._paced()
+            await self._subscribe(client, topics)
+            await client.unsubscribe(topics, timeout=math.inf)
+            self._awaited += len(topics)
+            checked += len(topics)
+            if asked is not None:
+                asked.update(ids)
+        if checked:
+            await self._settle()
+
     async def _subscribe_wildcard(self, client: aiomqtt.Client) -> None:
-        """Subscribe to every runner's status; the broker replays what it can queue.
+        """Subscribe to every runner's status, QoS 1; the broker replays what it can queue.
 
         Subscribing again to the same filter replays too (MQTT 3.1.1, and MQTT 5 with
-        Retain Handling 0, the default).
-
-        MQTT 5: QoS 1, with the presence connection's Receive Maximum (65,535) as the
-        window. MQTT 3.1.1 has no Receive Maximum: at QoS 1 the broker's
-        `max_inflight_messages` (Mosquitto: 20) would throttle a storm into its queue and
-        past its cap; at QoS 0 the broker writes statuses out as they come.
+        Retain Handling 0, the default). QoS 1 numbers the messages, which is how a
+        status the broker dropped is seen (`_check_packet_id`). The broker keeps its
+        window in flight plus `max_queued_messages`: MQTT 5, the presence connection's
+        Receive Maximum (65,535); MQTT 3.1.1, the broker's `max_inflight_messages`.
         """
-        topic = self.scheme.status_filter()
-        if self.protocol == "5":
-            await client.subscribe(topic, options=SubscribeOptions(qos=1), timeout=math.inf)
-        else:
-            await client.subscribe(topic, qos=0, timeout=math.inf)
+        await self._subscribe(client, [self.scheme.status_filter()])
 
     async def _paced(self) -> None:
         """Wait until a page's replay fits: few replays awaited, a short backlog.
@@ -558,10 +594,6 @@ class PresenceRecorder:
                 await asyncio.wait_for(self._replay_arrived.wait(), SETTLE_S)
             except TimeoutError:
                 return
-
-
-def _checkable(runner_id: str, replayed: set[str]) -> bool:
-    return runner_id not in replayed and is_valid_id(runner_id)
 
 
 async def _chunks(ids: list[str], size: int) -> AsyncIterator[list[str]]:

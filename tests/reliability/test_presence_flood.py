@@ -150,3 +150,44 @@ async def test_shed_statuses_are_counted_logged_and_reconciled(
         report("presence overload", statuses=len(states), shed=shed)
     finally:
         rdb.close()
+
+
+async def test_statuses_the_broker_drops_are_seen_and_repaired(
+    make_mosquitto: Callable[..., MosquittoBroker],
+    redis_server: RedisServer,
+    service_on: ServiceOn,
+    topic_prefix: str,
+    rel_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker queue of 50 and MQTT 3.1.1's window of 20: a burst of 1,000 changes
+    overflows the presence session at the broker. Mosquitto leaves a gap in the packet ids
+    for every status it drops; the service counts them (`status_dropped_by_broker`), says
+    so, and checks every runner: all end with their retained status."""
+    caplog.set_level(logging.INFO, logger="mqtt_pairing")
+    broker = make_mosquitto(extra_config="max_queued_messages 50\n")
+    address = BrokerAddress(broker.host, broker.port)
+    keys = KeySchema(rel_prefix)
+    rdb = redis_server.client(decode_responses=True)
+    running = await service_on(
+        mqtt_url=broker.url, redis_url=redis_server.url, mqtt_protocol="3.1.1"
+    )
+    presence = running.service.gateway.presence
+    try:
+        first: dict[str, State] = {f"d{i}": "online" for i in range(1000)}
+        items = list(first.items())
+        for start in range(0, len(items), 40):  # known first, a burst the queue holds
+            chunk = items[start : start + 40]
+            await asyncio.to_thread(publish_statuses, address, topic_prefix, chunk)
+            await wait_recorded(rdb, keys, dict(chunk), 60, "the first statuses")
+        assert presence.counters["status_dropped_by_broker"] == 0
+        flipped: dict[str, State] = dict.fromkeys(first, "offline")
+        await asyncio.to_thread(publish_statuses, address, topic_prefix, list(flipped.items()))
+        took = await wait_recorded(rdb, keys, flipped, 120, "the flipped statuses")
+        dropped = presence.counters["status_dropped_by_broker"]
+        assert dropped > 0, "the broker dropped nothing: the test proves nothing"
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("the broker dropped status messages" in m for m in messages), messages
+        report("statuses dropped by the broker", dropped=dropped, repaired_after_s=f"{took:.2f}")
+    finally:
+        rdb.close()
