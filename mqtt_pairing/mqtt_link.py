@@ -276,7 +276,9 @@ class MqttLink:
                 "the broker gave this client id's session to another client "
                 "(DISCONNECT reason 0x8E, session taken over)"
             )
-        self._suspect_close = code != KEEPALIVE_TIMEOUT
+        # The broker closed it (a DISCONNECT, or the socket: paho reports 0x80), not a
+        # keepalive or an operation of ours that timed out (no reason code).
+        self._suspect_close = code is not None and code != KEEPALIVE_TIMEOUT
         if self._twin_until > now:
             return self._takeover(
                 f"the broker closed the connection again after {up_s:.1f} s, as it does "

@@ -23,8 +23,12 @@ Nothing is lost for good, because a runner's retained status is its presence. A
   that it drops the rest and logs "Outgoing messages are being dropped"); then the
   runners the store knows (`PairingStore.runner_pages`) that the replay missed are
   checked by exact topic;
-- after statuses were dropped: the runners whose status was dropped (every runner the
-  store knows, if more than SHED_MEMORY were);
+- after losses, statuses the broker dropped (it drops what its queue for the session
+  cannot hold: on Mosquitto a dropped message leaves a gap in the packet ids the
+  session receives) or Redis failed to record: the same, subscribing to the filter
+  again, once the backlog has drained, at most every FULL_GAP_S;
+- after statuses were dropped here: the runners whose status was dropped (as after
+  losses, if more than SHED_MEMORY were);
 - every `PAIRING_PRESENCE_RECONCILE_S` (0: never): every runner the store knows.
 
 Checking by exact topic means subscribing to up to PAGE runners' status topics at once
@@ -47,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -70,7 +75,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 500
 """Runners per exact-topic SUBSCRIBE of a reconciliation: well below any broker's queue."""
-WORKERS = 8
+WORKERS = 4
 """Status messages recorded at once (one runner's always by the same worker, in order)."""
 SETTLE_S = 0.5
 """A replay is taken as complete once no replayed status came for this long."""
@@ -84,6 +89,15 @@ HIGH_WATER = 0.8
 SHED_MEMORY = 100_000
 """Runners whose dropped status is remembered for the repair (at least); past that, the
 repair checks every runner the store knows."""
+
+FULL_GAP_S = 30.0
+"""The least time between two reconciliations after the broker dropped statuses (or Redis
+failed to record some): a storm that goes on brings them back, not more often."""
+MID_MAX = 65_535
+
+Mode = Literal["on connect", "after losses", "after dropped statuses", "periodic"]
+"""Why a reconciliation runs (its log line says it). "after losses": the broker dropped
+statuses, or Redis did not record some; "after dropped statuses": this process shed some."""
 
 Finish = Callable[[Handled], Awaitable[None]]
 """Publishes a recorded status's events (the gateway's, on the requests connection)."""
@@ -172,6 +186,16 @@ class PresenceRecorder:
         self._shed_ids: set[str] = set()
         self._shed_overflowed = False
         self._high = False
+        self._check_all = False
+        """Some statuses may be lost (the broker dropped some, Redis away): check every
+        runner soon."""
+        self._failures_seen = 0
+        self._full_at = 0.0
+        self._last_mid = 0
+        """The packet id of the last QoS 1 status read (0: none yet on this connection)."""
+        self._gaps = 0
+        """Statuses the broker dropped (gaps in packet ids), all told."""
+        self._paging = False
         self._page_size = max(1, min(PAGE, self.limit // 4))
 
     # ---- running ------------------------------------------------------------------------
@@ -226,6 +250,7 @@ class PresenceRecorder:
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         """Read and reconcile until the tenure ends; raises MqttError on a lost connection."""
+        self._last_mid = 0  # a new session numbers from 1
         reader = asyncio.ensure_future(self._read(client))
         keeper = asyncio.ensure_future(self._keep_reconciled(client))
         over = asyncio.ensure_future(self._tenure_over.wait())
@@ -255,7 +280,36 @@ class PresenceRecorder:
                 payload = payload.encode()
             elif not isinstance(payload, bytes | bytearray):
                 payload = b"" if payload is None else str(payload).encode()
+            if message.qos > 0:
+                self._check_packet_id(message.mid)
             self._enqueue(_Status(runner_id, bytes(payload), bool(message.retain)))
+
+    def _check_packet_id(self, mid: int) -> None:
+        """Count the statuses the broker dropped for this session: gaps in packet ids.
+
+        Mosquitto numbers the QoS 1 messages it sends a client 1, 2, ... 65535, 1, ...
+        in the order it sends them, and takes the number before it finds the session's
+        queue full and drops the message (`subs__send`, `retain__process`), so every
+        dropped status leaves a gap. Other brokers may number on delivery; there the
+        periodic check (`PAIRING_PRESENCE_RECONCILE_S`) is what repairs.
+        """
+        last, self._last_mid = self._last_mid, mid
+        if last == 0:
+            return
+        gap = (mid - (last % MID_MAX + 1)) % MID_MAX
+        if 0 < gap < MID_MAX // 2:  # a large "gap" is a message sent again, not a loss
+            self.counters["status_dropped_by_broker"] += gap
+            self._gaps += gap
+            if self._paging:
+                return  # a page the queue did not hold: the reconciliation redoes it
+            if not self._check_all:
+                log.warning(
+                    "the broker dropped status messages for %s (its queue for the session "
+                    "was full: max_queued_messages); every runner is checked once the "
+                    "backlog has drained",
+                    self.link.endpoint.client_id,
+                )
+            self._check_all = True
 
     def _enqueue(self, status: _Status) -> None:
         # Replays are never shed: they come only when asked for, as many as the broker
@@ -302,6 +356,7 @@ class PresenceRecorder:
                 handled = await self.dispatcher.handle_status(
                     item.runner_id, item.payload, retained=item.retained
                 )
+                self._note_failures()
                 await self.finish(handled)
             except aiomqtt.MqttError as exc:
                 self.counters["publish_failed"] += 1  # the events stay in the outbox
@@ -312,18 +367,36 @@ class PresenceRecorder:
             finally:
                 self._recorded()
 
+    def _note_failures(self) -> None:
+        """After a status Redis did not take (unreachable, refused), check every runner.
+
+        `Dispatcher.handle_status` counts such failures; the check runs once the backlog
+        has drained, and again later if Redis is still away.
+        """
+        counters = self.dispatcher.counters
+        failures = counters["status.SERVICE_UNAVAILABLE"] + counters["status.INTERNAL_ERROR"]
+        if failures > self._failures_seen:
+            self._failures_seen = failures
+            if not self._check_all:
+                log.warning("status messages not recorded (Redis): every runner is checked later")
+            self._check_all = True
+
     def _recorded(self) -> None:
         self.backlog -= 1
         self._backlog_changed.set()
         if self._high and self.backlog < self.limit * HIGH_WATER / 2:
             self._high = False
-        if self._shed_in_episode and self.backlog <= self.limit // 10:
+        if self.backlog > self.limit // 10:
+            return
+        if self._shed_in_episode:
             log.warning(
                 "presence backlog drained; %d status messages were dropped: reconciling "
                 "those runners",
                 self._shed_in_episode,
             )
             self._shed_in_episode = 0
+            self._wake.set()
+        if self._check_all:
             self._wake.set()
 
     async def _recorded_so_far(self) -> None:
@@ -338,15 +411,20 @@ class PresenceRecorder:
     # ---- reconciliation -----------------------------------------------------------------
 
     async def _keep_reconciled(self, client: aiomqtt.Client) -> None:
-        """Reconcile now (a fresh connection), then after shedding and every period."""
+        """Reconcile now (a fresh connection), then after losses or shedding, and every period."""
         period = self.settings.pairing_presence_reconcile_s or None
-        mode: Literal["on connect", "after dropped statuses", "periodic"] = "on connect"
+        loop = asyncio.get_running_loop()
+        mode: Mode = "on connect"
         while True:
             self._wake.clear()
             shed, overflowed = self._shed_ids, self._shed_overflowed
             self._shed_ids, self._shed_overflowed = set(), False
+            if mode != "on connect" and (self._check_all or overflowed):
+                mode = "after losses"
+                await asyncio.sleep(max(0.0, self._full_at + FULL_GAP_S - loop.time()))
+            self._check_all = False
             try:
-                if mode == "after dropped statuses" and not overflowed:
+                if mode == "after dropped statuses":
                     await self._reconcile(client, mode, only=shed)
                 else:
                     await self._reconcile(client, mode)
@@ -355,6 +433,7 @@ class PresenceRecorder:
             except Exception as exc:
                 self._shed_ids |= shed
                 self._shed_overflowed |= overflowed
+                self._check_all |= mode in ("after losses", "periodic")
                 if isinstance(exc, PairingError):
                     log.warning(
                         "presence reconciliation stopped (%s); again in %.0f s",
@@ -366,26 +445,28 @@ class PresenceRecorder:
                     log.exception("presence reconciliation failed; again in %.0f s", RETRY_S)
                 await asyncio.sleep(RETRY_S)
                 continue
+            if mode in ("on connect", "after losses"):
+                self._full_at = loop.time()
             try:
                 await asyncio.wait_for(self._wake.wait(), period)
-                mode = "after dropped statuses"
+                mode = "after dropped statuses"  # or after losses: see above
             except TimeoutError:
                 mode = "periodic"
 
     async def _reconcile(
         self,
         client: aiomqtt.Client,
-        mode: Literal["on connect", "after dropped statuses", "periodic"],
+        mode: Mode,
         *,
         only: set[str] | None = None,
     ) -> None:
         """Make the recorded presence match the retained statuses.
 
-        On connect, the fresh status subscription replays the retained statuses (as many as
-        the broker queues), then the runners the store knows and the replay missed are
+        On connect and after losses, subscribing to every status again replays the
+        retained statuses (as many as the broker queues; runners the store does not know
+        yet included), then the runners the store knows and the replay missed are
         checked by exact topic. Periodically, every runner the store knows is checked by
-        exact topic; after shedding, only the runners whose status was dropped (all the
-        store knows if there were too many to remember).
+        exact topic; after shedding, only the runners whose status was dropped.
 
         Raises:
             aiomqtt.MqttError: the connection was lost.
@@ -395,29 +476,40 @@ class PresenceRecorder:
         started = loop.time()
         replays_before = self._replays
         replayed: set[str] = set()
-        checked = 0
-        if mode == "on connect":
-            self._replayed = replayed
+        asked: set[str] = set()
+        self._replayed = replayed
         try:
-            if mode == "on connect":
+            if mode in ("on connect", "after losses"):
                 await self._subscribe_wildcard(client)
                 await self._settle()
+                # What the queue could not hold of the replay left a gap in the packet
+                # ids: asked for, not a loss of live statuses. Count from here.
+                self._last_mid = 0
+            self._paging = True
+            gaps = self._gaps
             if only is not None:
                 pages = _chunks(sorted(only), self._page_size)
             else:
                 pages = self.dispatcher.store.runner_pages(self._page_size)
-            async for page in pages:
-                topics = [self.scheme.status_topic(r) for r in page if _checkable(r, replayed)]
-                if topics:
-                    await self._paced()
-                    await self._subscribe(client, topics)
-                    await client.unsubscribe(topics)
-                    self._awaited += len(topics)
-                    checked += len(topics)
-            if checked:
-                await self._settle()
+            await self._check_pages(client, pages, replayed, asked)
+            # A page the broker's queue could not hold (gaps): its runners that did not
+            # come again, in smaller pages, until a page fits.
+            while self._gaps > gaps and self._page_size > 1:
+                self._page_size = max(1, self._page_size // 4)
+                missing = sorted(asked - replayed)
+                log.info(
+                    "the broker's queue did not hold a page of replayed statuses; checking "
+                    "%d runners again, %d at a time",
+                    len(missing),
+                    self._page_size,
+                )
+                gaps = self._gaps
+                await self._check_pages(client, _chunks(missing, self._page_size), replayed)
+            if self._gaps > gaps:
+                self._check_all = True
         finally:
             self._replayed = None
+            self._paging = False
         await self._recorded_so_far()
         took = loop.time() - started
         self.last_reconcile_s = took
@@ -427,23 +519,44 @@ class PresenceRecorder:
             "%d retained statuses replayed",
             mode,
             took,
-            checked,
+            len(asked),
             self._replays - replays_before,
         )
 
-    async def _subscribe_wildcard(self, client: aiomqtt.Client) -> None:
-        """Subscribe to every runner's status; the broker replays what it can queue.
+    async def _check_pages(
+        self,
+        client: aiomqtt.Client,
+        pages: AsyncIterator[list[str]],
+        replayed: set[str],
+        asked: set[str] | None = None,
+    ) -> None:
+        """Subscribe to the exact status topics of each page, paced; then settle."""
+        checked = 0
+        async for page in pages:
+            ids = [r for r in page if r not in replayed and is_valid_id(r)]
+            if not ids:
+                continue
+            topics = [self.scheme.status_topic(r) for r in ids]
+            await self._paced()
+            await self._subscribe(client, topics)
+            await client.unsubscribe(topics, timeout=math.inf)
+            self._awaited += len(topics)
+            checked += len(topics)
+            if asked is not None:
+                asked.update(ids)
+        if checked:
+            await self._settle()
 
-        MQTT 5: QoS 1, with the presence connection's Receive Maximum (65,535) as the
-        window. MQTT 3.1.1 has no Receive Maximum: at QoS 1 the broker's
-        `max_inflight_messages` (Mosquitto: 20) would throttle a storm into its queue and
-        past its cap; at QoS 0 the broker writes statuses out as they come.
+    async def _subscribe_wildcard(self, client: aiomqtt.Client) -> None:
+        """Subscribe to every runner's status, QoS 1; the broker replays what it can queue.
+
+        Subscribing again to the same filter replays too (MQTT 3.1.1, and MQTT 5 with
+        Retain Handling 0, the default). QoS 1 numbers the messages, which is how a
+        status the broker dropped is seen (`_check_packet_id`). The broker keeps its
+        window in flight plus `max_queued_messages`: MQTT 5, the presence connection's
+        Receive Maximum (65,535); MQTT 3.1.1, the broker's `max_inflight_messages`.
         """
-        topic = self.scheme.status_filter()
-        if self.protocol == "5":
-            await client.subscribe(topic, options=SubscribeOptions(qos=1))
-        else:
-            await client.subscribe(topic, qos=0)
+        await self._subscribe(client, [self.scheme.status_filter()])
 
     async def _paced(self) -> None:
         """Wait until a page's replay fits: few replays awaited, a short backlog.
@@ -462,12 +575,16 @@ class PresenceRecorder:
                 self._awaited = 0
 
     async def _subscribe(self, client: aiomqtt.Client, filters: list[str]) -> None:
-        """One SUBSCRIBE, QoS 1, for all `filters`; the broker replays their retained statuses."""
+        """One SUBSCRIBE, QoS 1, for all `filters`; the broker replays their retained statuses.
+
+        Its SUBACK may come behind a long replay or storm still to be read: no timeout (a
+        lost connection ends the reconciliation through the reader instead).
+        """
         if self.protocol == "5":
             options = SubscribeOptions(qos=1)
-            await client.subscribe([(f, options) for f in filters])
+            await client.subscribe([(f, options) for f in filters], timeout=math.inf)
         else:
-            await client.subscribe([(f, 1) for f in filters])
+            await client.subscribe([(f, 1) for f in filters], timeout=math.inf)
 
     async def _settle(self) -> None:
         """Wait until the replay has come in: no replayed status for SETTLE_S."""
@@ -477,10 +594,6 @@ class PresenceRecorder:
                 await asyncio.wait_for(self._replay_arrived.wait(), SETTLE_S)
             except TimeoutError:
                 return
-
-
-def _checkable(runner_id: str, replayed: set[str]) -> bool:
-    return runner_id not in replayed and is_valid_id(runner_id)
 
 
 async def _chunks(ids: list[str], size: int) -> AsyncIterator[list[str]]:

@@ -82,15 +82,20 @@ class StatusFlood:
         started = time.monotonic()
         with self._lock:
             target = self._acked + len(states)
-        for runner_id, state in states:
+        for sent, (runner_id, state) in enumerate(states):
+            if sent % 10_000 == 0:  # paho holds at most 65535 unacknowledged messages
+                self._wait_acked(target - len(states) + sent - 10_000)
             body = json.dumps({"state": state})
             info = self.client.publish(self.topic(runner_id), body, qos=1, retain=True)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 raise RuntimeError(f"publish refused: {mqtt.error_string(info.rc)}")
-        with self._lock:
-            if not self._lock.wait_for(lambda: self._acked >= target, PUBLISH_TIMEOUT_S):
-                raise TimeoutError(f"{target - self._acked} statuses not acknowledged")
+        self._wait_acked(target)
         return time.monotonic() - started
+
+    def _wait_acked(self, count: int) -> None:
+        with self._lock:
+            if not self._lock.wait_for(lambda: self._acked >= count, PUBLISH_TIMEOUT_S):
+                raise TimeoutError(f"{count - self._acked} statuses not acknowledged")
 
     def clear(self, runner_ids: Iterable[str]) -> None:
         """Delete the retained statuses (zero-length retained publish)."""
@@ -123,7 +128,7 @@ def publish_statuses(
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
-            timeout=PUBLISH_TIMEOUT_S,
+            timeout=10 * PUBLISH_TIMEOUT_S,
         )
     if done.returncode != 0:
         raise RuntimeError(f"status publisher failed:\n{done.stderr[-2000:]}")

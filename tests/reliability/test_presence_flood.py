@@ -31,7 +31,7 @@ from tests.reliability.conftest import ServiceOn
 from tests.reliability.statuses import State, publish_statuses, queue_limits, wait_recorded
 from tests.reliability.support import Fleet, issue_codes, report, summary, wait_until
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 FLOOD = 20_000
 PAIRS = 100
@@ -50,7 +50,9 @@ async def test_pair_requests_are_answered_during_a_status_flood(
     address = BrokerAddress(broker.host, broker.port)
     keys = KeySchema(rel_prefix)
     rdb = redis_server.client(decode_responses=True)
-    running = await service_on(mqtt_url=broker.url, redis_url=redis_server.url)
+    # Redis's 1 s timeout is not what this measures: on a loaded 2-core machine a call can
+    # wait that long behind the flood and answer SERVICE_UNAVAILABLE (docs/operations.md).
+    running = await service_on(mqtt_url=broker.url, redis_url=redis_server.url, redis_timeout_s=5.0)
     gateway = running.service.gateway
     runners = Fleet(address, topic_prefix, [f"{topic_prefix}/runners/+/res/+"], name="runners")
     apps = Fleet(address, topic_prefix, [f"{topic_prefix}/apps/+/res/+"], name="apps")
@@ -97,7 +99,7 @@ async def test_pair_requests_are_answered_during_a_status_flood(
             assert not unanswered, f"{len(unanswered)} of {PAIRS} pair requests never answered"
 
             expected = dict(states)
-            recorded_at = await wait_recorded(rdb, keys, expected, 120, "the flooded statuses")
+            recorded_at = await wait_recorded(rdb, keys, expected, 300, "the flooded statuses")
             report(
                 f"pair requests during a flood of {FLOOD} statuses",
                 flood_published_s=f"{flood_s:.2f}",
@@ -146,5 +148,46 @@ async def test_shed_statuses_are_counted_logged_and_reconciled(
         assert any("presence backlog full" in m for m in messages), messages
         assert any("status messages were dropped" in m for m in messages), messages
         report("presence overload", statuses=len(states), shed=shed)
+    finally:
+        rdb.close()
+
+
+async def test_statuses_the_broker_drops_are_seen_and_repaired(
+    make_mosquitto: Callable[..., MosquittoBroker],
+    redis_server: RedisServer,
+    service_on: ServiceOn,
+    topic_prefix: str,
+    rel_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker queue of 50 and MQTT 3.1.1's window of 20: a burst of 1,000 changes
+    overflows the presence session at the broker. Mosquitto leaves a gap in the packet ids
+    for every status it drops; the service counts them (`status_dropped_by_broker`), says
+    so, and checks every runner: all end with their retained status."""
+    caplog.set_level(logging.INFO, logger="mqtt_pairing")
+    broker = make_mosquitto(extra_config="max_queued_messages 50\n")
+    address = BrokerAddress(broker.host, broker.port)
+    keys = KeySchema(rel_prefix)
+    rdb = redis_server.client(decode_responses=True)
+    running = await service_on(
+        mqtt_url=broker.url, redis_url=redis_server.url, mqtt_protocol="3.1.1"
+    )
+    presence = running.service.gateway.presence
+    try:
+        first: dict[str, State] = {f"d{i}": "online" for i in range(1000)}
+        items = list(first.items())
+        for start in range(0, len(items), 40):  # known first, a burst the queue holds
+            chunk = items[start : start + 40]
+            await asyncio.to_thread(publish_statuses, address, topic_prefix, chunk)
+            await wait_recorded(rdb, keys, dict(chunk), 60, "the first statuses")
+        assert presence.counters["status_dropped_by_broker"] == 0
+        flipped: dict[str, State] = dict.fromkeys(first, "offline")
+        await asyncio.to_thread(publish_statuses, address, topic_prefix, list(flipped.items()))
+        took = await wait_recorded(rdb, keys, flipped, 120, "the flipped statuses")
+        dropped = presence.counters["status_dropped_by_broker"]
+        assert dropped > 0, "the broker dropped nothing: the test proves nothing"
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("the broker dropped status messages" in m for m in messages), messages
+        report("statuses dropped by the broker", dropped=dropped, repaired_after_s=f"{took:.2f}")
     finally:
         rdb.close()

@@ -4,7 +4,7 @@ Mosquitto from 2.0.15, EMQX and HiveMQ send it to the connection whose session a
 client took. Mosquitto 2.0.11 does not (it closes the socket; tests/reliability/
 test_twin.py covers that on the real broker), so a minimal MQTT 5 server plays the broker
 here. The takeover is logged and counted, `conflict` holds, and the reconnect waits the
-takeover backoff instead of 0.2 s. It also pins how aiomqtt and paho surface the reason
+takeover backoff instead of 0.2 s. This pins how aiomqtt and paho surface the reason
 code, which `mqtt_link.reason_code` relies on.
 """
 
