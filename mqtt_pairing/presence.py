@@ -119,6 +119,9 @@ class PresenceRecorder:
         address: the broker.
         protocol: "5" or "3.1.1".
         finish: publishes the events of a recorded status.
+        drops: where a status topic with a malformed runner id is counted
+            (`dropped.bad_id`: the gateway's counters, with the requests dropped for their
+            topic).
         shared: several instances share the work (a shared group): hold the lease first.
         instance_id: this instance, as the lease names it.
 
@@ -139,6 +142,7 @@ class PresenceRecorder:
         *,
         protocol: Literal["5", "3.1.1"],
         finish: Finish,
+        drops: Counter[str],
         shared: bool,
         instance_id: str,
     ) -> None:
@@ -146,6 +150,7 @@ class PresenceRecorder:
         self.dispatcher = dispatcher
         self.protocol = protocol
         self.finish = finish
+        self.drops = drops
         self.counters: Counter[str] = Counter()
         self.shared = shared
         self.instance_id = instance_id
@@ -273,7 +278,7 @@ class PresenceRecorder:
         async for message in client.messages:
             runner_id = self.scheme.parse_status(message.topic.value)
             if runner_id is None:
-                self.counters["dropped.bad_status_topic"] += 1
+                self.drops["dropped.bad_id"] += 1
                 continue
             payload = message.payload
             if isinstance(payload, str):

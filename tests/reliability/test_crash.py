@@ -171,7 +171,7 @@ async def test_sigterm_drains_then_a_new_instance_answers_the_rest(
     Requests the first process had not taken stay with its broker session and go to the
     next process with the same client id; apps retry with the same request_id.
     """
-    env = settings_env(mosquitto_broker, redis_server, f"svc-drain-{uuid.uuid4().hex[:8]}")
+    env = settings_env(mosquitto_broker, redis_server, f"svc:drain-{uuid.uuid4().hex[:8]}")
     first = serve_process(**env)
     first.start()
     await first.wait_ready()
