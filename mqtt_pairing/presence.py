@@ -33,8 +33,9 @@ Nothing is lost for good, because a runner's retained status is its presence. A
 
 Checking by exact topic means subscribing to up to PAGE runners' status topics at once
 and unsubscribing again: the broker replays their retained statuses, a page at a time,
-each page sent once the previous one's replay is in and the backlog is short, so that a
-page fits any queue and live statuses never wait behind a long replay. Replays are
+each page sent once the previous one's replay is in and the backlog is short, so that
+live statuses never wait behind a long replay (a page the broker's queue does not hold
+shows as a gap, and its runners are checked again in smaller pages). Replays are
 never dropped (they come only when asked for); a replay that matches what is recorded
 changes nothing, one that does not is recorded and announced, late but not lost.
 Everything arrives on one connection in the broker's order, so a replay never
