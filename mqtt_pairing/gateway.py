@@ -137,6 +137,7 @@ class PairingGateway:
             address,
             protocol=protocol,
             finish=self._finish,
+            drops=self.counters,
             shared=bool(share_group),
             instance_id=self.instance_id,
         )

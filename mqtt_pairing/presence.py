@@ -33,8 +33,9 @@ Nothing is lost for good, because a runner's retained status is its presence. A
 
 Checking by exact topic means subscribing to up to PAGE runners' status topics at once
 and unsubscribing again: the broker replays their retained statuses, a page at a time,
-each page sent once the previous one's replay is in and the backlog is short, so that a
-page fits any queue and live statuses never wait behind a long replay. Replays are
+each page sent once the previous one's replay is in and the backlog is short, so that
+live statuses never wait behind a long replay (a page the broker's queue does not hold
+shows as a gap, and its runners are checked again in smaller pages). Replays are
 never dropped (they come only when asked for); a replay that matches what is recorded
 changes nothing, one that does not is recorded and announced, late but not lost.
 Everything arrives on one connection in the broker's order, so a replay never
@@ -119,6 +120,9 @@ class PresenceRecorder:
         address: the broker.
         protocol: "5" or "3.1.1".
         finish: publishes the events of a recorded status.
+        drops: where a status topic with a malformed runner id is counted
+            (`dropped.bad_id`: the gateway's counters, with the requests dropped for their
+            topic).
         shared: several instances share the work (a shared group): hold the lease first.
         instance_id: this instance, as the lease names it.
 
@@ -139,6 +143,7 @@ class PresenceRecorder:
         *,
         protocol: Literal["5", "3.1.1"],
         finish: Finish,
+        drops: Counter[str],
         shared: bool,
         instance_id: str,
     ) -> None:
@@ -146,6 +151,7 @@ class PresenceRecorder:
         self.dispatcher = dispatcher
         self.protocol = protocol
         self.finish = finish
+        self.drops = drops
         self.counters: Counter[str] = Counter()
         self.shared = shared
         self.instance_id = instance_id
@@ -273,7 +279,7 @@ class PresenceRecorder:
         async for message in client.messages:
             runner_id = self.scheme.parse_status(message.topic.value)
             if runner_id is None:
-                self.counters["dropped.bad_status_topic"] += 1
+                self.drops["dropped.bad_id"] += 1
                 continue
             payload = message.payload
             if isinstance(payload, str):
