@@ -124,8 +124,11 @@ class PairingGateway:
             counters=self.counters,
         )
         self.connected = self.link.connected
-        # Built once: paho packs them on every publish and never changes them.
-        self._event_props = (
+        # Built once: paho packs them on every publish and never changes them. Replies
+        # without Correlation Data carry only the expiry; events carry no properties at all
+        # (docs/protocol.md "MQTT 5 properties": a runner that comes back to its persistent
+        # session days later still receives `session.opened`).
+        self._plain_reply_props = (
             _reply_properties(None, settings.pairing_reply_expiry_s) if self.v5 else None
         )
         self.relay = OutboxRelay(
@@ -368,7 +371,7 @@ class PairingGateway:
             if req.op == "code" and reply.get("ok"):
                 props = _reply_properties(correlation, int(reply["result"]["ttl_s"]))
             elif correlation is None:
-                props = self._event_props  # the same expiry, nothing else
+                props = self._plain_reply_props
             else:
                 props = _reply_properties(correlation, self.settings.pairing_reply_expiry_s)
         body = _COMPACT_JSON.encode(reply).encode()
@@ -387,4 +390,4 @@ class PairingGateway:
             if body is None:
                 body = _COMPACT_JSON.encode(event.payload).encode()
                 bodies[id(event.payload)] = body
-            await self.client.publish(topic, body, qos=1, properties=self._event_props)
+            await self.client.publish(topic, body, qos=1)

@@ -126,12 +126,6 @@ async def test_runner_survives_a_broker_restart(
             assert status.runners[0].online is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the gateway publishes events with the replies' Message Expiry Interval"
-    " (PAIRING_REPLY_EXPIRY_S, since 7031404), so a runner away longer loses session.opened;"
-    " docs/protocol.md, 'Events' says events carry none",
-)
 async def test_runner_away_longer_than_the_reply_expiry_still_gets_session_opened(
     start_service: StartService, broker_address: BrokerAddress, sdk: SdkPeers
 ) -> None:
