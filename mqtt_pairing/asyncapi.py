@@ -25,6 +25,7 @@ from mqtt_pairing.models import (
     AppUnpairRequest,
     CodeRequest,
     HeartbeatRequest,
+    MessageRequest,
     PairRequest,
     RunnerUnpairRequest,
     SimpleRequest,
@@ -76,10 +77,24 @@ OPS = (
         None,
         "Say the runner is alive; replied to only when it fails.",
     ),
+    Op(
+        Kind.RUNNER,
+        "message",
+        MessageRequest,
+        wire.MessageResult,
+        "Relay a small object to the app of a session (session.message).",
+    ),
     Op(Kind.APP, "pair", PairRequest, wire.PairResult, "Pair with a runner's code."),
     Op(Kind.APP, "sessions", SimpleRequest, wire.SessionsResult, "List active sessions."),
     Op(Kind.APP, "unpair", AppUnpairRequest, wire.UnpairResult, "Close one session."),
     Op(Kind.APP, "status", SimpleRequest, wire.StatusResult, "Paired runners and presence."),
+    Op(
+        Kind.APP,
+        "message",
+        MessageRequest,
+        wire.MessageResult,
+        "Relay a small object to the runner of a session (session.message).",
+    ),
 )
 """Every request op (docs/protocol.md, "Topics")."""
 
@@ -88,11 +103,13 @@ _EVENTS: dict[Kind, tuple[tuple[str, type[BaseModel], str], ...]] = {
         ("sessionOpened", wire.SessionOpened, "A session opened (the runner learns of it here)."),
         ("sessionClosed", wire.SessionClosed, "A session closed, for any reason."),
         ("codeUsed", wire.CodeUsed, "The runner's code was used once more."),
+        ("sessionMessage", wire.SessionMessage, "The app of a session sent a message."),
     ),
     Kind.APP: (
         ("sessionOpened", wire.SessionOpened, "A session opened."),
         ("sessionClosed", wire.SessionClosed, "A session closed, for any reason."),
         ("runnerPresence", wire.RunnerPresence, "A paired runner went online or offline."),
+        ("sessionMessage", wire.SessionMessage, "The runner of a session sent a message."),
     ),
 }
 

@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     pairing_app_request_window_s: int = Field(default=60, ge=1)
     pairing_runner_code_limit: int = Field(default=10, ge=1)
     pairing_runner_code_window_s: int = Field(default=60, ge=1)
+    pairing_message_limit: int = Field(default=30, ge=1)
+    pairing_message_window_s: int = Field(default=60, ge=1)
     pairing_global_fail_limit: int = Field(default=600, ge=1)
     pairing_global_fail_window_s: int = Field(default=60, ge=1)
     pairing_global_fail_shards: int = Field(default=1, ge=1, le=1024)

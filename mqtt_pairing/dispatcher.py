@@ -31,6 +31,7 @@ from mqtt_pairing.models import (
     AppUnpairRequest,
     CodeRequest,
     HeartbeatRequest,
+    MessageRequest,
     PairingHistoryEntry,
     PairRequest,
     RunnerUnpairRequest,
@@ -42,6 +43,7 @@ from mqtt_pairing.payload import InvalidPayload, extract_request_id, parse_paylo
 from mqtt_pairing.services.codes import PairingCodeService
 from mqtt_pairing.services.events import Event
 from mqtt_pairing.services.history import PairingHistoryService
+from mqtt_pairing.services.messages import MessageRelay
 from mqtt_pairing.services.outcome import Handled
 from mqtt_pairing.services.ratelimit import IDEMPOTENT_OPS, RateLimitService
 from mqtt_pairing.services.sessions import PairingSessionService
@@ -92,6 +94,7 @@ class Dispatcher:
         self.sessions = PairingSessionService(
             store, settings, self.codes, self.limits, self.history
         )
+        self.messages = MessageRelay(store, settings)
         self.counters: Counter[str] = Counter()
         self.replies: Counter[tuple[str, str]] = Counter()
         self._routes: dict[tuple[Kind, str], tuple[type[BaseModel], Handler]] = {
@@ -100,10 +103,12 @@ class Dispatcher:
             (Kind.RUNNER, "sessions"): (SimpleRequest, self._runner_sessions),
             (Kind.RUNNER, "unpair"): (RunnerUnpairRequest, self._runner_unpair),
             (Kind.RUNNER, "heartbeat"): (HeartbeatRequest, self._heartbeat),
+            (Kind.RUNNER, "message"): (MessageRequest, self._message),
             (Kind.APP, "pair"): (PairRequest, self._pair),
             (Kind.APP, "sessions"): (SimpleRequest, self._app_sessions),
             (Kind.APP, "unpair"): (AppUnpairRequest, self._app_unpair),
             (Kind.APP, "status"): (SimpleRequest, self._status),
+            (Kind.APP, "message"): (MessageRequest, self._message),
         }
 
     async def handle(
@@ -329,6 +334,14 @@ class Dispatcher:
             return Handled(None)
         self.counters["status"] += 1
         return Handled(None, outbox=outbox)
+
+    # ---- runner and app ops -----------------------------------------------------------
+
+    async def _message(
+        self, identity: Identity, req: MessageRequest, _b: Begin | None, _phash: str
+    ) -> Handled:
+        event = await self.messages.relay(identity, req)
+        return Handled(ok_reply(req.request_id, {"sent": True}), relay=[event])
 
     # ---- app ops ----------------------------------------------------------------------
 

@@ -352,6 +352,8 @@ class PairingGateway:
             except PairingError as exc:
                 # The entries stay in the outbox; the sweep publishes them.
                 log.warning("events left for the outbox sweep: %s", exc.message)
+        if handled.relay:
+            await self.publish_events(handled.relay)
         await self.dispatcher.history.record(handled.history)
 
     async def _reply(

@@ -118,6 +118,18 @@ class AppUnpairRequest(_Request):
     session_id: SessionId
 
 
+class MessageRequest(_Request):
+    """Runner or app `message`: relay `data` to the other party of a session.
+
+    docs/protocol.md, "Runner and app message": `data` is a JSON object of at most 1024
+    bytes as compact UTF-8 JSON, relayed untouched.
+    """
+
+    request_id: RequestId
+    session_id: SessionId
+    data: Metadata
+
+
 class SessionState(StrEnum):
     """State of a pairing session; `closed` is terminal."""
 

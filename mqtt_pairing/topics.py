@@ -60,10 +60,10 @@ class Kind(StrEnum):
 
 _KIND_BY_SEGMENT = {kind.segment: kind for kind in Kind}
 
-RUNNER_OPS = frozenset({"code", "cancel-code", "sessions", "unpair", "heartbeat"})
+RUNNER_OPS = frozenset({"code", "cancel-code", "sessions", "unpair", "heartbeat", "message"})
 """Ops a runner may request (docs/protocol.md, "Topics")."""
 
-APP_OPS = frozenset({"pair", "sessions", "unpair", "status"})
+APP_OPS = frozenset({"pair", "sessions", "unpair", "status", "message"})
 """Ops an app may request (docs/protocol.md, "Topics")."""
 
 DropReason = Literal["bad_prefix", "bad_kind", "bad_id", "bad_op", "bad_shape"]

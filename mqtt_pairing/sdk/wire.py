@@ -24,18 +24,26 @@ from pydantic import (
 from mqtt_pairing.errors import PairingErrorCode
 from mqtt_pairing.sas import Sas, SessionSecrets
 
+E2eState = Literal["ready", "none", "failed", "pending"]
+"""Where a session's end-to-end exchange stands (docs/sdk.md, "End-to-end keys and SAS"):
+`ready` (the SAS is there to compare), `none` (the peer did not take part, or not in time:
+unverified), `failed` (tampering seen: a reveal that does not open the commitment, or an
+unusable key; the SDK closed the session), `pending` (still waiting for the peer)."""
+
 __all__ = [
     "CancelCodeResult",
     "CodeResult",
     "CodeUsed",
     "ErrorBody",
     "Event",
+    "MessageResult",
     "PairResult",
     "RunnerPresence",
     "RunnerState",
     "RunnerStatus",
     "Session",
     "SessionClosed",
+    "SessionMessage",
     "SessionOpened",
     "SessionsResult",
     "StatusResult",
@@ -86,13 +94,28 @@ class _WithSecrets(_Wire):
     """A message after which this side can derive the session key and SAS."""
 
     _secrets: SessionSecrets | None = PrivateAttr(default=None)
+    _e2e: E2eState = PrivateAttr(default="none")
+
+    @property
+    def e2e(self) -> E2eState:
+        """Where the end-to-end exchange of this session stands (`E2eState`)."""
+        return "ready" if self._secrets is not None else self._e2e
+
+    @property
+    def verified(self) -> bool:
+        """True when the exchange completed and `sas` is there for the people to compare.
+
+        Only the people comparing the two screens can confirm the pairing; False means
+        there is nothing to compare (see `e2e`).
+        """
+        return self._secrets is not None
 
     @property
     def sas(self) -> Sas | None:
         """The short authentication string to compare with the other side.
 
-        None when either side sent no usable key (docs/protocol.md, "End-to-end keys and
-        SAS").
+        None unless the commit-then-reveal exchange completed (docs/protocol.md, "End-to-end
+        keys and SAS"); `e2e` says why not.
         """
         return None if self._secrets is None else self._secrets.sas
 
@@ -139,6 +162,12 @@ class UnpairResult(_Wire):
     """Runner or app `unpair` result: how many sessions closed."""
 
     closed: StrictInt
+
+
+class MessageResult(_Wire):
+    """Runner or app `message` result: the event went to the other party."""
+
+    sent: StrictBool
 
 
 class PairResult(_WithSecrets):
@@ -218,7 +247,19 @@ class RunnerPresence(_Event):
         return self.event == "runner.online"
 
 
-Event = SessionOpened | SessionClosed | CodeUsed | RunnerPresence
+class SessionMessage(_Event):
+    """`session.message`: what the other party of a session sent (`message` op).
+
+    docs/protocol.md, "Runner and app message".
+    """
+
+    event: Literal["session.message"]
+    session_id: SessionId
+    from_: Literal["runner", "app"] = Field(alias="from")
+    data: dict[str, Any]
+
+
+Event = SessionOpened | SessionClosed | CodeUsed | RunnerPresence | SessionMessage
 """Any event the service sends."""
 
 

@@ -67,6 +67,33 @@ def session_closed(session: PairingSession) -> list[Event]:
     ]
 
 
+def session_message(
+    session: PairingSession,
+    sender: Kind,
+    request_id: str,
+    data: dict[str, Any],
+    at_ms: int,
+) -> Event:
+    """`session.message` to the other party (docs/protocol.md "Runner and app message").
+
+    The event id is derived from the session, the sender and its `request_id`, so a
+    request handled twice relays one event as far as the receiver can tell.
+    """
+    to = Kind.APP if sender is Kind.RUNNER else Kind.RUNNER
+    return Event(
+        to,
+        session.app_id if to is Kind.APP else session.runner_id,
+        {
+            "event": "session.message",
+            "event_id": event_id(session.session_id, "message", sender.value, request_id),
+            "at": format_ts(at_ms),
+            "session_id": session.session_id,
+            "from": sender.value,
+            "data": data,
+        },
+    )
+
+
 def code_used(runner_id: str, session_id: str, uses_left: int, at_ms: int) -> Event:
     """`code.used` to the runner after each successful use (docs/protocol.md "Runner code")."""
     return Event(

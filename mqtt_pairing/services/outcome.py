@@ -28,6 +28,7 @@ class Handled:
             events runs them in the round trip that deletes the outbox entries
             (`OutboxRelay.deliver`), or on their own when there are none.
         recorded: outbox entry types whose history records `after` writes.
+        relay: events published straight away, never stored (`session.message`).
     """
 
     reply: dict[str, Any] | None
@@ -38,8 +39,9 @@ class Handled:
     outbox_marked: bool = False
     after: list[Call] = field(default_factory=list)
     recorded: frozenset[str] = frozenset()
+    relay: list[Event] = field(default_factory=list)
 
     @property
     def events(self) -> list[Event]:
-        """The wire events of the outbox entries."""
-        return [event for entry in self.outbox for event in render(entry)]
+        """The wire events: those of the outbox entries, then the relayed ones."""
+        return [event for entry in self.outbox for event in render(entry)] + self.relay

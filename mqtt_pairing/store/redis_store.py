@@ -82,6 +82,7 @@ SCRIPT_NAMES = (
     "open_session",
     "close_sessions",
     "touch_sessions",
+    "active_session",
     "set_ban",
     "heartbeat",
     "record_status",
@@ -1223,6 +1224,22 @@ class PairingStore:
         """
         runner = await self._guard(self.client.hget(self.keys.app_sessions(app_id), session_id))
         return str(runner) if runner is not None else None
+
+    async def active_session(
+        self, runner_id: str, session_id: str
+    ) -> tuple[PairingSession | None, int]:
+        """One active session of a runner (read only, nothing refreshed), and Redis time.
+
+        Returns:
+            (the session, or None if the runner has no such active session; now in ms).
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        raw, now_ms = await self._run(
+            "active_session", [self.keys.runner_sessions(runner_id)], [session_id]
+        )
+        return (_session(raw) if raw else None), int(now_ms)
 
     async def runner_sessions(
         self, runner_id: str, *, idle_ttl_s: int, app_id: str = ""

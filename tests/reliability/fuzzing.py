@@ -27,7 +27,7 @@ MAX_PAYLOAD_BYTES = 4096
 ERROR_CODES = frozenset(code.value for code in PairingErrorCode)
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
-KNOWN_OPS = ["pair", "code", "sessions", "status", "unpair", "heartbeat", "cancel-code"]
+KNOWN_OPS = ["pair", "code", "sessions", "status", "unpair", "heartbeat", "cancel-code", "message"]
 """Every op (Hypothesis draws the first ones more often)."""
 assert set(KNOWN_OPS) == RUNNER_OPS | APP_OPS
 FEW_IDS = ["r1", "r2", "a1", "a2", "x.y-z_0"]
@@ -211,7 +211,7 @@ def _object(
 
 KEYS = [
     "request_id", "code", "ttl_s", "max_uses", "runner_name", "app_name", "metadata",
-    "public_key", "session_id", "app_id", "all", "state", "", "REQUEST_ID", "request_id ",
+    "public_key", "session_id", "app_id", "all", "state", "data", "", "REQUEST_ID", "request_id ",
     "\u0000", "__proto__",
 ]  # fmt: skip
 
@@ -235,6 +235,7 @@ TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "simple": (("request_id",), ("extra",)),
     "heartbeat": ((), ("request_id", "extra")),
     "status": (("state",), ("request_id",)),
+    "message": (("request_id", "session_id", "data"), ("extra",)),
 }
 """op kind -> (required fields, optional fields) of its request objects."""
 
@@ -258,6 +259,7 @@ def op_templates(
         "session_id": _mostly(from_pool(session_ids, st.just("s")), st.sampled_from(SESSIONS)),
         "app_id": _mostly(st.sampled_from(FEW_IDS), st.one_of(valid_ids, json_scalars)),
         "all": _mostly(st.just(True), st.sampled_from([False, 1, "true", None])),
+        "data": _mostly(st.sampled_from([{}, {"type": "sas.nonce", "nonce": "x"}]), metadata),
         "state": _mostly(st.sampled_from(["online", "offline"]), json_scalars),
         "extra": json_values,
     }
@@ -279,6 +281,8 @@ OP_TEMPLATE = {
     ("apps", "sessions"): "simple",
     ("apps", "unpair"): "app-unpair",
     ("apps", "status"): "simple",
+    ("runners", "message"): "message",
+    ("apps", "message"): "message",
 }
 OP_WEIGHTS = [
     *[("apps", "pair")] * 3,

@@ -146,6 +146,10 @@ async def full_flow(api: Api, *, runner_ops_through_dispatcher: bool = True) -> 
     assert (await api.request(Kind.APP, "a1", "sessions"))["ok"]
     assert (await api.request(Kind.APP, "a1", "status"))["ok"]
     assert (await api.handle(Kind.RUNNER, "r1", "heartbeat", {})).reply is None
+    # a message each way (the session is only read)
+    for kind, ident in ((Kind.RUNNER, "r1"), (Kind.APP, "a2")):
+        reply = await api.request(kind, ident, "message", session_id=s2, data={"n": 1})
+        assert reply["ok"], reply
     # app unpair, runner unpair
     reply = await api.request(Kind.APP, "a2", "unpair", session_id=s2)
     assert reply["ok"], reply

@@ -64,9 +64,10 @@ def test_kinds_and_ops() -> None:
             "sessions",
             "unpair",
             "heartbeat",
+            "message",
         }
     )
-    assert ops_for(Kind.APP) == APP_OPS == {"pair", "sessions", "unpair", "status"}
+    assert ops_for(Kind.APP) == APP_OPS == {"pair", "sessions", "unpair", "status", "message"}
     assert all(is_valid_op(op) for op in RUNNER_OPS | APP_OPS)
 
 
