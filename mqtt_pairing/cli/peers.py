@@ -184,9 +184,12 @@ def _print_event(event: Any) -> None:  # noqa: ANN401
     body = event.model_dump(mode="json", exclude_none=False)
     if isinstance(event, SessionOpened):
         body["sas"] = _sas(event.sas)
+        body["e2e"] = event.e2e
     _print_json(body)
     if isinstance(event, SessionOpened) and event.sas is not None:
         typer.echo(f"compare with the app: {event.sas}  ({event.sas.digits})")
+    elif isinstance(event, SessionOpened) and event.e2e == "failed":
+        typer.echo("end-to-end check FAILED (tampering, or no exchange): the session was closed")
 
 
 @app_cli.command("pair")
@@ -271,7 +274,11 @@ async def _app_call(
         try:
             if op == "pair":
                 pairing = await app.pair(body.pop("code"), **body)
-                result = {**pairing.model_dump(mode="json"), "sas": _sas(pairing.sas)}
+                result = {
+                    **pairing.model_dump(mode="json"),
+                    "sas": _sas(pairing.sas),
+                    "e2e": pairing.e2e,
+                }
             else:
                 result = await app.call(op, body)
         except ReplyError as exc:

@@ -16,6 +16,7 @@ from mqtt_pairing.sas import Sas
 from mqtt_pairing.sdk.app import AppClient, PairingUri
 from mqtt_pairing.sdk.errors import (
     ConnectFailed,
+    E2eFailed,
     KeyMismatch,
     NoReply,
     NotConnected,
@@ -27,11 +28,13 @@ from mqtt_pairing.sdk.runner import RunnerClient
 from mqtt_pairing.sdk.wire import (
     CodeResult,
     CodeUsed,
+    E2eState,
     Event,
     PairResult,
     RunnerPresence,
     Session,
     SessionClosed,
+    SessionMessage,
     SessionOpened,
     StatusResult,
 )
@@ -42,6 +45,8 @@ __all__ = [
     "CodeResult",
     "CodeUsed",
     "ConnectFailed",
+    "E2eFailed",
+    "E2eState",
     "Event",
     "KeyMismatch",
     "NoReply",
@@ -55,6 +60,7 @@ __all__ = [
     "SdkError",
     "Session",
     "SessionClosed",
+    "SessionMessage",
     "SessionOpened",
     "StatusResult",
     "retry",

@@ -8,7 +8,8 @@
         ├── NotConnected         (also a TimeoutError) no broker connection in time
         ├── NoReply              (also a TimeoutError) no reply to a request in time
         ├── ReplyError           an error reply: `code`, `message`, `retry_after_s`
-        └── KeyMismatch          the runner's key is not the one its pairing URI named
+        ├── KeyMismatch          the runner's key is not the one its pairing URI named
+        └── E2eFailed            no end-to-end exchange, with `require_e2e`
 
 A `ReplyError` carries the wire error code (`mqtt_pairing.errors.PairingErrorCode`,
 docs/protocol.md "Error codes"); `retryable` says whether the same request may succeed
@@ -24,6 +25,7 @@ from mqtt_pairing.errors import PairingErrorCode
 __all__ = [
     "RETRYABLE",
     "ConnectFailed",
+    "E2eFailed",
     "KeyMismatch",
     "NoReply",
     "NotConnected",
@@ -105,3 +107,16 @@ class KeyMismatch(SdkError):
 
     The SDK has already closed the session: a relay replaced the runner's key.
     """
+
+
+class E2eFailed(SdkError):
+    """The end-to-end exchange did not complete and `require_e2e` was set.
+
+    The runner sent no key, did not answer the commitment in time, or sent an unusable
+    key (docs/protocol.md, "End-to-end keys and SAS"). The SDK has already closed the
+    session (`session_id` says which).
+    """
+
+    def __init__(self, session_id: str, why: str) -> None:
+        self.session_id = session_id
+        super().__init__(f"session {session_id}: {why}; the session was closed")

@@ -7,18 +7,21 @@ again once reconnected: the service answers a repeat with the remembered reply a
 second effect (docs/protocol.md, "Idempotency"); the same happens when no reply has come
 after `resend_after_s` (5 s; a broker that crashed may have lost the service's
 subscription until it came back). Events are dropped when their `event_id` was seen
-already (the last 4096 are remembered).
+already (the last 4096 are remembered). Events are handed out in the order they came; an
+event the SDK holds back (a runner's `session.opened` while the end-to-end exchange runs,
+docs/sdk.md "End-to-end keys and SAS") holds back those after it too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Coroutine
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
@@ -28,7 +31,7 @@ from pydantic import TypeAdapter, ValidationError
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.sdk.connection import Connection, ProtocolChoice
 from mqtt_pairing.sdk.errors import NoReply, NotConnected, ReplyError
-from mqtt_pairing.sdk.wire import Event
+from mqtt_pairing.sdk.wire import Event, MessageResult
 from mqtt_pairing.topics import Identity, Kind, TopicScheme
 
 __all__ = ["Peer"]
@@ -92,6 +95,8 @@ class Peer:
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._order: deque[_Slot] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
         base = f"{self.scheme.prefix}/{self.kind.segment}/{ident}"
         self.connection = Connection(
             address,
@@ -126,6 +131,10 @@ class Peer:
     async def close(self) -> None:
         """Disconnect normally; the broker keeps the session for `session_expiry_s`."""
         await self.connection.close(self._before_close)
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -231,6 +240,33 @@ class Peer:
         result = reply.get("result")
         return result if isinstance(result, dict) else {}
 
+    async def message(
+        self, session_id: str, data: dict[str, Any], *, timeout_s: float | None = None
+    ) -> None:
+        """Send `data` to the other party of a session (`message`).
+
+        docs/protocol.md, "Runner and app message": the other party receives a
+        `SessionMessage`.
+
+        Args:
+            session_id: one of this peer's active sessions.
+            data: a JSON object of at most 1024 bytes (compact UTF-8 JSON). Objects whose
+                `type` starts with `sas.` belong to the SDK's end-to-end exchange.
+            timeout_s: request timeout, seconds.
+
+        Raises:
+            ReplyError: SESSION_NOT_FOUND, RATE_LIMITED, INVALID_REQUEST (too large).
+            NoReply: no reply in time.
+        """
+        body = {"session_id": session_id, "data": data}
+        MessageResult.model_validate(await self.call("message", body, timeout_s=timeout_s))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in the background until it ends or `close` cancels it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def publish_raw(self, op: str, payload: bytes, *, timeout_s: float = 10.0) -> None:
         """Publish bytes on one of this peer's request topics (QoS 1), with no reply awaited.
 
@@ -281,11 +317,27 @@ class Peer:
                 self._seen.popitem(last=False)
             event = self._parse_event(body)
             if event is not None:
-                self._events.put_nowait(event)
+                self._emit(event)
             return
         future = self._waiting.pop(str(body.get("request_id")), None)
         if future is not None and not future.done():
             future.set_result(body)
+
+    def _emit(self, event: Any, *, ready: bool = True) -> _Slot:  # noqa: ANN401
+        """Queue an event in arrival order; one not `ready` holds back those after it."""
+        slot = _Slot(event, ready)
+        self._order.append(slot)
+        self._flush()
+        return slot
+
+    def _release(self, slot: _Slot) -> None:
+        """Let a held event (and those behind it) go out."""
+        slot.ready = True
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._order and self._order[0].ready:
+            self._events.put_nowait(self._order.popleft().event)
 
     def _parse_event(self, body: dict[str, Any]) -> Any:  # noqa: ANN401
         """The typed event (None to drop it); subclasses add what they derive."""
@@ -294,3 +346,13 @@ class Peer:
         except ValidationError:
             log.warning("%s: an event of unknown shape dropped (%s)", self.id, body.get("event"))
             return None
+
+
+class _Slot:
+    """An event in the order of arrival; `ready` once it may be handed out."""
+
+    __slots__ = ("event", "ready")
+
+    def __init__(self, event: Any, ready: bool) -> None:  # noqa: ANN401
+        self.event = event
+        self.ready = ready

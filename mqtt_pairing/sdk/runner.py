@@ -5,6 +5,12 @@ retained `{"state": "online"}` on its status topic; its Last Will is a retained
 `{"state": "offline"}`, sent by the broker when the connection dies (with MQTT 5 and
 `will_delay_s`, only if the runner has not come back by then); `close` publishes `offline` itself.
 Optional heartbeats keep it online for the service where statuses are not used.
+
+End-to-end (docs/protocol.md, "End-to-end keys and SAS"): a `session.opened` whose app
+key is a commitment is held back (with the events after it) while the runner sends its
+nonce and waits for the app's reveal, at most `e2e_timeout_s`; it is then handed out with
+`sas` set (`e2e == "ready"`), or without (`"none"`: the app did not take part in time;
+`"failed"`: the reveal did not open the commitment, and the SDK closed the session).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
@@ -20,12 +27,24 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from mqtt_pairing.mqtt_address import BrokerAddress
-from mqtt_pairing.sdk.e2e import RunnerKeyRing, agree
-from mqtt_pairing.sdk.peer import Peer
+from mqtt_pairing.sas import SessionSecrets, opens
+from mqtt_pairing.sdk.e2e import (
+    REVEAL_TYPE,
+    KeyPair,
+    RunnerKeyRing,
+    agree,
+    new_nonce,
+    nonce_data,
+    read_reveal,
+)
+from mqtt_pairing.sdk.peer import Peer, _Slot
 from mqtt_pairing.sdk.wire import (
     CancelCodeResult,
     CodeResult,
+    E2eState,
     Session,
+    SessionClosed,
+    SessionMessage,
     SessionOpened,
     SessionsResult,
     UnpairResult,
@@ -40,6 +59,18 @@ _ONLINE = json.dumps({"state": "online"}).encode()
 _OFFLINE = json.dumps({"state": "offline"}).encode()
 
 
+@dataclass
+class _Exchange:
+    """A runner's side of one session's exchange, from `session.opened` to the reveal."""
+
+    event: SessionOpened
+    slot: _Slot
+    own: KeyPair
+    commitment: bytes
+    runner_nonce: bytes = field(repr=False)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class RunnerClient(Peer):
     """A runner (docs/sdk.md, "Runners").
 
@@ -52,6 +83,9 @@ class RunnerClient(Peer):
             than this never shows the runner offline, and apps may still pair meanwhile
             (ignored on MQTT 3.1.1). 0: offline as soon as the broker sees the loss.
         heartbeat_s: send a `heartbeat` this often, seconds; None for none.
+        require_e2e: close (unpair) every session whose app does not complete the
+            end-to-end exchange; its `session.opened` is handed out with `e2e == "failed"`.
+        e2e_timeout_s: how long to wait for the app's reveal, seconds.
         **options: `Peer` options (prefix, protocol, session_expiry_s, ...).
     """
 
@@ -66,9 +100,14 @@ class RunnerClient(Peer):
         presence: bool = True,
         will_delay_s: int = 0,
         heartbeat_s: float | None = None,
+        require_e2e: bool = False,
+        e2e_timeout_s: float = 10.0,
         **options: Any,  # noqa: ANN401
     ) -> None:
         self.name = name
+        self.require_e2e = require_e2e
+        self.e2e_timeout_s = e2e_timeout_s
+        self._exchanges: dict[str, _Exchange] = {}
         self.presence = presence
         self.will_delay_s = will_delay_s
         self.heartbeat_s = heartbeat_s
@@ -225,16 +264,106 @@ class RunnerClient(Peer):
         """
         await self.publish_raw("heartbeat", b"{}", timeout_s=timeout_s)
 
+    # -- end-to-end exchange -------------------------------------------------------
+
     def _parse_event(self, body: dict[str, Any]) -> Any:  # noqa: ANN401
         event = super()._parse_event(body)
-        if isinstance(event, SessionOpened) and event.app_public_key is not None:
-            found = self.keys.for_app_key(event.app_public_key)
-            if found is None:
-                log.info("session %s: no SAS (no matching key)", event.session.session_id)
-                return event
-            own, app_raw = found
-            try:
-                event._secrets = agree(own, app_raw, event.session.session_id, own_role="runner")
-            except ValueError:
-                log.warning("session %s: the app's key is unusable", event.session.session_id)
+        if isinstance(event, SessionOpened):
+            return self._opened(event)
+        if isinstance(event, SessionMessage) and str(event.data.get("type", "")).startswith("sas."):
+            self._sas_message(event)
+            return None
+        if isinstance(event, SessionClosed):
+            exchange = self._exchanges.get(event.session.session_id)
+            if exchange is not None:
+                self._finish(exchange, "none", None, close=False)
         return event
+
+    def _opened(self, event: SessionOpened) -> SessionOpened | None:
+        session_id = event.session.session_id
+        found = None
+        if event.app_public_key is not None:
+            found = self.keys.for_commitment(event.app_public_key)
+        if found is None:
+            log.info("session %s: no end-to-end exchange (no commitment to our key)", session_id)
+            if not self.require_e2e:
+                return event
+            slot = self._emit(event, ready=False)
+            self._spawn(self._close_unverified(event, slot))
+            return None
+        own, digest = found
+        exchange = _Exchange(event, self._emit(event, ready=False), own, digest, new_nonce())
+        event._e2e = "pending"
+        self._exchanges[session_id] = exchange
+        self._spawn(self._run_exchange(exchange))
+        return None
+
+    async def _close_unverified(self, event: SessionOpened, slot: _Slot) -> None:
+        event._e2e = "failed"
+        try:
+            await self.unpair(session_id=event.session.session_id)
+        except Exception as exc:
+            log.warning("session %s: could not close it: %s", event.session.session_id, exc)
+        finally:
+            self._release(slot)
+
+    async def _run_exchange(self, exchange: _Exchange) -> None:
+        session_id = exchange.event.session.session_id
+        try:
+            await self.message(session_id, nonce_data(exchange.runner_nonce))
+            await asyncio.wait_for(exchange.done.wait(), self.e2e_timeout_s)
+        except Exception as exc:
+            log.info("session %s: no end-to-end exchange (%s)", session_id, type(exc).__name__)
+            self._finish(exchange, "none", None)
+
+    def _sas_message(self, message: SessionMessage) -> None:
+        exchange = self._exchanges.get(message.session_id)
+        if exchange is None or message.from_ != "app" or message.data.get("type") != REVEAL_TYPE:
+            return  # not ours, or not now: only the first reveal of a session counts
+        try:
+            app_raw, app_nonce = read_reveal(message.data)
+        except ValueError:
+            self._finish(exchange, "failed", None)
+            return
+        if not opens(exchange.commitment, app_raw, app_nonce):
+            log.warning(
+                "session %s: the app's reveal does not open its commitment", message.session_id
+            )
+            self._finish(exchange, "failed", None)
+            return
+        try:
+            secrets = agree(
+                exchange.own,
+                app_raw,
+                message.session_id,
+                own_role="runner",
+                app_nonce=app_nonce,
+                runner_nonce=exchange.runner_nonce,
+            )
+        except ValueError:
+            self._finish(exchange, "failed", None)
+            return
+        self._finish(exchange, "ready", secrets)
+
+    def _finish(
+        self,
+        exchange: _Exchange,
+        state: E2eState,
+        secrets: SessionSecrets | None,
+        *,
+        close: bool = True,
+    ) -> None:
+        """End an exchange: the event goes out with its SAS, or closed and without."""
+        event = exchange.event
+        if self._exchanges.pop(event.session.session_id, None) is None:
+            return
+        exchange.done.set()
+        event._secrets = secrets
+        if secrets is not None:
+            self._release(exchange.slot)
+            return
+        if close and (state == "failed" or self.require_e2e):
+            self._spawn(self._close_unverified(event, exchange.slot))
+            return
+        event._e2e = state
+        self._release(exchange.slot)

@@ -164,6 +164,11 @@ async def test_everything_the_service_publishes_matches_the_document(
         "appSessionOpened",
         "appSessionClosed",
         "appRunnerPresence",
+        # The end-to-end exchange: the runner's nonce and the app's reveal.
+        "runnerMessageReply",
+        "appMessageReply",
+        "runnerSessionMessage",
+        "appSessionMessage",
     } <= matched
 
 

@@ -41,7 +41,7 @@ async def test_runner_away_while_an_app_pairs_gets_session_opened_back(
     await start_service()
     async with TcpProxy(broker_address.host, broker_address.port) as proxy:
         runner = sdk.runner(address=proxy.address, will_delay_s=60, keepalive_s=5)
-        async with runner, sdk.app() as app:
+        async with runner, sdk.app(e2e_timeout_s=1.0) as app:
             code = await runner.request_code()
             seen: list[Any] = []
             user_code = asyncio.create_task(collect(runner, seen))
@@ -51,6 +51,8 @@ async def test_runner_away_while_an_app_pairs_gets_session_opened_back(
             await wait_for(lambda: not runner.connection.connected.is_set(), "the loss")
             paired = await app.pair(code.code)
             assert seen == []
+            # No nonce from the runner within the app's e2e_timeout_s: no SAS yet.
+            assert paired.e2e == "none"
 
             proxy.restore()
             await wait_for(
@@ -59,7 +61,8 @@ async def test_runner_away_while_an_app_pairs_gets_session_opened_back(
             assert runner.connection.generation > generation
             opened = next(e for e in seen if isinstance(e, SessionOpened))
             assert opened.session == paired.session
-            assert opened.sas == paired.sas is not None
+            # The app answered the runner's late nonce: both have the same SAS now.
+            assert opened.sas == app.sas_for(paired.session.session_id) is not None
             assert not user_code.done()
             user_code.cancel()
 
