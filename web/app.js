@@ -6,7 +6,15 @@ window.mqttPairingSas = sas; // for the browser test's vectors
 
 const $ = (id) => document.getElementById(id);
 const REQUEST_TIMEOUT_MS = 15000;
-const state = { client: null, prefix: "pairing", appId: "", waiting: new Map(), seen: new Set() };
+const E2E_TIMEOUT_MS = 10000; // how long to wait for the runner's nonce after pairing
+const state = {
+  client: null,
+  prefix: "pairing",
+  appId: "",
+  waiting: new Map(),
+  seen: new Set(),
+  nonces: new Map(), // session_id -> {resolve} waiting for the runner's nonce, or {nonce} early
+};
 
 function setStatus(text, cls = "") {
   $("status").textContent = text;
@@ -65,6 +73,10 @@ function onMessage(topic, payload) {
   if (topic.endsWith("/events")) {
     if (state.seen.has(body.event_id)) return; // a copy: events may come twice
     state.seen.add(body.event_id);
+    if (body.event === "session.message" && body.from === "runner" && body.data?.type === "sas.nonce") {
+      onNonce(body.session_id, body.data);
+      return;
+    }
     if (body.event === "session.closed" || body.event === "session.opened") refreshSessions();
     return;
   }
@@ -74,6 +86,32 @@ function onMessage(topic, payload) {
     state.waiting.delete(body.request_id);
     pending.resolve(body);
   }
+}
+
+// The runner's nonce (docs/protocol.md, "End-to-end keys and SAS"): only the first of a
+// session counts; one that comes before `pair` has read its reply is kept for it.
+function onNonce(sessionId, data) {
+  let nonce;
+  try {
+    nonce = sas.readNonce(data);
+  } catch {
+    return;
+  }
+  const entry = state.nonces.get(sessionId);
+  if (!entry) state.nonces.set(sessionId, { nonce });
+  else if (entry.resolve && !entry.nonce) {
+    entry.nonce = nonce;
+    entry.resolve(nonce);
+  }
+}
+
+function runnerNonce(sessionId) {
+  const entry = state.nonces.get(sessionId);
+  if (entry?.nonce) return Promise.resolve(entry.nonce);
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve(null), E2E_TIMEOUT_MS);
+    state.nonces.set(sessionId, { resolve: (n) => (clearTimeout(timer), resolve(n)) });
+  });
 }
 
 function connect() {
@@ -114,8 +152,10 @@ async function pair() {
   $("pair-error").hidden = true;
   $("paired").hidden = true;
   const { code, runner, key } = parseCodeInput($("code").value);
+  // Commit, then reveal: `pair` carries only SHA-256(public key || N_A).
   const own = await sas.generateKeyPair();
-  const body = { code, public_key: sas.encodePublicKey(own.raw, key) };
+  const appNonce = sas.newNonce();
+  const body = { code, public_key: await sas.commitPublicKey(own.raw, appNonce, key) };
   const name = $("app-name").value.trim();
   if (name) body.app_name = name;
   try {
@@ -137,15 +177,28 @@ async function pair() {
     }
     $("runner-label").textContent = session.runner_name ? `${session.runner_name} (${session.runner_id})` : session.runner_id;
     $("session-id").textContent = session.session_id;
+    $("sas").hidden = true;
+    $("e2e-none").hidden = true;
+    $("paired").hidden = false;
+    let secrets = null;
     if (runnerKey) {
-      const secrets = await sas.deriveSessionSecrets(own, runnerKey, session.session_id, "app");
+      $("e2e-pending").hidden = false;
+      // The runner's nonce, then our reveal; the SAS binds both keys and both nonces.
+      const nonce = await runnerNonce(session.session_id);
+      $("e2e-pending").hidden = true;
+      if (nonce) {
+        const derived = await sas.deriveSessionSecrets(own, runnerKey, session.session_id, "app", appNonce, nonce);
+        await call("message", { session_id: session.session_id, data: sas.revealData(own.raw, appNonce) });
+        secrets = derived;
+      }
+    }
+    if (secrets) {
       $("sas-words").textContent = secrets.words.join(" ");
       $("sas-digits").textContent = secrets.digits;
       $("sas").hidden = false;
     } else {
-      $("sas").hidden = true; // the runner sent no key: nothing to compare
+      $("e2e-none").hidden = false; // no key or no nonce from the runner: nothing to compare
     }
-    $("paired").hidden = false;
     $("code").value = "";
     refreshSessions();
   } catch (err) {
@@ -197,10 +250,12 @@ async function init() {
   } catch {
     config = {};
   }
-  $("mqtt-url").value = params.get("mqtt_url") || config.mqtt_url || `ws://${location.hostname || "127.0.0.1"}:8083/mqtt`;
-  $("prefix").value = params.get("prefix") || config.prefix || "pairing";
-  $("app-id").value = params.get("app_id") || localStorage.getItem("mqtt-pairing.app-id") || "";
-  // A pairing link opened as https://…/?code=…&runner=…&key=… fills the code field.
+  // The broker, the topic prefix and the app id come from the page's own config.json or
+  // from the person, never from a link: a link must not send the app to another broker.
+  $("mqtt-url").value = config.mqtt_url || `ws://${location.hostname || "127.0.0.1"}:8083/mqtt`;
+  $("prefix").value = config.prefix || "pairing";
+  $("app-id").value = localStorage.getItem("mqtt-pairing.app-id") || "";
+  // A pairing link opened as https://…/?code=…&runner=…&key=… fills the code field (only).
   if (params.get("code")) {
     const link = new URLSearchParams({ code: params.get("code") });
     for (const k of ["runner", "key"]) if (params.get(k)) link.set(k, params.get(k));

@@ -1,8 +1,11 @@
 // End-to-end keys and the SAS with WebCrypto (docs/protocol.md, "End-to-end keys and SAS").
-// X25519 and HKDF-SHA256 are in Chromium's, Firefox's and Safari's WebCrypto.
+// X25519, SHA-256 and HKDF-SHA256 are in Chromium's, Firefox's and Safari's WebCrypto.
+// Version 2, commit then reveal: the app sends commitPublicKey(...) in `pair`, waits for the
+// runner's nonce (`session.message` {type: "sas.nonce"}), then reveals revealData(...).
 
-const LABEL = new TextEncoder().encode("mqtt-pairing/sas/v1");
+const LABEL = new TextEncoder().encode("mqtt-pairing/sas/v2");
 const PREFIX = "x25519:";
+const COMMIT_PREFIX = "x25519-commit:";
 let wordsPromise = null;
 
 export function b64url(bytes) {
@@ -53,6 +56,38 @@ export function encodePublicKey(raw, peerKeyId = null) {
   return PREFIX + b64url(raw) + (peerKeyId ? ";peer=" + peerKeyId : "");
 }
 
+/** 32 random bytes (N_A). */
+export function newNonce() {
+  return crypto.getRandomValues(new Uint8Array(32));
+}
+
+/** C_A = SHA-256(app public key || N_A), 32 bytes. */
+export async function commitment(publicRaw, nonce) {
+  if (publicRaw.length !== 32 || nonce.length !== 32) throw new Error("32-byte key and nonce");
+  const both = new Uint8Array(64);
+  both.set(publicRaw, 0);
+  both.set(nonce, 32);
+  return new Uint8Array(await crypto.subtle.digest("SHA-256", both));
+}
+
+/** The app's `public_key` field of `pair`: x25519-commit:<base64url(C_A)>[;peer=<key id>]. */
+export async function commitPublicKey(publicRaw, nonce, peerKeyId = null) {
+  return COMMIT_PREFIX + b64url(await commitment(publicRaw, nonce)) + (peerKeyId ? ";peer=" + peerKeyId : "");
+}
+
+/** N_R from the runner's `sas.nonce` message data; throws if malformed. */
+export function readNonce(data) {
+  if (!data || data.type !== "sas.nonce" || typeof data.nonce !== "string") throw new Error("not a sas.nonce");
+  const nonce = unb64url(data.nonce);
+  if (nonce.length !== 32) throw new Error("a nonce is 32 bytes");
+  return nonce;
+}
+
+/** The `data` of the app's reveal `message`. */
+export function revealData(publicRaw, nonce) {
+  return { type: "sas.reveal", public_key: encodePublicKey(publicRaw), nonce: b64url(nonce) };
+}
+
 async function sasWords() {
   if (!wordsPromise) {
     wordsPromise = fetch(new URL("sas-words.txt", import.meta.url))
@@ -70,21 +105,27 @@ async function sasWords() {
  * @param peerRaw the other side's raw public key
  * @param sessionId the session's id
  * @param ownRole "runner" or "app"
+ * @param appNonce N_A (32 bytes), runnerNonce N_R (32 bytes)
  * @returns {sessionKey: Uint8Array(32), words: string[4], digits: string, okm: Uint8Array(40)}
  */
-export async function deriveSessionSecrets(own, peerRaw, sessionId, ownRole) {
+export async function deriveSessionSecrets(own, peerRaw, sessionId, ownRole, appNonce, runnerNonce) {
   if (!/^[\x21-\x7e]{1,64}$/.test(sessionId)) throw new Error("bad session id");
+  if (appNonce.length !== 32 || runnerNonce.length !== 32) throw new Error("nonces are 32 bytes");
   const peer = await crypto.subtle.importKey("raw", peerRaw, { name: "X25519" }, false, []);
   // Chromium refuses an all-zero result (a low-order peer key) with an OperationError.
   const shared = new Uint8Array(await crypto.subtle.deriveBits({ name: "X25519", public: peer }, own.privateKey, 256));
   if (shared.every((b) => b === 0)) throw new Error("low-order peer key");
   const [runnerRaw, appRaw] = ownRole === "runner" ? [own.raw, peerRaw] : [peerRaw, own.raw];
   const sid = new TextEncoder().encode(sessionId);
-  const info = new Uint8Array(LABEL.length + 1 + sid.length + 1 + 64);
+  // label 0x00 session_id 0x00 runner_pk app_pk N_A N_R
+  const info = new Uint8Array(LABEL.length + 1 + sid.length + 1 + 128);
+  const at = LABEL.length + 2 + sid.length;
   info.set(LABEL, 0);
   info.set(sid, LABEL.length + 1);
-  info.set(runnerRaw, LABEL.length + 2 + sid.length);
-  info.set(appRaw, LABEL.length + 2 + sid.length + 32);
+  info.set(runnerRaw, at);
+  info.set(appRaw, at + 32);
+  info.set(appNonce, at + 64);
+  info.set(runnerNonce, at + 96);
   const ikm = await crypto.subtle.importKey("raw", shared, "HKDF", false, ["deriveBits"]);
   const okm = new Uint8Array(
     await crypto.subtle.deriveBits({ name: "HKDF", hash: "SHA-256", salt: new Uint8Array(0), info }, ikm, 320),

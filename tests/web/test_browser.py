@@ -89,7 +89,10 @@ async def test_web_app_pairs_shows_the_runners_sas_and_unpairs(
         ):
             code = await runner.request_code()
             # The runner's pairing link, opened as a web link: ?code=...&runner=...&key=...
-            link = f"{page_url}?{urlsplit(code.pairing_uri).query}"
+            # A link that also names a broker, an app id and a prefix: the page must not
+            # take them (a link must not send the app to another broker).
+            hostile = "mqtt_url=ws%3A%2F%2Fevil.example%3A8083%2Fmqtt&app_id=evil&prefix=evil"
+            link = f"{page_url}?{urlsplit(code.pairing_uri).query}&{hostile}"
             args = {
                 "url": link,
                 "appId": app_id,
@@ -108,6 +111,11 @@ async def test_web_app_pairs_shows_the_runners_sas_and_unpairs(
                 env={**os.environ, "CHROMIUM": CHROMIUM},
             )
             try:
+                loaded = await read_step(process, "loaded")
+                assert loaded["mqttUrl"] == ws_url  # the page's config.json, not the link's
+                assert loaded["prefix"] == "pairing"
+                assert loaded["appId"] == ""
+                assert code.code.replace("-", "") in loaded["code"]
                 vectors = (await read_step(process, "vectors"))["computed"]
                 expected = json.loads(VECTORS.read_text("utf-8"))["derivations"]
                 for got, case in zip(vectors, expected, strict=True):
@@ -115,10 +123,14 @@ async def test_web_app_pairs_shows_the_runners_sas_and_unpairs(
                     assert got["digits"] == case["sas_digits"]
                     assert got["sessionKey"] == case["session_key"]
                     assert got["keyId"] == case["runner_key_id"]
-                    assert got["appPublicKey"] == case["app_public_key"]
+                    assert got["runnerNonce"] == case["runner_nonce"]
+                    assert got["appCommitmentField"] == case["app_commitment_field"]
+                    assert got["appMessage"] == case["app_message"]
 
                 paired = await read_step(process, "paired")
+                assert paired["sasShown"]
                 opened = await next_of(runner, SessionOpened, STEP_TIMEOUT_S)
+                assert opened.e2e == "ready"
                 assert opened.session.session_id == paired["sessionId"]
                 assert opened.session.app_id == app_id
                 assert opened.session.app_name == "Chromium"

@@ -34,6 +34,13 @@ try {
   page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
   await page.goto(args.url);
   await page.waitForSelector("body[data-ready=true]");
+  // What the page took from the link (the test adds mqtt_url, app_id and prefix to it).
+  say("loaded", {
+    mqttUrl: await page.inputValue("#mqtt-url"),
+    appId: await page.inputValue("#app-id"),
+    prefix: await page.inputValue("#prefix"),
+    code: await page.inputValue("#code"),
+  });
 
   // The SAS vectors, computed by the page's own WebCrypto code.
   const vectors = JSON.parse(fs.readFileSync(args.vectors, "utf-8"));
@@ -44,15 +51,20 @@ try {
     for (const c of cases) {
       const runner = await sas.importKeyPair(hex(c.runner_private_key), hex(c.runner_public_key_raw));
       const app = await sas.importKeyPair(hex(c.app_private_key), hex(c.app_public_key_raw));
-      const atRunner = await sas.deriveSessionSecrets(runner, app.raw, c.session_id, "runner");
-      const atApp = await sas.deriveSessionSecrets(app, runner.raw, c.session_id, "app");
+      const appNonce = hex(c.app_nonce);
+      const runnerNonce = sas.readNonce(c.runner_message);
+      const atRunner = await sas.deriveSessionSecrets(runner, app.raw, c.session_id, "runner", appNonce, runnerNonce);
+      const atApp = await sas.deriveSessionSecrets(app, runner.raw, c.session_id, "app", appNonce, runnerNonce);
+      const toHex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
       out.push({
         words: atApp.words,
         digits: atApp.digits,
         runnerWords: atRunner.words,
-        sessionKey: Array.from(atApp.sessionKey, (b) => b.toString(16).padStart(2, "0")).join(""),
+        sessionKey: toHex(atApp.sessionKey),
         keyId: await sas.keyId(runner.raw),
-        appPublicKey: sas.encodePublicKey(app.raw, await sas.keyId(runner.raw)),
+        runnerNonce: toHex(runnerNonce),
+        appCommitmentField: await sas.commitPublicKey(app.raw, appNonce, await sas.keyId(runner.raw)),
+        appMessage: sas.revealData(app.raw, appNonce),
       });
     }
     return out;
@@ -67,11 +79,12 @@ try {
   say("connected");
 
   await page.click("#pair-button");
-  await page.waitForSelector("#paired:not([hidden]), #pair-error:not([hidden])");
+  await page.waitForSelector("#sas:not([hidden]), #e2e-none:not([hidden]), #pair-error:not([hidden])");
   const error = await page.locator("#pair-error").isVisible() ? await page.textContent("#pair-error") : null;
   if (error) throw new Error(`pairing failed: ${error}`);
   await page.waitForSelector(`#session-list li`);
   const paired = {
+    sasShown: await page.locator("#sas").isVisible(),
     sessionId: await page.textContent("#session-id"),
     words: (await page.textContent("#sas-words")).split(" "),
     digits: await page.textContent("#sas-digits"),
