@@ -310,8 +310,13 @@ class RunnerClient(Peer):
     async def _run_exchange(self, exchange: _Exchange) -> None:
         session_id = exchange.event.session.session_id
         try:
-            await self.message(session_id, nonce_data(exchange.runner_nonce))
-            await asyncio.wait_for(exchange.done.wait(), self.e2e_timeout_s)
+            # The whole exchange, sending the nonce included, within e2e_timeout_s: the
+            # events held behind session.opened wait no longer.
+            async with asyncio.timeout(self.e2e_timeout_s):
+                await self.message(
+                    session_id, nonce_data(exchange.runner_nonce), timeout_s=self.e2e_timeout_s
+                )
+                await exchange.done.wait()
         except Exception as exc:
             log.info("session %s: no end-to-end exchange (%s)", session_id, type(exc).__name__)
             self._finish(exchange, "none", None)

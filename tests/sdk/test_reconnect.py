@@ -18,7 +18,7 @@ from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.sdk import RunnerClient, SessionOpened
 from tests.fixtures import MosquittoBroker, RedisServer
 from tests.harness.service import StartService, instance_settings, instances
-from tests.sdk.support import EVENT_TIMEOUT_S, SdkPeers, TcpProxy, sdk_peers
+from tests.sdk.support import EVENT_TIMEOUT_S, SdkPeers, TcpProxy, next_of, sdk_peers
 
 
 async def collect(runner: RunnerClient, into: list[Any]) -> None:
@@ -41,7 +41,7 @@ async def test_runner_away_while_an_app_pairs_gets_session_opened_back(
     await start_service()
     async with TcpProxy(broker_address.host, broker_address.port) as proxy:
         runner = sdk.runner(address=proxy.address, will_delay_s=60, keepalive_s=5)
-        async with runner, sdk.app(e2e_timeout_s=1.0) as app:
+        async with runner, sdk.app() as app:
             code = await runner.request_code()
             seen: list[Any] = []
             user_code = asyncio.create_task(collect(runner, seen))
@@ -49,10 +49,11 @@ async def test_runner_away_while_an_app_pairs_gets_session_opened_back(
 
             proxy.cut()  # the runner's network is gone; its status stays `online`
             await wait_for(lambda: not runner.connection.connected.is_set(), "the loss")
-            paired = await app.pair(code.code)
+            # `pair` waits for the runner's nonce: the reply is in once the app hears of
+            # the session, and the runner comes back while `pair` waits.
+            pairing = asyncio.create_task(app.pair(code.code))
+            await next_of(app, SessionOpened)
             assert seen == []
-            # No nonce from the runner within the app's e2e_timeout_s: no SAS yet.
-            assert paired.e2e == "none"
 
             proxy.restore()
             await wait_for(
@@ -60,9 +61,13 @@ async def test_runner_away_while_an_app_pairs_gets_session_opened_back(
             )
             assert runner.connection.generation > generation
             opened = next(e for e in seen if isinstance(e, SessionOpened))
+            paired = await pairing
             assert opened.session == paired.session
-            # The app answered the runner's late nonce: both have the same SAS now.
-            assert opened.sas == app.sas_for(paired.session.session_id) is not None
+            # The app answered the runner's nonce (in `pair`, or after it if the runner
+            # took longer than e2e_timeout_s): both have the same SAS.
+            session_id = paired.session.session_id
+            await wait_for(lambda: app.sas_for(session_id) is not None, "the app's SAS")
+            assert opened.sas == app.sas_for(session_id) is not None
             assert not user_code.done()
             user_code.cancel()
 
