@@ -14,12 +14,22 @@ the broker replays (Mosquitto 2.0.11 replays them to shared subscriptions too): 
 ignored and counted, never answered (docs/protocol.md "Topics"); on MQTT 5 the request
 subscriptions ask for no replay at all (Retain Handling 2). Runners' status messages
 have a connection of their own (`mqtt_pairing.presence`).
+
+Bounds (docs/protocol.md "MQTT 5 properties"): a request whose Response Topic is longer
+than `MAX_RESPONSE_TOPIC_BYTES` or whose Correlation Data is longer than
+`MAX_CORRELATION_DATA_BYTES` is not executed: it gets INVALID_REQUEST on the default
+reply topic. Nothing is published above the broker's Maximum Packet Size (its CONNACK
+says it): a reply that would be is replaced by a short INTERNAL_ERROR, or dropped and
+counted. A request that was being answered when the connection dropped three times is a
+poison message: its next copy is acknowledged without being handled
+(`POISON_STRIKES`), so it cannot keep the service disconnecting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import uuid
@@ -33,13 +43,15 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_pairing.config import LEGACY_SHARED_GROUP, Settings
 from mqtt_pairing.dispatcher import Dispatcher
-from mqtt_pairing.errors import PairingError
+from mqtt_pairing.errors import PairingError, PairingErrorCode
 from mqtt_pairing.faults import fault_point
+from mqtt_pairing.models import error_reply
 
 # NODELAY and BrokerAddress live in mqtt_address; importing them from here still works
 # while branches written before the move are merged.
 from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from mqtt_pairing.mqtt_link import Endpoint, MqttLink, make_client
+from mqtt_pairing.payload import InvalidPayload, extract_request_id, parse_payload
 from mqtt_pairing.presence import PresenceRecorder
 from mqtt_pairing.services.events import Event
 from mqtt_pairing.services.outbox import OutboxRelay
@@ -54,6 +66,57 @@ _WINDOW_LOG_EVERY_S = 60.0
 """At most one "request window full" warning per this many seconds."""
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 """What `json.dumps(obj, separators=(",", ":"))` does, without a new encoder per call."""
+
+MAX_RESPONSE_TOPIC_BYTES = 512
+"""Longest MQTT 5 Response Topic a request may carry, in UTF-8 bytes (docs/protocol.md)."""
+MAX_CORRELATION_DATA_BYTES = 256
+"""Longest MQTT 5 Correlation Data a request may carry, in bytes (docs/protocol.md)."""
+MQTT_MAX_PACKET_BYTES = 268_435_460
+"""The largest packet MQTT can encode (a 4-byte Remaining Length of 268,435,455 plus the
+fixed header): the limit when the broker announces none."""
+POISON_STRIKES = 3
+"""A request whose reply was on its way at this many connection losses is dropped."""
+_MAX_STRUCK = 4096
+"""Requests remembered as having been on their way at a connection loss, at most."""
+
+
+def _varint_len(n: int) -> int:
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+def publish_packet_bytes(topic: str, body: bytes, props: Properties | None, *, v5: bool) -> int:
+    """Size in bytes of the QoS 1 PUBLISH packet that carries `body` on `topic`.
+
+    Fixed header, topic, packet identifier, properties (MQTT 5) and payload: what a
+    broker compares with its `max_packet_size`.
+    """
+    remaining = 2 + len(topic.encode()) + 2 + len(body)
+    if v5:
+        remaining += len(props.pack()) if props is not None else 1  # type: ignore[no-untyped-call]
+    return 1 + _varint_len(remaining) + remaining
+
+
+def _fingerprint(message: aiomqtt.Message) -> bytes:
+    """What identifies a copy of a request across redeliveries: topic, payload, properties."""
+    digest = hashlib.blake2b(digest_size=16)
+    payload = message.payload
+    digest.update(message.topic.value.encode())
+    digest.update(b"\x00")
+    digest.update(payload if isinstance(payload, bytes | bytearray) else str(payload).encode())
+    props = message.properties
+    if props is not None:
+        for name in ("ResponseTopic", "CorrelationData"):
+            value = getattr(props, name, None)
+            digest.update(b"\x00")
+            if isinstance(value, str):
+                digest.update(value.encode(errors="surrogatepass"))
+            elif isinstance(value, bytes | bytearray):
+                digest.update(value)
+    return digest.digest()
 
 
 def _reply_properties(correlation: bytes | None, expiry_s: int) -> Properties:
@@ -114,6 +177,14 @@ class PairingGateway:
         )
         # Acknowledge a request only after its reply is out (paho 2 manual ack).
         self.client._client.manual_ack_set(True)  # not exposed by aiomqtt 2.5
+        self.max_packet_bytes = MQTT_MAX_PACKET_BYTES
+        """The broker's Maximum Packet Size (MQTT 5 CONNACK), else the protocol's."""
+        self._watch_connack()
+        self._sending: dict[object, tuple[bytes, str, bytes]] = {}
+        """Replies being published: a token per attempt -> (request fingerprint, topic,
+        body)."""
+        self._strikes: dict[bytes, int] = {}
+        """Request fingerprint -> connection losses while its reply was on its way."""
         # Every request in flight may wait for its reply and a few events at once:
         # aiomqtt's default (10) would log a warning on most publishes under load.
         self.client.pending_calls_threshold = max(10, 8 * settings.pairing_max_inflight)
@@ -144,6 +215,20 @@ class PairingGateway:
             shared=bool(share_group),
             instance_id=self.instance_id,
         )
+
+    def _watch_connack(self) -> None:
+        """Read the broker's Maximum Packet Size from each CONNACK (aiomqtt drops it)."""
+        paho = self.client._client
+        aiomqtt_on_connect = paho.on_connect
+
+        def on_connect(*args: Any) -> None:  # noqa: ANN401 - paho's callback arguments
+            props = args[4] if len(args) > 4 else None
+            size = getattr(props, "MaximumPacketSize", None) if props is not None else None
+            self.max_packet_bytes = size if isinstance(size, int) else MQTT_MAX_PACKET_BYTES
+            if aiomqtt_on_connect is not None:
+                aiomqtt_on_connect(*args)
+
+        paho.on_connect = on_connect
 
     @property
     def v5(self) -> bool:
@@ -183,9 +268,36 @@ class PairingGateway:
         await self._drain()
 
     async def _session(self, _client: aiomqtt.Client) -> None:
-        await self._serve()
+        try:
+            await self._serve()
+        except aiomqtt.MqttError:
+            self._strike_replies_on_their_way()
+            raise
         await self._leave_group()
         await self._drain()
+
+    def _strike_replies_on_their_way(self) -> None:
+        """The connection dropped: count it against every request being answered now.
+
+        Their replies are also taken out of paho's queue, which would resend them at the
+        next connect (and, if one of them made the broker close the connection, close it
+        again): the requests are not acknowledged, so the broker redelivers them and they
+        are answered again. A request struck `POISON_STRIKES` times is a poison message
+        (`_read` drops its next copy).
+        """
+        if not self._sending:
+            return
+        paho = self.client._client  # paho's queue is not exposed by aiomqtt
+        doomed = {(topic, body) for _, topic, body in self._sending.values()}
+        with paho._out_message_mutex:
+            for mid, out in list(paho._out_messages.items()):
+                if (out.topic, bytes(out.payload)) in doomed:
+                    del paho._out_messages[mid]
+        for fingerprint, _, _ in self._sending.values():
+            self._strikes[fingerprint] = self._strikes.pop(fingerprint, 0) + 1
+        while len(self._strikes) > _MAX_STRUCK:
+            del self._strikes[next(iter(self._strikes))]
+        self._sending.clear()
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         for kind in Kind:
@@ -253,9 +365,28 @@ class PairingGateway:
                 self._inflight.release()
                 self._ack(message)
                 continue
+            if self._strikes and self._is_poison(message):
+                self._inflight.release()
+                self._ack(message)
+                continue
             task = asyncio.create_task(self._process(message))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
+
+    def _is_poison(self, message: aiomqtt.Message) -> bool:
+        """Whether this copy of a request is one whose answer kept losing the connection."""
+        fingerprint = _fingerprint(message)
+        if self._strikes.get(fingerprint, 0) < POISON_STRIKES:
+            return False
+        del self._strikes[fingerprint]
+        self.counters["dropped.poison"] += 1
+        log.error(
+            "dropped a request on %s without answering it: the connection was lost %d times "
+            "while it was being answered (a poison message)",
+            message.topic.value,
+            POISON_STRIKES,
+        )
+        return True
 
     def _window_full(self) -> None:
         """Every in-flight slot is taken: further requests wait in the broker's queue."""
@@ -319,6 +450,18 @@ class PairingGateway:
         if isinstance(parsed, TopicDrop):
             self.counters[f"dropped.{parsed.reason}"] += 1
             return
+        if self.v5 and (refused := self._oversized_property(message)) is not None:
+            # Not executed: its reply could exceed what the broker accepts from us.
+            self.counters[f"refused.{refused}"] += 1
+            reply = error_reply(
+                _request_id(bytes(payload)),
+                PairingErrorCode.INVALID_REQUEST,
+                "response topic or correlation data too long",
+            )
+            await self._publish_reply(
+                message, self.scheme.reply_topic(parsed.identity, parsed.op), reply, None
+            )
+            return
         handled = await self.dispatcher.handle(
             parsed.identity, parsed.op, bytes(payload), defer=True
         )
@@ -354,6 +497,67 @@ class PairingGateway:
                 log.warning("events left for the outbox sweep: %s", exc.message)
         await self.dispatcher.history.record(handled.history)
 
+    @staticmethod
+    def _oversized_property(message: aiomqtt.Message) -> str | None:
+        """`response_topic_too_long`, `correlation_data_too_long`, or None when within bounds."""
+        incoming = message.properties
+        if incoming is None:
+            return None
+        response_topic = getattr(incoming, "ResponseTopic", None)
+        if isinstance(response_topic, str) and (
+            len(response_topic) > MAX_RESPONSE_TOPIC_BYTES
+            or len(response_topic.encode(errors="surrogatepass")) > MAX_RESPONSE_TOPIC_BYTES
+        ):
+            return "response_topic_too_long"
+        correlation = getattr(incoming, "CorrelationData", None)
+        if correlation is not None and len(correlation) > MAX_CORRELATION_DATA_BYTES:
+            return "correlation_data_too_long"
+        return None
+
+    async def _publish_reply(
+        self,
+        message: aiomqtt.Message,
+        topic: str,
+        reply: dict[str, Any],
+        props: Properties | None,
+    ) -> None:
+        """Publish one reply, never above the broker's Maximum Packet Size.
+
+        A reply that would be larger is replaced by a short INTERNAL_ERROR on the default
+        topic (`topic`'s kind of default is the caller's), without Correlation Data, or
+        dropped when even that is too large; either way counted as `reply_oversized`.
+        While it is on its way, a connection loss counts against the request (poison).
+        """
+        body = _COMPACT_JSON.encode(reply).encode()
+        if publish_packet_bytes(topic, body, props, v5=self.v5) > self.max_packet_bytes:
+            self.counters["reply_oversized"] += 1
+            log.warning(
+                "a reply on %s would exceed the broker's maximum packet size (%d bytes)",
+                topic,
+                self.max_packet_bytes,
+            )
+            parsed = self.scheme.parse_request(message.topic.value)
+            if isinstance(parsed, TopicDrop):
+                return
+            topic = self.scheme.reply_topic(parsed.identity, parsed.op)
+            props = self._plain_reply_props
+            body = _COMPACT_JSON.encode(
+                error_reply(
+                    reply.get("request_id"),
+                    PairingErrorCode.INTERNAL_ERROR,
+                    "the reply is too large for the broker",
+                )
+            ).encode()
+            if publish_packet_bytes(topic, body, props, v5=self.v5) > self.max_packet_bytes:
+                return
+        fingerprint, token = _fingerprint(message), object()
+        self._sending[token] = (fingerprint, topic, body)
+        try:
+            await self.client.publish(topic, body, qos=1, properties=props)
+        finally:
+            self._sending.pop(token, None)
+        self._strikes.pop(fingerprint, None)
+
     async def _reply(
         self, message: aiomqtt.Message, req: RequestTopic, reply: dict[str, Any]
     ) -> None:
@@ -374,8 +578,7 @@ class PairingGateway:
                 props = self._plain_reply_props
             else:
                 props = _reply_properties(correlation, self.settings.pairing_reply_expiry_s)
-        body = _COMPACT_JSON.encode(reply).encode()
-        await self.client.publish(topic, body, qos=1, properties=props)
+        await self._publish_reply(message, topic, reply, props)
 
     async def publish_events(self, events: list[Event]) -> None:
         """Publish events at QoS 1 on the parties' events topics.
@@ -390,4 +593,18 @@ class PairingGateway:
             if body is None:
                 body = _COMPACT_JSON.encode(event.payload).encode()
                 bodies[id(event.payload)] = body
+            if publish_packet_bytes(topic, body, None, v5=self.v5) > self.max_packet_bytes:
+                # Events are bounded by the service's own limits; a broker set below them
+                # would close the connection at every attempt.
+                self.counters["event_oversized"] += 1
+                log.warning("an event on %s exceeds the broker's maximum packet size", topic)
+                continue
             await self.client.publish(topic, body, qos=1)
+
+
+def _request_id(payload: bytes) -> str | None:
+    """The payload's request_id when it can be trusted (docs/protocol.md "Reply envelope")."""
+    try:
+        return extract_request_id(parse_payload(payload))
+    except InvalidPayload as exc:
+        return exc.request_id
