@@ -42,7 +42,8 @@ class GatewayCollector(Collector):
         mqtt_pairing_presence_reconcile_seconds{instance}: how long the last presence
             reconciliation took (absent before the first).
         mqtt_pairing_replies_total{instance, op, outcome}: replies by op and by `ok` or
-            error code (docs/protocol.md "Error codes").
+            error code (docs/protocol.md "Error codes"); `op` is a runner or app op, or
+            `unknown` for any other name a client used (a bounded label set).
         mqtt_pairing_events_total{instance, name}: everything else counted (`replay`,
             `status`, `dropped.<reason>` (`dropped.retained`: a retained request ignored),
             `status_shed`, `presence.reconciled`, `request_window_full`,
