@@ -8,12 +8,14 @@ clean start off, a stable client id and (MQTT 5) a Session Expiry Interval, so r
 published while the service is away are kept by the broker; incoming QoS 1 messages are
 acknowledged manually after their reply is published; TCP_NODELAY is set on the socket.
 `mqtt_link.MqttLink` reconnects with backoff and names a twin client. In-flight requests
-are bounded (`PAIRING_MAX_INFLIGHT`); bad messages are counted and dropped without
-stopping the loop. A request delivered with the retain flag is a stale retained message
-the broker replays (Mosquitto 2.0.11 replays them to shared subscriptions too): it is
-ignored and counted, never answered (docs/protocol.md "Topics"); on MQTT 5 the request
-subscriptions ask for no replay at all (Retain Handling 2). Runners' status messages
-have a connection of their own (`mqtt_pairing.presence`).
+are bounded (`PAIRING_MAX_INFLIGHT`), and so are one client's
+(`PAIRING_MAX_INFLIGHT_PER_CLIENT`: its excess is answered RATE_LIMITED at once, without
+Redis, so that a flood from one client does not starve the others); bad messages are
+counted and dropped without stopping the loop. A request delivered with the retain flag
+is a stale retained message the broker replays (Mosquitto 2.0.11 replays them to shared
+subscriptions too): it is ignored and counted, never answered (docs/protocol.md
+"Topics"); on MQTT 5 the request subscriptions ask for no replay at all (Retain Handling
+2). Runners' status messages have a connection of their own (`mqtt_pairing.presence`).
 
 Bounds (docs/protocol.md "MQTT 5 properties"): a request whose Response Topic is longer
 than `MAX_RESPONSE_TOPIC_BYTES` or whose Correlation Data is longer than
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -74,6 +77,9 @@ MAX_CORRELATION_DATA_BYTES = 256
 MQTT_MAX_PACKET_BYTES = 268_435_460
 """The largest packet MQTT can encode (a 4-byte Remaining Length of 268,435,455 plus the
 fixed header): the limit when the broker announces none."""
+SLOW_DOWN_S = 5
+"""`retry_after_s` of a request shed for its client's share of the window: RFC 8628's
+"slow_down" step (add 5 s to the polling interval)."""
 POISON_STRIKES = 3
 """A request whose reply was on its way at this many connection losses is dropped."""
 _MAX_STRUCK = 4096
@@ -162,6 +168,9 @@ class PairingGateway:
         self.counters: Counter[str] = Counter()
         self._stopping = asyncio.Event()
         self._inflight = asyncio.Semaphore(settings.pairing_max_inflight)
+        self._per_client: dict[str, int] = {}
+        """Requests being handled (not shed) per client, `<kind>s/<id>`."""
+        self._per_client_limit = settings.pairing_max_inflight_per_client
         self._window_logged_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.instance_id = f"{settings.mqtt_client_id}/{uuid.uuid4().hex[:8]}"
@@ -369,7 +378,17 @@ class PairingGateway:
                 self._inflight.release()
                 self._ack(message)
                 continue
-            task = asyncio.create_task(self._process(message))
+            client = self._client_of(message)
+            if client is not None and self._per_client.get(client, 0) >= self._per_client_limit:
+                # One client's flood must not take the window from the others: its
+                # excess is answered at once, without Redis (docs/protocol.md "Default
+                # limits", `PAIRING_MAX_INFLIGHT_PER_CLIENT`).
+                task = asyncio.create_task(self._process(message, shed=True))
+            else:
+                task = asyncio.create_task(self._process(message))
+                if client is not None:
+                    self._per_client[client] = self._per_client.get(client, 0) + 1
+                    task.add_done_callback(functools.partial(self._client_done, client))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 
@@ -407,6 +426,20 @@ class PairingGateway:
         """Request messages being processed now."""
         return len(self._tasks)
 
+    def _client_of(self, message: aiomqtt.Message) -> str | None:
+        """`<kind>s/<id>` of a request's sender, from its topic; None for a bad topic."""
+        parsed = self.scheme.parse_request(message.topic.value)
+        if isinstance(parsed, TopicDrop):
+            return None
+        return f"{parsed.identity.kind.segment}/{parsed.identity.id}"
+
+    def _client_done(self, client: str, _task: asyncio.Task[None]) -> None:
+        left = self._per_client[client] - 1
+        if left > 0:
+            self._per_client[client] = left
+        else:
+            del self._per_client[client]
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._inflight.release()
@@ -425,9 +458,12 @@ class PairingGateway:
             with contextlib.suppress(Exception):
                 self.client._client.ack(message.mid, message.qos)
 
-    async def _process(self, message: aiomqtt.Message) -> None:
+    async def _process(self, message: aiomqtt.Message, *, shed: bool = False) -> None:
         try:
-            await self._process_inner(message)
+            if shed:
+                await self._shed(message)
+            else:
+                await self._process_inner(message)
         except aiomqtt.MqttError as exc:
             self.counters["publish_failed"] += 1
             log.warning("could not publish a reply: %s", exc)
@@ -439,6 +475,31 @@ class PairingGateway:
             self._ack(message)
         else:
             self._ack(message)
+
+    async def _shed(self, message: aiomqtt.Message) -> None:
+        """Answer a request of a client that has its share of the window in flight.
+
+        RATE_LIMITED with `retry_after_s` = `SLOW_DOWN_S` (RFC 8628 "slow_down": wait
+        longer before the next request), nothing executed; a heartbeat, which has no
+        reply, is only counted.
+        """
+        self.counters["shed"] += 1
+        parsed = self.scheme.parse_request(message.topic.value)
+        if isinstance(parsed, TopicDrop) or parsed.op == "heartbeat":
+            return
+        payload = message.payload
+        body = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
+        reply = error_reply(
+            _request_id(bytes(body)),
+            PairingErrorCode.RATE_LIMITED,
+            "too many requests in flight: slow down",
+            SLOW_DOWN_S,
+        )
+        if self.v5 and self._oversized_property(message) is not None:
+            topic = self.scheme.reply_topic(parsed.identity, parsed.op)
+            await self._publish_reply(message, topic, reply, self._plain_reply_props, wait=False)
+        else:
+            await self._reply(message, parsed, reply, wait=False)
 
     async def _process_inner(self, message: aiomqtt.Message) -> None:
         payload = message.payload
@@ -520,8 +581,14 @@ class PairingGateway:
         topic: str,
         reply: dict[str, Any],
         props: Properties | None,
+        *,
+        wait: bool = True,
     ) -> None:
         """Publish one reply, never above the broker's Maximum Packet Size.
+
+        With `wait` false the reply is handed to paho's queue (QoS 1, resent after a
+        reconnect) and not waited for: for shed requests, whose in-flight slot must be
+        free again at once.
 
         A reply that would be larger is replaced by a short INTERNAL_ERROR on the default
         topic (`topic`'s kind of default is the caller's), without Correlation Data, or
@@ -550,6 +617,11 @@ class PairingGateway:
             ).encode()
             if publish_packet_bytes(topic, body, props, v5=self.v5) > self.max_packet_bytes:
                 return
+        if not wait:
+            info = self.client._client.publish(topic, body, qos=1, properties=props)
+            if info.rc != 0:
+                raise aiomqtt.MqttError(f"could not publish a reply (paho rc {info.rc})")
+            return
         fingerprint, token = _fingerprint(message), object()
         self._sending[token] = (fingerprint, topic, body)
         try:
@@ -559,7 +631,12 @@ class PairingGateway:
         self._strikes.pop(fingerprint, None)
 
     async def _reply(
-        self, message: aiomqtt.Message, req: RequestTopic, reply: dict[str, Any]
+        self,
+        message: aiomqtt.Message,
+        req: RequestTopic,
+        reply: dict[str, Any],
+        *,
+        wait: bool = True,
     ) -> None:
         topic = self.scheme.reply_topic(req.identity, req.op)
         props = None
@@ -578,7 +655,7 @@ class PairingGateway:
                 props = self._plain_reply_props
             else:
                 props = _reply_properties(correlation, self.settings.pairing_reply_expiry_s)
-        await self._publish_reply(message, topic, reply, props)
+        await self._publish_reply(message, topic, reply, props, wait=wait)
 
     async def publish_events(self, events: list[Event]) -> None:
         """Publish events at QoS 1 on the parties' events topics.
