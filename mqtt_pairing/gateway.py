@@ -37,7 +37,7 @@ import json
 import logging
 import uuid
 from collections import Counter
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -49,10 +49,6 @@ from mqtt_pairing.dispatcher import Dispatcher
 from mqtt_pairing.errors import PairingError, PairingErrorCode
 from mqtt_pairing.faults import fault_point
 from mqtt_pairing.models import error_reply
-
-# NODELAY and BrokerAddress live in mqtt_address; importing them from here still works
-# while branches written before the move are merged.
-from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from mqtt_pairing.mqtt_link import Endpoint, MqttLink, make_client
 from mqtt_pairing.payload import InvalidPayload, extract_request_id, parse_payload
 from mqtt_pairing.presence import PresenceRecorder
@@ -61,9 +57,12 @@ from mqtt_pairing.services.outbox import OutboxRelay
 from mqtt_pairing.services.outcome import Handled
 from mqtt_pairing.topics import Identity, Kind, RequestTopic, TopicDrop, TopicScheme
 
+if TYPE_CHECKING:
+    from mqtt_pairing.mqtt_address import BrokerAddress
+
 log = logging.getLogger(__name__)
 
-__all__ = ["NODELAY", "BrokerAddress", "PairingGateway"]
+__all__ = ["PairingGateway"]
 
 _WINDOW_LOG_EVERY_S = 60.0
 """At most one "request window full" warning per this many seconds."""
