@@ -29,31 +29,45 @@ dest=${MOSQUITTO_CONFIG_DEST:-/etc/mosquitto/pairing}
 data=${MOSQUITTO_DATA_DIR:-/var/lib/mosquitto}
 
 # The rules of mqtt_pairing/cli/credentials.py (check_password_files), on the files as
-# Mosquitto 2.0 reads them: lines starting with # or without : are skipped; the username
-# is the first non-empty :-separated field and the hash the next, trimmed of blanks.
+# Mosquitto 2.0 reads them: a line holding a NUL or another control character (but tab
+# and carriage return) is refused for that alone; lines starting with # or without : are
+# skipped; the username is the first non-empty :-separated field and the hash the next,
+# trimmed of blanks. awk reads copies whose NUL bytes are turned into \001 (not every awk
+# reads past a NUL), named as the originals in the messages.
 check_credentials() {
     set --
+    copies=$(mktemp -d)
     for name in runners apps service; do
         if [ -f "$src/$name.passwd" ]; then
-            set -- "$@" "$src/$name.passwd"
+            tr '\000' '\001' <"$src/$name.passwd" >"$copies/$name.passwd"
+            set -- "$@" "$copies/$name.passwd"
         fi
     done
-    [ "$#" -gt 0 ] || return 0
-    LC_ALL=C awk '
+    if [ "$#" -eq 0 ]; then
+        rm -rf "$copies"
+        return 0
+    fi
+    verdict=0
+    LC_ALL=C awk -v src="$src" '
         function trim(s) {
             sub(/^[ \t\r\n\v\f]+/, "", s)
             sub(/[ \t\r\n\v\f]+$/, "", s)
             return s
         }
         function problem(message) {
-            print "error: " FILENAME ":" FNR ": " message
+            print "error: " where ":" FNR ": " message
             bad = 1
         }
         FNR == 1 {
             kind = FILENAME
             sub(/^.*\//, "", kind)
             sub(/\.passwd$/, "", kind)
+            where = src "/" kind ".passwd"
             label = (kind == "runners") ? "a runner" : (kind == "apps") ? "an app" : "a service account"
+        }
+        /[\001-\010\013\014\016-\037\177]/ {
+            problem("holds a NUL or other control character, which Mosquitto reads differently: remove the line and add the identity again with mqtt-pairing credentials add")
+            next
         }
         substr($0, 1, 1) == "#" || index($0, ":") == 0 { next }
         {
@@ -72,7 +86,7 @@ check_credentials() {
             }
             if (!(name in first_kind)) {
                 first_kind[name] = kind; first_label[name] = label
-                first_where[name] = FILENAME ":" FNR; first_line[name] = FNR
+                first_where[name] = where ":" FNR; first_line[name] = FNR
             } else if (first_kind[name] == kind) {
                 problem(shown " is already on line " first_line[name])
             } else {
@@ -80,7 +94,9 @@ check_credentials() {
             }
         }
         END { exit bad }
-    ' "$@"
+    ' "$@" || verdict=$?
+    rm -rf "$copies"
+    return "$verdict"
 }
 
 install_config() {

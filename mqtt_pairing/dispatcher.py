@@ -48,7 +48,7 @@ from mqtt_pairing.services.outcome import Handled
 from mqtt_pairing.services.ratelimit import IDEMPOTENT_OPS, RateLimitService
 from mqtt_pairing.services.sessions import PairingSessionService
 from mqtt_pairing.store.redis_store import Begin, Mismatch, PairingStore, Pending, Replay
-from mqtt_pairing.topics import Identity, Kind, ops_for
+from mqtt_pairing.topics import APP_OPS, RUNNER_OPS, Identity, Kind, ops_for
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ _WRAPPED = IDEMPOTENT_OPS - {("app", "pair")}
 """Ops whose idempotency the dispatcher handles; `pair` batches it with its own steps."""
 
 _PENDING_POLL_S = 0.05
+
+UNKNOWN_OP = "unknown"
+"""What replies to an op of neither kind are counted under: a client names ops, and the
+metrics' label values must stay a bounded set."""
+_KNOWN_OPS = RUNNER_OPS | APP_OPS
 
 _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 """`json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`, one encoder."""
@@ -82,7 +87,8 @@ class Dispatcher:
 
     Attributes:
         counters: what happened, by name (e.g. `invalid_request`, `reply.CODE_NOT_FOUND`).
-        replies: replies by (op, `ok` or error code), for the metrics.
+        replies: replies by (op, `ok` or error code), for the metrics; ops of neither
+            kind are counted as `UNKNOWN_OP`, so the label values are a bounded set.
     """
 
     def __init__(self, store: PairingStore, settings: Settings, secret: bytes) -> None:
@@ -168,6 +174,8 @@ class Dispatcher:
         return handled
 
     def _count(self, op: str, handled: Handled) -> None:
+        if op not in _KNOWN_OPS:
+            op = UNKNOWN_OP
         reply = handled.reply
         if reply is None or reply.get("ok"):
             self.counters[f"ok.{op}"] += 1

@@ -8,23 +8,36 @@ clean start off, a stable client id and (MQTT 5) a Session Expiry Interval, so r
 published while the service is away are kept by the broker; incoming QoS 1 messages are
 acknowledged manually after their reply is published; TCP_NODELAY is set on the socket.
 `mqtt_link.MqttLink` reconnects with backoff and names a twin client. In-flight requests
-are bounded (`PAIRING_MAX_INFLIGHT`); bad messages are counted and dropped without
-stopping the loop. A request delivered with the retain flag is a stale retained message
-the broker replays (Mosquitto 2.0.11 replays them to shared subscriptions too): it is
-ignored and counted, never answered (docs/protocol.md "Topics"); on MQTT 5 the request
-subscriptions ask for no replay at all (Retain Handling 2). Runners' status messages
-have a connection of their own (`mqtt_pairing.presence`).
+are bounded (`PAIRING_MAX_INFLIGHT`), and so are one client's
+(`PAIRING_MAX_INFLIGHT_PER_CLIENT`: its excess is answered RATE_LIMITED at once, without
+Redis, so that a flood from one client does not starve the others); bad messages are
+counted and dropped without stopping the loop. A request delivered with the retain flag
+is a stale retained message the broker replays (Mosquitto 2.0.11 replays them to shared
+subscriptions too): it is ignored and counted, never answered (docs/protocol.md
+"Topics"); on MQTT 5 the request subscriptions ask for no replay at all (Retain Handling
+2). Runners' status messages have a connection of their own (`mqtt_pairing.presence`).
+
+Bounds (docs/protocol.md "MQTT 5 properties"): a request whose Response Topic is longer
+than `MAX_RESPONSE_TOPIC_BYTES` or whose Correlation Data is longer than
+`MAX_CORRELATION_DATA_BYTES` is not executed: it gets INVALID_REQUEST on the default
+reply topic. Nothing is published above the broker's Maximum Packet Size (its CONNACK
+says it): a reply that would be is replaced by a short INTERNAL_ERROR, or dropped and
+counted. A request that was being answered when the connection dropped three times is a
+poison message: its next copy is acknowledged without being handled
+(`POISON_STRIKES`), so it cannot keep the service disconnecting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import uuid
 from collections import Counter
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -33,27 +46,82 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_pairing.config import LEGACY_SHARED_GROUP, Settings
 from mqtt_pairing.dispatcher import Dispatcher
-from mqtt_pairing.errors import PairingError
+from mqtt_pairing.errors import PairingError, PairingErrorCode
 from mqtt_pairing.faults import fault_point
-
-# NODELAY and BrokerAddress live in mqtt_address; importing them from here still works
-# while branches written before the move are merged.
-from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
+from mqtt_pairing.models import error_reply
 from mqtt_pairing.mqtt_link import Endpoint, MqttLink, make_client
+from mqtt_pairing.payload import InvalidPayload, extract_request_id, parse_payload
 from mqtt_pairing.presence import PresenceRecorder
 from mqtt_pairing.services.events import Event
 from mqtt_pairing.services.outbox import OutboxRelay
 from mqtt_pairing.services.outcome import Handled
 from mqtt_pairing.topics import Identity, Kind, RequestTopic, TopicDrop, TopicScheme
 
+if TYPE_CHECKING:
+    from mqtt_pairing.mqtt_address import BrokerAddress
+
 log = logging.getLogger(__name__)
 
-__all__ = ["NODELAY", "BrokerAddress", "PairingGateway"]
+__all__ = ["PairingGateway"]
 
 _WINDOW_LOG_EVERY_S = 60.0
 """At most one "request window full" warning per this many seconds."""
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 """What `json.dumps(obj, separators=(",", ":"))` does, without a new encoder per call."""
+
+MAX_RESPONSE_TOPIC_BYTES = 512
+"""Longest MQTT 5 Response Topic a request may carry, in UTF-8 bytes (docs/protocol.md)."""
+MAX_CORRELATION_DATA_BYTES = 256
+"""Longest MQTT 5 Correlation Data a request may carry, in bytes (docs/protocol.md)."""
+MQTT_MAX_PACKET_BYTES = 268_435_460
+"""The largest packet MQTT can encode (a 4-byte Remaining Length of 268,435,455 plus the
+fixed header): the limit when the broker announces none."""
+SLOW_DOWN_S = 5
+"""`retry_after_s` of a request shed for its client's share of the window: RFC 8628's
+"slow_down" step (add 5 s to the polling interval)."""
+POISON_STRIKES = 3
+"""A request whose reply was on its way at this many connection losses is dropped."""
+_MAX_STRUCK = 4096
+"""Requests remembered as having been on their way at a connection loss, at most."""
+
+
+def _varint_len(n: int) -> int:
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+def publish_packet_bytes(topic: str, body: bytes, props: Properties | None, *, v5: bool) -> int:
+    """Size in bytes of the QoS 1 PUBLISH packet that carries `body` on `topic`.
+
+    Fixed header, topic, packet identifier, properties (MQTT 5) and payload: what a
+    broker compares with its `max_packet_size`.
+    """
+    remaining = 2 + len(topic.encode()) + 2 + len(body)
+    if v5:
+        remaining += len(props.pack()) if props is not None else 1  # type: ignore[no-untyped-call]
+    return 1 + _varint_len(remaining) + remaining
+
+
+def _fingerprint(message: aiomqtt.Message) -> bytes:
+    """What identifies a copy of a request across redeliveries: topic, payload, properties."""
+    digest = hashlib.blake2b(digest_size=16)
+    payload = message.payload
+    digest.update(message.topic.value.encode())
+    digest.update(b"\x00")
+    digest.update(payload if isinstance(payload, bytes | bytearray) else str(payload).encode())
+    props = message.properties
+    if props is not None:
+        for name in ("ResponseTopic", "CorrelationData"):
+            value = getattr(props, name, None)
+            digest.update(b"\x00")
+            if isinstance(value, str):
+                digest.update(value.encode(errors="surrogatepass"))
+            elif isinstance(value, bytes | bytearray):
+                digest.update(value)
+    return digest.digest()
 
 
 def _reply_properties(correlation: bytes | None, expiry_s: int) -> Properties:
@@ -99,6 +167,9 @@ class PairingGateway:
         self.counters: Counter[str] = Counter()
         self._stopping = asyncio.Event()
         self._inflight = asyncio.Semaphore(settings.pairing_max_inflight)
+        self._per_client: dict[str, int] = {}
+        """Requests being handled (not shed) per client, `<kind>s/<id>`."""
+        self._per_client_limit = settings.pairing_max_inflight_per_client
         self._window_logged_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.instance_id = f"{settings.mqtt_client_id}/{uuid.uuid4().hex[:8]}"
@@ -114,6 +185,14 @@ class PairingGateway:
         )
         # Acknowledge a request only after its reply is out (paho 2 manual ack).
         self.client._client.manual_ack_set(True)  # not exposed by aiomqtt 2.5
+        self.max_packet_bytes = MQTT_MAX_PACKET_BYTES
+        """The broker's Maximum Packet Size (MQTT 5 CONNACK), else the protocol's."""
+        self._watch_connack()
+        self._sending: dict[object, tuple[bytes, str, bytes]] = {}
+        """Replies being published: a token per attempt -> (request fingerprint, topic,
+        body)."""
+        self._strikes: dict[bytes, int] = {}
+        """Request fingerprint -> connection losses while its reply was on its way."""
         # Every request in flight may wait for its reply and a few events at once:
         # aiomqtt's default (10) would log a warning on most publishes under load.
         self.client.pending_calls_threshold = max(10, 8 * settings.pairing_max_inflight)
@@ -144,6 +223,20 @@ class PairingGateway:
             shared=bool(share_group),
             instance_id=self.instance_id,
         )
+
+    def _watch_connack(self) -> None:
+        """Read the broker's Maximum Packet Size from each CONNACK (aiomqtt drops it)."""
+        paho = self.client._client
+        aiomqtt_on_connect = paho.on_connect
+
+        def on_connect(*args: Any) -> None:  # noqa: ANN401 - paho's callback arguments
+            props = args[4] if len(args) > 4 else None
+            size = getattr(props, "MaximumPacketSize", None) if props is not None else None
+            self.max_packet_bytes = size if isinstance(size, int) else MQTT_MAX_PACKET_BYTES
+            if aiomqtt_on_connect is not None:
+                aiomqtt_on_connect(*args)
+
+        paho.on_connect = on_connect
 
     @property
     def v5(self) -> bool:
@@ -183,9 +276,36 @@ class PairingGateway:
         await self._drain()
 
     async def _session(self, _client: aiomqtt.Client) -> None:
-        await self._serve()
+        try:
+            await self._serve()
+        except aiomqtt.MqttError:
+            self._strike_replies_on_their_way()
+            raise
         await self._leave_group()
         await self._drain()
+
+    def _strike_replies_on_their_way(self) -> None:
+        """The connection dropped: count it against every request being answered now.
+
+        Their replies are also taken out of paho's queue, which would resend them at the
+        next connect (and, if one of them made the broker close the connection, close it
+        again): the requests are not acknowledged, so the broker redelivers them and they
+        are answered again. A request struck `POISON_STRIKES` times is a poison message
+        (`_read` drops its next copy).
+        """
+        if not self._sending:
+            return
+        paho = self.client._client  # paho's queue is not exposed by aiomqtt
+        doomed = {(topic, body) for _, topic, body in self._sending.values()}
+        with paho._out_message_mutex:
+            for mid, out in list(paho._out_messages.items()):
+                if (out.topic, bytes(out.payload)) in doomed:
+                    del paho._out_messages[mid]
+        for fingerprint, _, _ in self._sending.values():
+            self._strikes[fingerprint] = self._strikes.pop(fingerprint, 0) + 1
+        while len(self._strikes) > _MAX_STRUCK:
+            del self._strikes[next(iter(self._strikes))]
+        self._sending.clear()
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         for kind in Kind:
@@ -253,9 +373,38 @@ class PairingGateway:
                 self._inflight.release()
                 self._ack(message)
                 continue
-            task = asyncio.create_task(self._process(message))
+            if self._strikes and self._is_poison(message):
+                self._inflight.release()
+                self._ack(message)
+                continue
+            client = self._client_of(message)
+            if client is not None and self._per_client.get(client, 0) >= self._per_client_limit:
+                # One client's flood must not take the window from the others: its
+                # excess is answered at once, without Redis (docs/protocol.md "Default
+                # limits", `PAIRING_MAX_INFLIGHT_PER_CLIENT`).
+                task = asyncio.create_task(self._process(message, shed=True))
+            else:
+                task = asyncio.create_task(self._process(message))
+                if client is not None:
+                    self._per_client[client] = self._per_client.get(client, 0) + 1
+                    task.add_done_callback(functools.partial(self._client_done, client))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
+
+    def _is_poison(self, message: aiomqtt.Message) -> bool:
+        """Whether this copy of a request is one whose answer kept losing the connection."""
+        fingerprint = _fingerprint(message)
+        if self._strikes.get(fingerprint, 0) < POISON_STRIKES:
+            return False
+        del self._strikes[fingerprint]
+        self.counters["dropped.poison"] += 1
+        log.error(
+            "dropped a request on %s without answering it: the connection was lost %d times "
+            "while it was being answered (a poison message)",
+            message.topic.value,
+            POISON_STRIKES,
+        )
+        return True
 
     def _window_full(self) -> None:
         """Every in-flight slot is taken: further requests wait in the broker's queue."""
@@ -276,6 +425,20 @@ class PairingGateway:
         """Request messages being processed now."""
         return len(self._tasks)
 
+    def _client_of(self, message: aiomqtt.Message) -> str | None:
+        """`<kind>s/<id>` of a request's sender, from its topic; None for a bad topic."""
+        parsed = self.scheme.parse_request(message.topic.value)
+        if isinstance(parsed, TopicDrop):
+            return None
+        return f"{parsed.identity.kind.segment}/{parsed.identity.id}"
+
+    def _client_done(self, client: str, _task: asyncio.Task[None]) -> None:
+        left = self._per_client[client] - 1
+        if left > 0:
+            self._per_client[client] = left
+        else:
+            del self._per_client[client]
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._inflight.release()
@@ -294,9 +457,12 @@ class PairingGateway:
             with contextlib.suppress(Exception):
                 self.client._client.ack(message.mid, message.qos)
 
-    async def _process(self, message: aiomqtt.Message) -> None:
+    async def _process(self, message: aiomqtt.Message, *, shed: bool = False) -> None:
         try:
-            await self._process_inner(message)
+            if shed:
+                await self._shed(message)
+            else:
+                await self._process_inner(message)
         except aiomqtt.MqttError as exc:
             self.counters["publish_failed"] += 1
             log.warning("could not publish a reply: %s", exc)
@@ -309,6 +475,31 @@ class PairingGateway:
         else:
             self._ack(message)
 
+    async def _shed(self, message: aiomqtt.Message) -> None:
+        """Answer a request of a client that has its share of the window in flight.
+
+        RATE_LIMITED with `retry_after_s` = `SLOW_DOWN_S` (RFC 8628 "slow_down": wait
+        longer before the next request), nothing executed; a heartbeat, which has no
+        reply, is only counted.
+        """
+        self.counters["shed"] += 1
+        parsed = self.scheme.parse_request(message.topic.value)
+        if isinstance(parsed, TopicDrop) or parsed.op == "heartbeat":
+            return
+        payload = message.payload
+        body = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
+        reply = error_reply(
+            _request_id(bytes(body)),
+            PairingErrorCode.RATE_LIMITED,
+            "too many requests in flight: slow down",
+            SLOW_DOWN_S,
+        )
+        if self.v5 and self._oversized_property(message) is not None:
+            topic = self.scheme.reply_topic(parsed.identity, parsed.op)
+            await self._publish_reply(message, topic, reply, self._plain_reply_props, wait=False)
+        else:
+            await self._reply(message, parsed, reply, wait=False)
+
     async def _process_inner(self, message: aiomqtt.Message) -> None:
         payload = message.payload
         if isinstance(payload, str):
@@ -318,6 +509,18 @@ class PairingGateway:
         parsed = self.scheme.parse_request(message.topic.value)
         if isinstance(parsed, TopicDrop):
             self.counters[f"dropped.{parsed.reason}"] += 1
+            return
+        if self.v5 and (refused := self._oversized_property(message)) is not None:
+            # Not executed: its reply could exceed what the broker accepts from us.
+            self.counters[f"refused.{refused}"] += 1
+            reply = error_reply(
+                _request_id(bytes(payload)),
+                PairingErrorCode.INVALID_REQUEST,
+                "response topic or correlation data too long",
+            )
+            await self._publish_reply(
+                message, self.scheme.reply_topic(parsed.identity, parsed.op), reply, None
+            )
             return
         handled = await self.dispatcher.handle(
             parsed.identity, parsed.op, bytes(payload), defer=True
@@ -356,8 +559,85 @@ class PairingGateway:
             await self.publish_events(handled.relay)
         await self.dispatcher.history.record(handled.history)
 
+    @staticmethod
+    def _oversized_property(message: aiomqtt.Message) -> str | None:
+        """`response_topic_too_long`, `correlation_data_too_long`, or None when within bounds."""
+        incoming = message.properties
+        if incoming is None:
+            return None
+        response_topic = getattr(incoming, "ResponseTopic", None)
+        if isinstance(response_topic, str) and (
+            len(response_topic) > MAX_RESPONSE_TOPIC_BYTES
+            or len(response_topic.encode(errors="surrogatepass")) > MAX_RESPONSE_TOPIC_BYTES
+        ):
+            return "response_topic_too_long"
+        correlation = getattr(incoming, "CorrelationData", None)
+        if correlation is not None and len(correlation) > MAX_CORRELATION_DATA_BYTES:
+            return "correlation_data_too_long"
+        return None
+
+    async def _publish_reply(
+        self,
+        message: aiomqtt.Message,
+        topic: str,
+        reply: dict[str, Any],
+        props: Properties | None,
+        *,
+        wait: bool = True,
+    ) -> None:
+        """Publish one reply, never above the broker's Maximum Packet Size.
+
+        With `wait` false the reply is handed to paho's queue (QoS 1, resent after a
+        reconnect) and not waited for: for shed requests, whose in-flight slot must be
+        free again at once.
+
+        A reply that would be larger is replaced by a short INTERNAL_ERROR on the default
+        topic (`topic`'s kind of default is the caller's), without Correlation Data, or
+        dropped when even that is too large; either way counted as `reply_oversized`.
+        While it is on its way, a connection loss counts against the request (poison).
+        """
+        body = _COMPACT_JSON.encode(reply).encode()
+        if publish_packet_bytes(topic, body, props, v5=self.v5) > self.max_packet_bytes:
+            self.counters["reply_oversized"] += 1
+            log.warning(
+                "a reply on %s would exceed the broker's maximum packet size (%d bytes)",
+                topic,
+                self.max_packet_bytes,
+            )
+            parsed = self.scheme.parse_request(message.topic.value)
+            if isinstance(parsed, TopicDrop):
+                return
+            topic = self.scheme.reply_topic(parsed.identity, parsed.op)
+            props = self._plain_reply_props
+            body = _COMPACT_JSON.encode(
+                error_reply(
+                    reply.get("request_id"),
+                    PairingErrorCode.INTERNAL_ERROR,
+                    "the reply is too large for the broker",
+                )
+            ).encode()
+            if publish_packet_bytes(topic, body, props, v5=self.v5) > self.max_packet_bytes:
+                return
+        if not wait:
+            info = self.client._client.publish(topic, body, qos=1, properties=props)
+            if info.rc != 0:
+                raise aiomqtt.MqttError(f"could not publish a reply (paho rc {info.rc})")
+            return
+        fingerprint, token = _fingerprint(message), object()
+        self._sending[token] = (fingerprint, topic, body)
+        try:
+            await self.client.publish(topic, body, qos=1, properties=props)
+        finally:
+            self._sending.pop(token, None)
+        self._strikes.pop(fingerprint, None)
+
     async def _reply(
-        self, message: aiomqtt.Message, req: RequestTopic, reply: dict[str, Any]
+        self,
+        message: aiomqtt.Message,
+        req: RequestTopic,
+        reply: dict[str, Any],
+        *,
+        wait: bool = True,
     ) -> None:
         topic = self.scheme.reply_topic(req.identity, req.op)
         props = None
@@ -376,8 +656,7 @@ class PairingGateway:
                 props = self._plain_reply_props
             else:
                 props = _reply_properties(correlation, self.settings.pairing_reply_expiry_s)
-        body = _COMPACT_JSON.encode(reply).encode()
-        await self.client.publish(topic, body, qos=1, properties=props)
+        await self._publish_reply(message, topic, reply, props, wait=wait)
 
     async def publish_events(self, events: list[Event]) -> None:
         """Publish events at QoS 1 on the parties' events topics.
@@ -392,4 +671,18 @@ class PairingGateway:
             if body is None:
                 body = _COMPACT_JSON.encode(event.payload).encode()
                 bodies[id(event.payload)] = body
+            if publish_packet_bytes(topic, body, None, v5=self.v5) > self.max_packet_bytes:
+                # Events are bounded by the service's own limits; a broker set below them
+                # would close the connection at every attempt.
+                self.counters["event_oversized"] += 1
+                log.warning("an event on %s exceeds the broker's maximum packet size", topic)
+                continue
             await self.client.publish(topic, body, qos=1)
+
+
+def _request_id(payload: bytes) -> str | None:
+    """The payload's request_id when it can be trusted (docs/protocol.md "Reply envelope")."""
+    try:
+        return extract_request_id(parse_payload(payload))
+    except InvalidPayload as exc:
+        return exc.request_id

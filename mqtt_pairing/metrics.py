@@ -42,10 +42,14 @@ class GatewayCollector(Collector):
         mqtt_pairing_presence_reconcile_seconds{instance}: how long the last presence
             reconciliation took (absent before the first).
         mqtt_pairing_replies_total{instance, op, outcome}: replies by op and by `ok` or
-            error code (docs/protocol.md "Error codes").
+            error code (docs/protocol.md "Error codes"); `op` is a runner or app op, or
+            `unknown` for any other name a client used (a bounded label set).
         mqtt_pairing_events_total{instance, name}: everything else counted (`replay`,
             `status`, `dropped.<reason>` (`dropped.retained`: a retained request ignored),
-            `status_shed`, `presence.reconciled`, `request_window_full`,
+            `status_shed`, `presence.reconciled`, `request_window_full`, `shed` (a
+            request answered RATE_LIMITED for its client's share of the window),
+            `refused.<why>` (a Response Topic or Correlation Data too long),
+            `reply_oversized`, `dropped.poison`,
             `connect_failed.<connection>`, `connection_lost.<connection>`,
             `takeover.<connection>`, `publish_failed`, `internal_error`, ...).
         mqtt_pairing_redis_round_trips_total{instance}: Redis round trips (a pipeline is

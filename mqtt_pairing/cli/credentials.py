@@ -17,6 +17,7 @@ malformed id or password).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -42,6 +43,7 @@ __all__ = [
     "CredentialProblem",
     "add_credential",
     "check_password_files",
+    "control_lines",
     "credentials_app",
     "find_mosquitto_passwd",
     "generate_password",
@@ -128,11 +130,17 @@ def check_username(username: str) -> None:
     """Refuse a username that is not a well-formed id (docs/protocol.md, "Identities").
 
     Mosquitto would substitute such a name into `%u` ACL patterns, or (with `:`) break
-    the password file; the id rule excludes `/`, `+`, `#`, `:` and whitespace.
+    the password file; the id rule excludes `/`, `+`, `#`, `:` and whitespace. A NUL or
+    another control character gets a message of its own.
 
     Raises:
         CredentialError: the username is malformed (exit code 2).
     """
+    if any(unicodedata.category(c) == "Cc" for c in username):
+        raise CredentialError(
+            "ID: must not contain a NUL or other control character (newline, tab, ...)",
+            EXIT_USAGE,
+        )
     if not is_valid_id(username):
         raise CredentialError(
             "ID: 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit",
@@ -160,6 +168,16 @@ def check_password(password: str) -> None:
 _C_SPACE = " \t\n\v\f\r"
 """What C's isspace() trims in Mosquitto's password file parser (C locale)."""
 
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+"""Bytes no line of a password file may hold: NUL and the control characters other than
+tab and carriage return (which Mosquitto trims). Mosquitto reads a line as a C string,
+so a NUL hides the rest of it; `credentials add` never writes any of them."""
+
+_CONTROL_MESSAGE = (
+    "holds a NUL or other control character, which Mosquitto reads differently: remove "
+    "the line and add the identity again with mqtt-pairing credentials add"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class PasswordEntry:
@@ -174,6 +192,26 @@ class PasswordEntry:
     line: int
     username: str
     has_password: bool
+
+
+def control_lines(path: Path) -> list[int]:
+    """1-based numbers of the lines of `path` that hold a NUL or other control character.
+
+    Every line counts, comments and lines without `:` included (`_CONTROL_BYTES`).
+
+    Returns:
+        The line numbers; an empty list when the file does not exist.
+
+    Raises:
+        CredentialError: the file exists but cannot be read.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise CredentialError(f"cannot read {path}: {exc.strerror}") from None
+    return [n for n, raw in enumerate(data.split(b"\n"), start=1) if _CONTROL_BYTES.search(raw)]
 
 
 def read_entries(path: Path) -> list[PasswordEntry]:
@@ -262,7 +300,10 @@ def check_password_files(files: dict[CredentialKind, Path]) -> list[CredentialPr
     - a username appears once in its file, and in one kind's file only (the service's
       included): on the shipped listeners a client id is the username, and a name in
       two kinds would be two identities sharing one client id;
-    - a line has a password hash (Mosquitto ignores one without).
+    - a line has a password hash (Mosquitto ignores one without);
+    - no line holds a NUL or another control character but tab and carriage return
+      (Mosquitto reads a line as a C string: a NUL hides the rest of it). Such a line
+      is reported for that alone.
 
     Args:
         files: the password file of each kind; a missing file holds no identity.
@@ -279,7 +320,13 @@ def check_password_files(files: dict[CredentialKind, Path]) -> list[CredentialPr
         path = files.get(kind)
         if path is None:
             continue
-        for entry in read_entries(path):
+        controlled = set(control_lines(path))
+        entries = {entry.line: entry for entry in read_entries(path)}
+        for number in sorted(controlled | entries.keys()):
+            if number in controlled:
+                problems.append(CredentialProblem(path, number, _CONTROL_MESSAGE))
+                continue
+            entry = entries[number]
             name = entry.username
             if not entry.has_password:
                 problems.append(
@@ -393,6 +440,12 @@ def add_credential(
     check_username(username)
     check_password(password)
     found = _require_binary(binary)
+    if bad := control_lines(path):
+        # mosquitto_passwd rewrites the file line by line, as C strings.
+        raise CredentialError(
+            f"{path}:{bad[0]}: {_CONTROL_MESSAGE}; nothing added (see: mqtt-pairing "
+            "credentials check)"
+        )
     if kind is not None:
         for other, sibling in _sibling_files(path).items():
             if other is not kind and username in read_usernames(sibling):

@@ -178,7 +178,10 @@ async def test_gateway_fuzz(
     prefix = topic_prefix
     messages = generate(prefix, MESSAGES)
     running = await start_service(
-        pairing_global_fail_limit=1_000_000, pairing_app_request_limit=1_000_000
+        pairing_global_fail_limit=1_000_000,
+        pairing_app_request_limit=1_000_000,
+        # Generated ids repeat: no request may be shed for its client's share of the window.
+        pairing_max_inflight_per_client=1_000_000,
     )
     loop = asyncio.get_running_loop()
     expected = Expected()

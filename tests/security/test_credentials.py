@@ -151,6 +151,19 @@ def test_a_malformed_id_is_a_usage_error(tmp_path: Path, ident: str) -> None:
     assert not path.exists()
 
 
+@pytest.mark.parametrize("ident", ["a\x00b", "\x00", "a\x1bb", "a\x7f", "a\tb", "a\rb"])
+def test_an_id_with_a_nul_or_control_character_is_one_clear_line(
+    tmp_path: Path, ident: str
+) -> None:
+    path = tmp_path / "apps.passwd"
+    result = invoke("add", "--password-file", str(path), "--", "app", ident)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "error: ID: must not contain a NUL or other control character (newline, tab, ...)\n"
+    )
+    assert not path.exists()
+
+
 @pytest.mark.parametrize("password", ["", "two\nlines", "tab\there", "x" * 257, "nul\x00"])
 def test_a_password_mosquitto_passwd_cannot_take_is_a_usage_error(
     tmp_path: Path, password: str

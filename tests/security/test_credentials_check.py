@@ -178,6 +178,52 @@ def test_one_line_per_problem_and_lines_as_mosquitto_reads_them(config_dir: Path
     assert (rc, output.splitlines()) == (1, lines)
 
 
+CONTROL_LINES = [
+    b"bad\x00x:" + HASH.encode(),  # Mosquitto reads user `bad` without a hash
+    b"\x00hidden:" + HASH.encode(),  # Mosquitto reads an empty line
+    b"q:" + HASH.encode()[:6] + b"\x00" + HASH.encode()[6:],  # the hash cut short
+    b"# comment \x00 build-01:" + HASH.encode(),
+    b"esc\x1b[2J:" + HASH.encode(),
+    b"del\x7f:" + HASH.encode(),
+    b"ctl\x01:" + HASH.encode(),
+]
+
+
+@pytest.mark.parametrize("raw", CONTROL_LINES)
+def test_a_nul_or_control_character_anywhere_on_a_line_is_refused(
+    config_dir: Path, raw: bytes
+) -> None:
+    path = config_dir / "apps.passwd"
+    with path.open("ab") as out:
+        out.write(raw + b"\n")
+    line = len(path.read_bytes().split(b"\n")) - 1
+    rc, stdout, stderr = check(config_dir)
+    assert (rc, stdout) == (1, "")
+    assert stderr == (
+        f"error: {path}:{line}: holds a NUL or other control character, which Mosquitto "
+        "reads differently: remove the line and add the identity again with mqtt-pairing "
+        "credentials add\n"
+    )
+    for awk in _AWKS:
+        assert entrypoint(config_dir, "check", awk=awk) == (1, stderr), awk
+    rc, output = entrypoint(config_dir, "install")
+    assert rc == 1
+    assert "nothing installed" in output
+    # `credentials add` does not let mosquitto_passwd rewrite such a file (it would drop
+    # or cut the line).
+    before = path.read_bytes()
+    result = cli.invoke(
+        cli_app, ["credentials", "add", "app", "new-1", "--password-file", str(path)]
+    )
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"error: {path}:{line}: holds a NUL or other control character, which Mosquitto "
+        "reads differently: remove the line and add the identity again with mqtt-pairing "
+        "credentials add; nothing added (see: mqtt-pairing credentials check)\n"
+    )
+    assert path.read_bytes() == before
+
+
 def test_no_password_file_at_all_is_one_line(tmp_path: Path) -> None:
     assert check(tmp_path) == (
         1,
@@ -240,7 +286,7 @@ async def test_a_slash_in_a_username_reaches_another_runners_replies(
 
 # -- The two implementations agree ---------------------------------------------------------
 
-_NAME_CHARS = st.sampled_from([*list("abAB09._-/+#: \t"), "é", "\r", "\x01"])
+_NAME_CHARS = st.sampled_from([*list("abAB09._-/+#: \t"), "é", "\r", "\x01", "\x00", "\x7f"])
 _lines = st.one_of(
     st.builds(
         lambda name, sep, hashed: f"{name}{sep}{hashed}",
