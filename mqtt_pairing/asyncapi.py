@@ -196,14 +196,17 @@ def build_document() -> dict[str, Any]:
                 "mqtt": {
                     "responseTopic": {
                         "type": "string",
+                        "maxLength": 512,
                         "description": "MQTT 5 Response Topic: honoured only under the"
-                        f" requester's own `{base}/` subtree, not under its `req/`, not"
-                        " its `status`, without wildcards (docs/protocol.md, 'Topics').",
+                        f" requester's own `{base}/res/`, without wildcards; at most 512"
+                        " bytes, else INVALID_REQUEST on the default reply topic"
+                        " (docs/protocol.md, 'Topics').",
                     },
                     "correlationData": {
                         "type": "string",
                         "format": "binary",
-                        "description": "MQTT 5 Correlation Data, echoed in every case.",
+                        "description": "MQTT 5 Correlation Data (at most 256 bytes),"
+                        " echoed in every reply to a request within the limits.",
                     },
                     "bindingVersion": _MQTT_BINDING,
                 }
