@@ -288,6 +288,17 @@ def _client_limits(client: aioredis.Redis) -> tuple[float | None, int]:
     return pool.connection_kwargs.get("socket_timeout"), int(pool.max_connections)
 
 
+def _raised_by_redis_py(exc: BaseException) -> bool:
+    """Whether the innermost frame of `exc`'s traceback is in the redis package."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "")
+    return isinstance(module, str) and (module == "redis" or module.startswith("redis."))
+
+
 def _call_name(call: ScriptCall | RawCall) -> str:
     return call.name if isinstance(call, ScriptCall) else str(call.args[0])
 
@@ -474,6 +485,14 @@ class PairingStore:
         except RedisError as exc:
             log.error("redis error: %s", type(exc).__name__)  # noqa: TRY400 - no traceback in logs
             raise InternalError from None
+        except AttributeError as exc:
+            if not (self._cluster and _raised_by_redis_py(exc)):
+                raise
+            # redis-py's cluster client, during a failover, now and then reads a
+            # connection another task has just reset ('NoneType' object has no
+            # attribute ...): the node is going away, not a bug of the call.
+            log.warning("redis cluster unreachable: AttributeError in redis-py")
+            raise StoreUnavailable(retry_after_s=UNAVAILABLE_RETRY_S) from None
         finally:
             if inspect.iscoroutine(awaitable):
                 awaitable.close()  # never awaited when the deadline came first; else a no-op

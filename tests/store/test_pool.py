@@ -13,8 +13,9 @@ import asyncio
 import uuid
 
 import pytest
+from redis.asyncio.connection import AbstractConnection
 
-from mqtt_pairing.store import PairingStore, connect_redis
+from mqtt_pairing.store import PairingStore, connect_redis, redis_store
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.store.redis_store import RESERVED_CONNECTIONS, RawCall, pool_size
 from tests.harness.servers import RedisClusterServers, RedisServer
@@ -56,3 +57,14 @@ async def test_more_calls_at_once_than_connections_all_succeed(
         await store.aclose()
     failed = [r for r in results if r != 1]
     assert not failed, f"{len(failed)} of {CALLS} calls failed, e.g. {failed[:3]!r}"
+
+
+def test_an_attribute_error_raised_in_redis_py_is_told_from_one_of_the_service() -> None:
+    """On a cluster, redis-py's AttributeError from a connection reset under it (during a
+    failover) counts as unavailability; one raised by the service's own code stays a bug."""
+    with pytest.raises(AttributeError) as theirs:
+        AbstractConnection.pack_command(None, "PING")  # type: ignore[arg-type]
+    assert redis_store._raised_by_redis_py(theirs.value)
+    with pytest.raises(AttributeError) as ours:
+        _ = None.missing  # type: ignore[attr-defined]
+    assert not redis_store._raised_by_redis_py(ours.value)
