@@ -162,7 +162,7 @@ async def test_a_burst_of_requests_is_queued_not_failed(
         pairs = [pair(f"a{tag}-{i}", c) for i, c in enumerate(codes)]
         both_tally = _tally(await _burst(recorder, [*second, *pairs], busy))
     serve.terminate()
-    unreachable = Counter(re.findall(r"redis unreachable: (\w+)", serve.output()))
+    unreachable = Counter(re.findall(r"redis (?:cluster )?unreachable: (\w+)", serve.output()))
     print(
         f"{backend}: {BURST} codes {dict(codes_tally)}; {len(second)} codes + {len(pairs)} "
         f"pairs {dict(both_tally)}; redis unreachable: {dict(unreachable)}"
