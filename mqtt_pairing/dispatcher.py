@@ -26,6 +26,7 @@ from mqtt_pairing.errors import (
     PairingError,
     PairingErrorCode,
     SessionNotFound,
+    StoreUnavailable,
 )
 from mqtt_pairing.models import (
     AppUnpairRequest,
@@ -67,6 +68,14 @@ _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure
 
 Handler = Callable[[Identity, Any, Begin | None, str], Awaitable[Handled]]
 """An op: (requester, request model, what the app slot said, payload hash) -> Handled."""
+
+
+def _unavailable(reply: dict[str, Any] | None) -> bool:
+    """Whether `reply` is a SERVICE_UNAVAILABLE error reply."""
+    if reply is None or reply.get("ok"):
+        return False
+    error = reply.get("error")
+    return isinstance(error, dict) and error.get("code") == PairingErrorCode.SERVICE_UNAVAILABLE
 
 
 def payload_hash(obj: dict[str, Any]) -> str:
@@ -155,7 +164,16 @@ class Dispatcher:
             phash = payload_hash(obj)
             if (identity.kind.value, op) in _WRAPPED:
                 assert request_id is not None  # noqa: S101 - checked above
-                handled = await self._idempotent(identity, op, request_id, phash, req, handler)
+                handled = await self._attempt(
+                    identity,
+                    op,
+                    request_id,
+                    self._idempotent(identity, op, request_id, phash, req, handler),
+                )
+            elif (identity.kind.value, op) in IDEMPOTENT_OPS and request_id is not None:
+                handled = await self._attempt(
+                    identity, op, request_id, handler(identity, req, None, phash)
+                )
             else:
                 handled = await handler(identity, req, None, phash)
         except PairingError as exc:
@@ -171,6 +189,30 @@ class Dispatcher:
                 log.warning("request not finished: %s", exc.message)
             handled.after = []
         self._count(op, handled)
+        return handled
+
+    async def _attempt(
+        self, identity: Identity, op: str, request_id: str, work: Awaitable[Handled]
+    ) -> Handled:
+        """Await an idempotent op's `work`, noted in `limits.attempts` while it runs.
+
+        An attempt that ends in SERVICE_UNAVAILABLE (raised, or as its reply) is
+        remembered as abandoned: its pending mark may still be written when Redis
+        answers again (services/attempts.py).
+
+        Raises:
+            Whatever `work` raises.
+        """
+        attempts = self.limits.attempts
+        key = self.limits.attempt_key(identity, op, request_id)
+        loop = asyncio.get_running_loop()
+        attempts.start(key)
+        try:
+            handled = await work
+        except BaseException as exc:
+            attempts.end(key, abandoned=isinstance(exc, StoreUnavailable), now_s=loop.time())
+            raise
+        attempts.end(key, abandoned=_unavailable(handled.reply), now_s=loop.time())
         return handled
 
     def _count(self, op: str, handled: Handled) -> None:
@@ -203,7 +245,13 @@ class Dispatcher:
             if isinstance(begun, Begin):
                 break
             assert isinstance(begun, Pending)  # noqa: S101 - the last variant
-            if asyncio.get_running_loop().time() > deadline:
+            now = asyncio.get_running_loop().time()
+            key = self.limits.attempt_key(identity, op, request_id)
+            if self.limits.attempts.take_over(key, now_s=now):
+                # An attempt this instance gave up on wrote the mark when Redis woke up.
+                await self.limits.finish(identity, op, request_id, reply=None)
+                continue
+            if now > deadline:
                 raise InternalError
             await asyncio.sleep(_PENDING_POLL_S)
         try:

@@ -120,7 +120,10 @@ async def _open_store(settings: Settings) -> tuple[PairingStore, str, InMemoryRe
         url = memory.url
     store = PairingStore(
         connect_redis(
-            url, timeout_s=settings.redis_timeout_s, cluster=bool(settings.redis_cluster_url)
+            url,
+            timeout_s=settings.redis_timeout_s,
+            cluster=bool(settings.redis_cluster_url),
+            max_inflight=settings.pairing_max_inflight,
         ),
         KeySchema(settings.pairing_key_prefix),
     )

@@ -11,6 +11,7 @@ import secrets
 from typing import Literal
 
 from mqtt_pairing.config import Settings
+from mqtt_pairing.services.attempts import AttemptKey, Attempts
 from mqtt_pairing.store.redis_store import (
     Begin,
     Mismatch,
@@ -44,11 +45,21 @@ class RateLimitService:
     Args:
         store: the Redis store.
         settings: limits, windows and TTLs (seconds).
+
+    Attributes:
+        attempts: attempts of idempotent requests running here, and the ones abandoned
+            when Redis stopped answering (their pending marks may be written late).
     """
 
     def __init__(self, store: PairingStore, settings: Settings) -> None:
         self.store = store
         self.settings = settings
+        self.attempts = Attempts(settings.pairing_pending_lease_s + 1)
+
+    @staticmethod
+    def attempt_key(identity: Identity, op: str, request_id: str) -> AttemptKey:
+        """The key of a request in `attempts`."""
+        return (identity.kind.value, identity.id, op, request_id)
 
     def begin_call(
         self, identity: Identity, op: str, request_id: str, payload_hash: str

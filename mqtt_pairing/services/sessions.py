@@ -420,6 +420,12 @@ class PairingSessionService:
         deadline = loop.time() + self.settings.pairing_pending_lease_s + 1
         rid = req.request_id
         digest = self.codes.digest(req.code) if _is_code(req.code) else ""
+        key = self.limits.attempt_key(identity, "pair", rid)
+        if self.limits.attempts.take_over(key, now_s=loop.time()):
+            # The mark is an attempt's this instance gave up on (SERVICE_UNAVAILABLE),
+            # written when Redis woke up: nobody works on it. Its steps are this copy's.
+            await self.limits.finish(identity, "pair", rid, reply=None)
+            return await self.pair(identity.id, req, payload_hash)
         while loop.time() < deadline:
             await asyncio.sleep(_PENDING_POLL_S)
             begun = await self.limits.begin(identity, "pair", rid, payload_hash)

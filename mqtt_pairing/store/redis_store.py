@@ -143,37 +143,83 @@ def load_script_source(name: str) -> str:
     return load_prelude_source() + (lua / f"{name}.lua").read_text()
 
 
-def connect_redis(url: str, *, timeout_s: float = 1.0, cluster: bool = False) -> aioredis.Redis:
-    """A redis-py asyncio client for `url` with timeouts on connect and on every command.
+DEFAULT_MAX_INFLIGHT = 256
+"""`PAIRING_MAX_INFLIGHT`'s default, for clients made without the service's settings."""
+RESERVED_CONNECTIONS = 16
+"""Connections beyond the request window, for the service's own work (presence workers,
+presence lease, outbox and expiry sweeps, health checks) and the odd second call."""
+
+
+def pool_size(max_inflight: int) -> int:
+    """Redis connections per service instance (per node on a cluster).
+
+    One per request in flight (`PAIRING_MAX_INFLIGHT`) plus `RESERVED_CONNECTIONS`: on
+    one Redis a request makes its store calls one after another, each on one connection
+    (a batch is one write), so the window never needs more. On a cluster a batch runs
+    its calls at once; calls beyond the pool wait their turn. Either way, what exceeds
+    the pool waits (docs/design.md "Redis connections").
+    """
+    return max_inflight + RESERVED_CONNECTIONS
+
+
+def call_deadline_s(timeout_s: float) -> float:
+    """The bound on one whole store call, seconds.
+
+    `REDIS_TIMEOUT_S` to get a connection plus `REDIS_TIMEOUT_S` for its I/O, whatever
+    redis-py does underneath (a cluster client's retries and topology refreshes included).
+    """
+    return 2 * timeout_s
+
+
+def connect_redis(
+    url: str,
+    *,
+    timeout_s: float = 1.0,
+    cluster: bool = False,
+    max_inflight: int = DEFAULT_MAX_INFLIGHT,
+) -> aioredis.Redis:
+    """A redis-py asyncio client for `url` with timeouts and a bounded pool that waits.
+
+    docs/design.md "Redis connections": timeouts on connect and on every command, and
+    `pool_size(max_inflight)` connections.
 
     Args:
         url: `redis://` or `rediss://` URL (with password and db as usual).
-        timeout_s: socket connect and read timeout, seconds.
+        timeout_s: `REDIS_TIMEOUT_S`: socket connect and read timeout, and the longest
+            wait for a free connection, seconds.
         cluster: use `RedisCluster` (any node of the cluster as `url`). It runs EVALSHA on
             the node that owns the keys' slot, which is why every script keeps to one
             hash tag; it shares the command API, hence the return type.
+        max_inflight: `PAIRING_MAX_INFLIGHT`; the pool holds `pool_size(max_inflight)`
+            connections (per node on a cluster).
+
+    On one Redis the pool is a `BlockingConnectionPool`: a call that finds every
+    connection busy waits up to `timeout_s` for one (then `ConnectionError`, i.e.
+    SERVICE_UNAVAILABLE) instead of redis-py's default `MaxConnectionsError` at once.
+    redis-py's cluster nodes cannot wait; `PairingStore` lets no more calls run at once
+    than a node holds connections.
     """
+    size = pool_size(max_inflight)
     if cluster:
         client = RedisCluster.from_url(
             url,
             decode_responses=True,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            # Wait for no pool limit: redis-py's cluster default (100 per node) raises
-            # instead of waiting, and a full in-flight window batches more calls.
-            max_connections=2**31 - 1,
+            max_connections=size,
         )
         return cast(aioredis.Redis, client)
-    single = aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         decode_responses=True,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=30,
+        max_connections=size,
+        timeout=timeout_s,
     )
-    pool = single.connection_pool
     pool.connection_class = _PACK_ONCE.get(pool.connection_class, pool.connection_class)
-    return single
+    return aioredis.Redis.from_pool(pool)
 
 
 class _PackOnce(AbstractConnection):
@@ -232,6 +278,26 @@ def _get_connection_args(pool: aioredis.ConnectionPool) -> tuple[str, ...]:
     """
     param = inspect.signature(pool.get_connection).parameters.get("command_name")
     return ("PIPELINE",) if param is not None and param.default is param.empty else ()
+
+
+def _client_limits(client: aioredis.Redis) -> tuple[float | None, int]:
+    """(socket timeout in seconds or None, connections per pool or per cluster node)."""
+    if isinstance(client, RedisCluster):
+        kwargs = client.nodes_manager.connection_kwargs
+        return kwargs.get("socket_timeout"), int(kwargs.get("max_connections") or 2**31 - 1)
+    pool = client.connection_pool
+    return pool.connection_kwargs.get("socket_timeout"), int(pool.max_connections)
+
+
+def _raised_by_redis_py(exc: BaseException) -> bool:
+    """Whether the innermost frame of `exc`'s traceback is in the redis package."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "")
+    return isinstance(module, str) and (module == "redis" or module.startswith("redis."))
 
 
 def _call_name(call: ScriptCall | RawCall) -> str:
@@ -380,16 +446,35 @@ class PairingStore:
         }
         self._cluster = isinstance(client, RedisCluster)
         self._pool_args = () if self._cluster else _get_connection_args(client.connection_pool)
+        timeout_s, max_connections = _client_limits(client)
+        self._deadline_s = None if timeout_s is None else call_deadline_s(timeout_s)
+        # redis-py's cluster nodes raise MaxConnectionsError instead of waiting: no more
+        # calls run at once than a node holds connections (a call uses one at a time).
+        self._slots = asyncio.Semaphore(max_connections) if self._cluster else None
 
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self.client.aclose()
 
     async def _guard(self, awaitable: Awaitable[T]) -> T:
+        """Await one store call within its deadline; Redis errors become domain errors.
+
+        The deadline (`call_deadline_s`) covers the wait for a connection (a cluster
+        slot) and everything redis-py does underneath; past it the call is cancelled
+        (redis-py drops a connection cancelled mid-reply) and Redis counts as unavailable.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable, or the call outlived its deadline.
+            InternalError: Redis refused the call.
+        """
         self.round_trips += 1
         try:
-            return await awaitable
-        except _UNAVAILABLE as exc:
+            async with asyncio.timeout(self._deadline_s):
+                if self._slots is None:
+                    return await awaitable
+                async with self._slots:
+                    return await awaitable
+        except _UNAVAILABLE as exc:  # TimeoutError (the deadline) is an OSError
             log.warning("redis unreachable: %s", type(exc).__name__)
             raise StoreUnavailable(retry_after_s=UNAVAILABLE_RETRY_S) from None
         except RedisClusterException as exc:
@@ -401,6 +486,17 @@ class PairingStore:
         except RedisError as exc:
             log.error("redis error: %s", type(exc).__name__)  # noqa: TRY400 - no traceback in logs
             raise InternalError from None
+        except AttributeError as exc:
+            if not (self._cluster and _raised_by_redis_py(exc)):
+                raise
+            # redis-py's cluster client, during a failover, now and then reads a
+            # connection another task has just reset ('NoneType' object has no
+            # attribute ...): the node is going away, not a bug of the call.
+            log.warning("redis cluster unreachable: AttributeError in redis-py")
+            raise StoreUnavailable(retry_after_s=UNAVAILABLE_RETRY_S) from None
+        finally:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()  # never awaited when the deadline came first; else a no-op
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:  # noqa: ANN401
         return await self._guard(self._evalsha(name, keys, args))
@@ -464,6 +560,9 @@ class PairingStore:
         except TimeoutError:
             await conn.disconnect(nowait=True)  # a reply may still be on its way
             raise RedisTimeoutError("Timeout reading from Redis") from None
+        except asyncio.CancelledError:
+            await conn.disconnect(nowait=True)  # likewise (the call's deadline, a stop)
+            raise
         finally:
             conn.socket_timeout = timeout
 
