@@ -860,10 +860,13 @@ class PairingStore:
         name: str | None,
         public_key: str | None,
         metadata: dict[str, Any] | None,
+        max_uses: int = 1,
     ) -> ScriptCall:
         """The `set_runner_code` call: make `digest` the runner's active code.
 
         It also remembers the sealed reply; its result goes to `parse_set_runner_code`.
+        `max_uses` is kept with it: the runner's slot counts the sessions opened with the
+        code, which says whether a cancel found it live (`cancel_code`).
         """
         return ScriptCall(
             "set_runner_code",
@@ -881,6 +884,7 @@ class PairingStore:
                 name or "",
                 public_key or "",
                 json.dumps(metadata, separators=(",", ":")) if metadata is not None else "",
+                max_uses,
             ),
         )
 
@@ -889,17 +893,42 @@ class PairingStore:
         """The digest of the code that `set_runner_code` replaced, or None."""
         return str(res) if res else None
 
-    async def clear_runner_code(self, runner_id: str) -> str | None:
+    async def clear_runner_code(self, runner_id: str) -> tuple[str, bool | None] | None:
         """Forget the runner's active code.
 
         Returns:
-            The digest of the code that was active, or None.
+            None if the runner had no active code, else (its digest, whether it was live:
+            not expired and fewer sessions opened with it than its uses; None when the
+            runner hash does not say, see `cancel_code`).
 
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        old = await self._run("clear_runner_code", [self.keys.runner(runner_id)], [])
-        return old or None
+        old, live = await self._run("clear_runner_code", [self.keys.runner(runner_id)], [])
+        if not old:
+            return None
+        return str(old), None if int(live) < 0 else int(live) == 1
+
+    async def cancel_code(self, runner_id: str) -> bool:
+        """Cancel the runner's active code (`cancel-code`, admin revoke); True if it was live.
+
+        Two steps (docs/operations.md "cancel-code"): the runner's slot forgets the code,
+        then the code's slot marks it cancelled. The runner's slot decides the answer: a
+        pair's session opens there only while the code is the runner's, so a pair racing
+        the cancel either opened first (its use is spent: a single-use code was not live
+        any more) or is refused after (CODE_ALREADY_USED, and its use is not counted),
+        whatever the code's slot says of uses claimed but not yet given back. Exactly one
+        of the two wins (docs/protocol.md "Other ops").
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        cleared = await self.clear_runner_code(runner_id)
+        if cleared is None:
+            return False
+        digest, live = cleared
+        ended = await self.end_code(digest, runner_id, "cancelled")
+        return ended if live is None else live
 
     async def end_code(
         self, digest: str, runner_id: str, state: Literal["replaced", "cancelled"]

@@ -47,6 +47,8 @@ if name ~= '' then s['runner_name'] = name end
 if ARGV[5] ~= '' then s['app_name'] = ARGV[5] end
 local json = cjson.encode(s)
 redis.call('HSET', KEYS[2], ARGV[2], json)
+-- A use of the code is spent now (clear_runner_code tells a cancel whether any was left).
+redis.call('HINCRBY', KEYS[1], 'code_opened', 1)
 outbox_add(KEYS[3], 'session.opened', json, ARGV[8], now)
 outbox_add(KEYS[3], 'code.used', json, cjson.encode({uses_left = tonumber(ARGV[9])}), now)
 local replaced_json = ''
