@@ -1144,8 +1144,8 @@ class PairingStore:
             reason: the closed_reason.
 
         Returns:
-            The closed sessions (state closed, closed_reason set), and the runner's outbox
-            (which now holds their session.closed events).
+            The closed sessions (state closed, closed_reason set), and the outbox entries
+            this call wrote (their session.closed events; not what others wrote there).
 
         Raises:
             StoreUnavailable: Redis is unreachable.
@@ -1305,8 +1305,8 @@ class PairingStore:
         """Record a runner heartbeat and refresh its sessions.
 
         Returns:
-            The runner's outbox if the heartbeat announced a change (offline to online),
-            else an empty list.
+            The outbox entry the heartbeat wrote if it announced a change (offline to
+            online), else an empty list.
 
         Raises:
             StoreUnavailable: Redis is unreachable.
@@ -1330,8 +1330,8 @@ class PairingStore:
         """Record a runner's status message; announce a change between online and offline.
 
         Returns:
-            The runner's outbox if presence changed (runner.online/offline written),
-            else an empty list.
+            The outbox entry written if presence changed (runner.online/offline), else an
+            empty list.
 
         Raises:
             StoreUnavailable: Redis is unreachable.
@@ -1552,7 +1552,7 @@ class PairingStore:
         """Close a session idle for `idle_ttl_s`, or move its expiry entry to its deadline.
 
         Returns:
-            (the closed session or None, the runner's outbox).
+            (the closed session or None, the outbox entry this call wrote).
 
         Raises:
             StoreUnavailable: Redis is unreachable.
