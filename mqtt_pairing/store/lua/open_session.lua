@@ -25,14 +25,15 @@
 local r = redis.call('HMGET', KEYS[1], 'code', 'name', 'public_key', 'metadata',
   'status', 'status_ms', 'hb_ms')
 local name, pk, md = r[2] or '', r[3] or '', r[4] or ''
-local existing = redis.call('HGET', KEYS[2], ARGV[2])
-if existing then return {'ok', existing, '', name, pk, md, 1, {}} end
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  if all[i] == ARGV[2] then return {'ok', all[i + 1], '', name, pk, md, 1, {}} end
+end
 if r[1] ~= ARGV[1] then return {'code_gone'} end
 if r[5] == 'offline' and tonumber(r[6] or '0') >= tonumber(r[7] or '0') then
   return {'offline'}
 end
 local now = now_ms()
-local all = redis.call('HGETALL', KEYS[2])
 local count, replaced_id, replaced = 0, nil, nil
 for i = 1, #all, 2 do
   local s = cjson.decode(all[i + 1])
