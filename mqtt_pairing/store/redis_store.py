@@ -912,8 +912,8 @@ class PairingStore:
     async def cancel_code(self, runner_id: str) -> bool:
         """Cancel the runner's active code (`cancel-code`, admin revoke); True if it was live.
 
-        Two steps (docs/operations.md "cancel-code"): the runner's slot forgets the code,
-        then the code's slot marks it cancelled. The runner's slot decides the answer: a
+        Two steps (docs/operations.md "cancel-code, admin codes revoke, runner ban"): the
+        runner's slot forgets the code, then the code's slot marks it cancelled. The runner's slot decides the answer: a
         pair's session opens there only while the code is the runner's, so a pair racing
         the cancel either opened first (its use is spent: a single-use code was not live
         any more) or is refused after (CODE_ALREADY_USED, and its use is not counted),
