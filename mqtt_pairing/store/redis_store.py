@@ -913,12 +913,13 @@ class PairingStore:
         """Cancel the runner's active code (`cancel-code`, admin revoke); True if it was live.
 
         Two steps (docs/operations.md "cancel-code, admin codes revoke, runner ban"): the
-        runner's slot forgets the code, then the code's slot marks it cancelled. The runner's slot decides the answer: a
-        pair's session opens there only while the code is the runner's, so a pair racing
-        the cancel either opened first (its use is spent: a single-use code was not live
-        any more) or is refused after (CODE_ALREADY_USED, and its use is not counted),
-        whatever the code's slot says of uses claimed but not yet given back. Exactly one
-        of the two wins (docs/protocol.md "Other ops").
+        runner's slot forgets the code, then the code's slot marks it cancelled. The
+        runner's slot decides the answer: a pair's session opens there only while the
+        code is the runner's, so a pair racing the cancel either opened first (its use is
+        spent: a single-use code was not live any more) or is refused after
+        (CODE_ALREADY_USED, and its use is not counted), whatever the code's slot says of
+        uses claimed but not yet given back. Exactly one of the two wins
+        (docs/protocol.md "Other ops").
 
         Raises:
             StoreUnavailable: Redis is unreachable.
