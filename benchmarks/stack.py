@@ -479,6 +479,7 @@ class CodeFactory:
                         "",
                         "",
                         "",
+                        1,
                     ],
                 )
                 jobs.append(Job(runner, format_code(code)))

@@ -746,10 +746,7 @@ class AdminService:
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        old = await self.store.clear_runner_code(runner_id)
-        if old is None:
-            return False
-        live = await self.store.end_code(old, runner_id, "cancelled")
+        live = await self.store.cancel_code(runner_id)
         if live:
             await self._record(
                 PairingHistoryEntry(

@@ -123,6 +123,7 @@ class PairingCodeService:
             name=req.runner_name,
             public_key=req.public_key,
             metadata=req.metadata,
+            max_uses=max_uses,
         )
         # The tombstone record goes with it: after its expiry the code answers
         # CODE_EXPIRED. A crash before this round trip leaves no record (the code then
@@ -158,7 +159,4 @@ class PairingCodeService:
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        old = await self.store.clear_runner_code(runner_id)
-        if old is None:
-            return False
-        return await self.store.end_code(old, runner_id, "cancelled")
+        return await self.store.cancel_code(runner_id)

@@ -3,11 +3,13 @@
 docs/design.md "Delivery": a crash between a change and its publish loses nothing.
 
 Every event starts as an entry in the runner's outbox stream, written by the same Lua
-script that changed the state. The instance that ran the script publishes the entries
-right away and deletes them (`ack_outbox`, in one round trip with dropping the mark
-and the request's own closing calls); meanwhile a due mark with a lease
-(`outbox-due:{global:<n>}`) says "drain this outbox by then". If the instance dies first,
-the mark comes due and any instance's sweep claims it, publishes and deletes the entries.
+script that changed the state. The script returns the entries it wrote (with their stream
+ids), and the instance that ran it publishes exactly those right away and deletes them
+(requests of one runner that run at once share its outbox, and each publishes only its
+own, so that each event goes out once when nothing fails): `ack_outbox`, in one round
+trip with dropping the mark and the request's own closing calls. Meanwhile a due mark with
+a lease (`outbox-due:{global:<n>}`) says "drain this outbox by then". If the instance dies
+first, the mark comes due and any instance's sweep claims it, publishes and deletes the entries.
 At start, a SCAN finds outboxes whose mark was never written (a crash between the script
 and the mark). An event can thus be published twice, never lost; its `event_id` is
 deterministic, so clients drop the copy.

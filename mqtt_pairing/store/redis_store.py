@@ -960,10 +960,13 @@ class PairingStore:
         name: str | None,
         public_key: str | None,
         metadata: dict[str, Any] | None,
+        max_uses: int = 1,
     ) -> ScriptCall:
         """The `set_runner_code` call: make `digest` the runner's active code.
 
         It also remembers the sealed reply; its result goes to `parse_set_runner_code`.
+        `max_uses` is kept with it: the runner's slot counts the sessions opened with the
+        code, which says whether a cancel found it live (`cancel_code`).
         """
         return ScriptCall(
             "set_runner_code",
@@ -981,6 +984,7 @@ class PairingStore:
                 name or "",
                 public_key or "",
                 json.dumps(metadata, separators=(",", ":")) if metadata is not None else "",
+                max_uses,
             ),
         )
 
@@ -989,17 +993,43 @@ class PairingStore:
         """The digest of the code that `set_runner_code` replaced, or None."""
         return str(res) if res else None
 
-    async def clear_runner_code(self, runner_id: str) -> str | None:
+    async def clear_runner_code(self, runner_id: str) -> tuple[str, bool | None] | None:
         """Forget the runner's active code.
 
         Returns:
-            The digest of the code that was active, or None.
+            None if the runner had no active code, else (its digest, whether it was live:
+            not expired and fewer sessions opened with it than its uses; None when the
+            runner hash does not say, see `cancel_code`).
 
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        old = await self._run("clear_runner_code", [self.keys.runner(runner_id)], [])
-        return old or None
+        old, live = await self._run("clear_runner_code", [self.keys.runner(runner_id)], [])
+        if not old:
+            return None
+        return str(old), None if int(live) < 0 else int(live) == 1
+
+    async def cancel_code(self, runner_id: str) -> bool:
+        """Cancel the runner's active code (`cancel-code`, admin revoke); True if it was live.
+
+        Two steps (docs/operations.md "cancel-code, admin codes revoke, runner ban"): the
+        runner's slot forgets the code, then the code's slot marks it cancelled. The
+        runner's slot decides the answer: a pair's session opens there only while the
+        code is the runner's, so a pair racing the cancel either opened first (its use is
+        spent: a single-use code was not live any more) or is refused after
+        (CODE_ALREADY_USED, and its use is not counted), whatever the code's slot says of
+        uses claimed but not yet given back. Exactly one of the two wins
+        (docs/protocol.md "Other ops").
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        cleared = await self.clear_runner_code(runner_id)
+        if cleared is None:
+            return False
+        digest, live = cleared
+        ended = await self.end_code(digest, runner_id, "cancelled")
+        return ended if live is None else live
 
     async def end_code(
         self, digest: str, runner_id: str, state: Literal["replaced", "cancelled"]
@@ -1215,8 +1245,8 @@ class PairingStore:
             reason: the closed_reason.
 
         Returns:
-            The closed sessions (state closed, closed_reason set), and the runner's outbox
-            (which now holds their session.closed events).
+            The closed sessions (state closed, closed_reason set), and the outbox entries
+            this call wrote (their session.closed events; not what others wrote there).
 
         Raises:
             StoreUnavailable: Redis is unreachable.
@@ -1392,8 +1422,8 @@ class PairingStore:
         """Record a runner heartbeat and refresh its sessions.
 
         Returns:
-            The runner's outbox if the heartbeat announced a change (offline to online),
-            else an empty list.
+            The outbox entry the heartbeat wrote if it announced a change (offline to
+            online), else an empty list.
 
         Raises:
             StoreUnavailable: Redis is unreachable.
@@ -1417,8 +1447,8 @@ class PairingStore:
         """Record a runner's status message; announce a change between online and offline.
 
         Returns:
-            The runner's outbox if presence changed (runner.online/offline written),
-            else an empty list.
+            The outbox entry written if presence changed (runner.online/offline), else an
+            empty list.
 
         Raises:
             StoreUnavailable: Redis is unreachable.
@@ -1639,7 +1669,7 @@ class PairingStore:
         """Close a session idle for `idle_ttl_s`, or move its expiry entry to its deadline.
 
         Returns:
-            (the closed session or None, the runner's outbox).
+            (the closed session or None, the outbox entry this call wrote).
 
         Raises:
             StoreUnavailable: Redis is unreachable.

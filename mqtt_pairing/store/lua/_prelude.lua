@@ -6,13 +6,34 @@ end
 
 -- The outbox of a runner's slot (docs/design.md "Delivery"): events written by the script that
 -- changes state; entries are t (event type), s (session JSON, internal form), x (extra
--- JSON) and at (ms). Published and deleted (ack_outbox) by whichever instance drains it.
+-- JSON) and at (ms). The script returns the entries it wrote itself (outbox_written, in
+-- XRANGE's shape), and the instance that ran it publishes and deletes (ack_outbox)
+-- exactly those: what other scripts wrote is theirs to publish, or the sweep's if their
+-- instance died (each event is published once when nothing fails).
+local outbox_written = {}
 local function outbox_add(key, kind, session_json, extra_json, at)
-  redis.call('XADD', key, '*', 't', kind, 's', session_json, 'x', extra_json, 'at', at)
+  local id = redis.call('XADD', key, '*', 't', kind, 's', session_json, 'x', extra_json, 'at', at)
+  outbox_written[#outbox_written + 1] =
+    {id, {'t', kind, 's', session_json, 'x', extra_json, 'at', tostring(at)}}
 end
 
-local function outbox_all(key)
-  return redis.call('XRANGE', key, '-', '+', 'COUNT', 200)
+-- What a script that closes sessions returns: the session.opened entries of those
+-- sessions that another request wrote and has not published yet (a close overtaking a
+-- slow open), then its own. No party hears of a close before the open; the open may go
+-- out twice then (same event_id: clients drop the copy). `closing`: session_id -> true.
+-- Costs one XLEN when the outbox holds only this script's entries.
+local function outbox_closing(key, closing)
+  if redis.call('XLEN', key) <= #outbox_written then return outbox_written end
+  local mine, out = {}, {}
+  for _, e in ipairs(outbox_written) do mine[e[1]] = true end
+  for _, e in ipairs(redis.call('XRANGE', key, '-', '+', 'COUNT', 200)) do
+    local f = e[2]
+    if not mine[e[1]] and f[2] == 'session.opened' and f[3] == 's' and f[4] ~= '' then
+      if closing[cjson.decode(f[4])['session_id']] then out[#out + 1] = e end
+    end
+  end
+  for _, e in ipairs(outbox_written) do out[#out + 1] = e end
+  return out
 end
 
 -- Presence by docs/protocol.md "Presence": 'offline' | 'online' | 'unknown'.

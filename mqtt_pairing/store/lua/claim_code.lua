@@ -40,9 +40,12 @@ if c[2] == 'used' and left <= 0 then
 end
 if c[2] ~= 'active' or left <= 0 then return {'used'} end
 left = left - 1
-redis.call('HSET', KEYS[1], 'u', left)
-if left == 0 then redis.call('HSET', KEYS[1], 's', 'used') end
+if left == 0 then
+  redis.call('HSET', KEYS[1], 'u', left, 's', 'used')
+else
+  redis.call('HSET', KEYS[1], 'u', left)
+end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '\t' .. now)
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+-- the claims live as long as the code: its hash expires at its expiry (issue_code.lua)
+redis.call('PEXPIREAT', KEYS[2], tonumber(c[5]))
 return {'ok', c[1], ARGV[2], left, tonumber(c[4]), 0, c[6]}

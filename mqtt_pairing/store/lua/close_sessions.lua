@@ -5,13 +5,15 @@
 -- ARGV[2] - the session_id or app_id ('' for all)
 -- ARGV[3] - app_id the session must belong to ('' any): an app may close only its own
 -- ARGV[4] - closed_reason
--- returns {closed session JSON list (state 'closed', closed_reason, closed_at_ms), outbox}
-local closed = {}
+-- returns {closed session JSON list (state 'closed', closed_reason, closed_at_ms),
+--          the outbox entries this call wrote (see outbox_closing)}
+local closed, closing = {}, {}
 local now = now_ms()
 local function close(id, json)
   local s = cjson.decode(json)
   if ARGV[3] ~= '' and s['app_id'] ~= ARGV[3] then return end
   redis.call('HDEL', KEYS[1], id)
+  closing[id] = true
   s['state'] = 'closed'
   s['closed_reason'] = ARGV[4]
   s['closed_at_ms'] = now
@@ -31,4 +33,4 @@ else
   end
 end
 if #closed == 0 then return {closed, {}} end
-return {closed, outbox_all(KEYS[2])}
+return {closed, outbox_closing(KEYS[2], closing)}

@@ -5,7 +5,8 @@
 -- ARGV[1] - session_id
 -- ARGV[2] - session idle TTL, ms
 -- returns {'gone'} | {'alive', deadline_ms, app_id, now_ms}
---       | {'closed', session_json, outbox entries}
+--       | {'closed', session_json, the outbox entries this call
+--         wrote (see outbox_closing)}
 local json = redis.call('HGET', KEYS[1], ARGV[1])
 if not json then return {'gone'} end
 local s = cjson.decode(json)
@@ -18,4 +19,4 @@ s['closed_reason'] = 'expired'
 s['closed_at_ms'] = now
 local closed = cjson.encode(s)
 outbox_add(KEYS[2], 'session.closed', closed, '{}', now)
-return {'closed', closed, outbox_all(KEYS[2])}
+return {'closed', closed, outbox_closing(KEYS[2], {[ARGV[1]] = true})}

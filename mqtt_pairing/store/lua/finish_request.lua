@@ -21,7 +21,7 @@
 -- ARGV[14] - session_id to drop from the index ('' none)
 -- ARGV[15] - session idle TTL, ms
 -- returns {penalty_ms (0: none), strikes}
-local now = now_ms()
+-- (Redis time is read only for a failure: a success or an index needs none)
 if ARGV[1] == 'remember' then
   redis.call('HSET', KEYS[1], 'st', 'done', 'reply', ARGV[2])
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
@@ -37,6 +37,7 @@ local outcome = ARGV[4]
 if outcome == 'success' then
   redis.call('DEL', KEYS[3])
 elseif outcome == 'failure' and ARGV[5] ~= '1' then
+  local now = now_ms()
   local win = tonumber(ARGV[7])
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - win)
   redis.call('ZADD', KEYS[3], now, ARGV[11])

@@ -6,7 +6,8 @@
 -- KEYS[3] - runner outbox stream (same tag)
 -- ARGV[1] - TTL of the runner's keys, ms (idle TTL plus a margin, see open_session.lua)
 -- ARGV[2] - how long a heartbeat makes a runner online, ms
--- returns {sessions refreshed, outbox entries (empty if nothing was announced)}
+-- returns {sessions refreshed, the outbox entries this call wrote (none if nothing was
+--          announced)}
 local now = now_ms()
 local ttl = tonumber(ARGV[1])
 redis.call('HSET', KEYS[1], 'hb_ms', now)
@@ -19,7 +20,5 @@ for i = 1, #all, 2 do
 end
 if #all > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 local r = redis.call('HMGET', KEYS[1], 'status', 'status_ms', 'hb_ms')
-local before = redis.call('XLEN', KEYS[3])
 announce(KEYS[1], KEYS[2], KEYS[3], presence_of(r[1], r[2], r[3], now, tonumber(ARGV[2])), now)
-if redis.call('XLEN', KEYS[3]) == before then return {math.floor(#all / 2), {}} end
-return {math.floor(#all / 2), outbox_all(KEYS[3])}
+return {math.floor(#all / 2), outbox_written}

@@ -9,7 +9,8 @@
 -- (add_tombstone.lua) tells CODE_EXPIRED from CODE_NOT_FOUND.
 -- The record's fields have one-letter names (memory: the names are stored in every hash):
 -- r runner_id, s state (active | used | replaced | cancelled), m max_uses, u uses_left,
--- c created ms, e expires ms, f first character of the code.
+-- c created ms, e expires ms, f first character of the code; z (end_code) the state a
+-- used-up code was replaced or cancelled to, taken when a use is given back.
 -- returns {0} (collision: draw another code) | {1, created_ms, expires_ms}
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
 local now = now_ms()

@@ -7,14 +7,13 @@
 -- ARGV[4] - '1' to replace the due time even if later
 -- ARGV[5] - TTL of the set, ms, refreshed on every mark ('' or absent: none). The outbox
 --           marks have one: an outbox whose mark lapsed is still found by the SCAN at start.
--- returns the due time, ms
-local now = now_ms()
-local due = now + tonumber(ARGV[2])
-if ARGV[3] ~= '' then due = tonumber(ARGV[3]) end
+-- returns the due time, ms (Redis time is read only for a delay)
+local due
+if ARGV[3] ~= '' then due = tonumber(ARGV[3]) else due = now_ms() + tonumber(ARGV[2]) end
 if ARGV[5] and ARGV[5] ~= '' then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5])) end
-local cur = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if ARGV[4] == '1' or not cur or due < tonumber(cur) then
-  redis.call('ZADD', KEYS[1], due, ARGV[1])
-  return due
+if ARGV[4] ~= '1' then
+  local cur = redis.call('ZSCORE', KEYS[1], ARGV[1])
+  if cur and due >= tonumber(cur) then return tonumber(cur) end
 end
-return tonumber(cur)
+redis.call('ZADD', KEYS[1], due, ARGV[1])
+return due

@@ -16,21 +16,24 @@
 -- ARGV[8] - JSON {app_public_key, app_metadata} for the session.opened event
 -- ARGV[9] - uses left on the code after this use (for the code.used event)
 -- returns {'ok', session_json, replaced_json or '', runner_name, public_key, metadata_json,
---          repeat (0/1), outbox entries} (absent values as '')
+--          repeat (0/1), the outbox entries this call wrote (with a replaced session:
+--          see outbox_closing)} (absent values as '')
 --       | {'code_gone'} | {'offline'} | {'limit'}
 -- Writes session.opened, code.used and (for a replaced session) session.closed to the
--- outbox; a repeat writes nothing new but returns what the outbox still holds.
+-- outbox; a repeat writes nothing new and returns no entries (what the first attempt
+-- wrote is published by it, or by the sweep if it died: sessions.py).
 local r = redis.call('HMGET', KEYS[1], 'code', 'name', 'public_key', 'metadata',
   'status', 'status_ms', 'hb_ms')
 local name, pk, md = r[2] or '', r[3] or '', r[4] or ''
-local existing = redis.call('HGET', KEYS[2], ARGV[2])
-if existing then return {'ok', existing, '', name, pk, md, 1, outbox_all(KEYS[3])} end
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  if all[i] == ARGV[2] then return {'ok', all[i + 1], '', name, pk, md, 1, {}} end
+end
 if r[1] ~= ARGV[1] then return {'code_gone'} end
 if r[5] == 'offline' and tonumber(r[6] or '0') >= tonumber(r[7] or '0') then
   return {'offline'}
 end
 local now = now_ms()
-local all = redis.call('HGETALL', KEYS[2])
 local count, replaced_id, replaced = 0, nil, nil
 for i = 1, #all, 2 do
   local s = cjson.decode(all[i + 1])
@@ -47,6 +50,8 @@ if name ~= '' then s['runner_name'] = name end
 if ARGV[5] ~= '' then s['app_name'] = ARGV[5] end
 local json = cjson.encode(s)
 redis.call('HSET', KEYS[2], ARGV[2], json)
+-- A use of the code is spent now (clear_runner_code tells a cancel whether any was left).
+redis.call('HINCRBY', KEYS[1], 'code_opened', 1)
 outbox_add(KEYS[3], 'session.opened', json, ARGV[8], now)
 outbox_add(KEYS[3], 'code.used', json, cjson.encode({uses_left = tonumber(ARGV[9])}), now)
 local replaced_json = ''
@@ -61,4 +66,6 @@ end
 local ttl = tonumber(ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[1], ttl)
-return {'ok', json, replaced_json, name, pk, md, 0, outbox_all(KEYS[3])}
+local written = outbox_written
+if replaced_id then written = outbox_closing(KEYS[3], {[replaced_id] = true}) end
+return {'ok', json, replaced_json, name, pk, md, 0, written}

@@ -8,7 +8,7 @@
 -- ARGV[2] - '1' if the broker replayed it as retained (on subscribe)
 -- ARGV[3] - how long a heartbeat makes a runner online, ms
 -- ARGV[4] - TTL of the runner's keys, ms (idle TTL plus a margin, see open_session.lua)
--- returns {changed (0/1), outbox entries}
+-- returns {changed (0/1), the outbox entries this call wrote}
 local now = now_ms()
 local r = redis.call('HMGET', KEYS[1], 'status', 'status_ms', 'hb_ms')
 -- A replayed retained status that matches what is recorded changes nothing (and must
@@ -16,7 +16,6 @@ local r = redis.call('HMGET', KEYS[1], 'status', 'status_ms', 'hb_ms')
 if ARGV[2] == '1' and r[1] == ARGV[1] then return {0, {}} end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'status_ms', now)
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
-local before = redis.call('XLEN', KEYS[3])
 announce(KEYS[1], KEYS[2], KEYS[3], presence_of(ARGV[1], now, r[3], now, tonumber(ARGV[3])), now)
-if redis.call('XLEN', KEYS[3]) == before then return {0, {}} end
-return {1, outbox_all(KEYS[3])}
+if #outbox_written == 0 then return {0, {}} end
+return {1, outbox_written}

@@ -17,6 +17,6 @@ if len >= 0 then redis.call('PEXPIRE', KEYS[1], len) end
 local old = ''
 if ARGV[4] == '1' then
   old = redis.call('HGET', KEYS[2], 'code') or ''
-  redis.call('HDEL', KEYS[2], 'code', 'code_expires_ms')
+  redis.call('HDEL', KEYS[2], 'code', 'code_expires_ms', 'code_max', 'code_opened')
 end
 return old

@@ -10,9 +10,19 @@
 -- ARGV[6] - runner name ('' none)
 -- ARGV[7] - public key ('' none)
 -- ARGV[8] - metadata as JSON ('' none)
+-- ARGV[9] - uses of the new code (code_max; code_opened counts the sessions opened with
+--           it, see open_session.lua and clear_runner_code.lua); absent: not counted (a
+--           cancel then asks the code's slot)
 -- returns the digest of the replaced code, or ''
 local old = redis.call('HGET', KEYS[1], 'code') or ''
-redis.call('HSET', KEYS[1], 'code', ARGV[1], 'code_expires_ms', ARGV[2])
+if old ~= ARGV[1] then
+  redis.call('HSET', KEYS[1], 'code', ARGV[1], 'code_expires_ms', ARGV[2])
+  if ARGV[9] then
+    redis.call('HSET', KEYS[1], 'code_max', ARGV[9], 'code_opened', 0)
+  else
+    redis.call('HDEL', KEYS[1], 'code_max', 'code_opened')
+  end
+end
 local fields = {'name', 'public_key', 'metadata'}
 for i, f in ipairs(fields) do
   if ARGV[5 + i] ~= '' then

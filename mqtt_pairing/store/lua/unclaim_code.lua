@@ -4,8 +4,9 @@
 -- ARGV[1] - claim field: app_id .. '\n' .. request_id
 -- returns 1 if a use was given back, else 0
 if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
-local c = redis.call('HMGET', KEYS[1], 's', 'u')  -- field names: issue_code.lua
+local c = redis.call('HMGET', KEYS[1], 's', 'u', 'z')  -- field names: issue_code.lua
 if not c[1] then return 0 end
 redis.call('HSET', KEYS[1], 'u', tonumber(c[2]) + 1)
-if c[1] == 'used' then redis.call('HSET', KEYS[1], 's', 'active') end
+-- a used-up code comes back to life, unless it was replaced or cancelled meanwhile (z)
+if c[1] == 'used' then redis.call('HSET', KEYS[1], 's', c[3] or 'active') end
 return 1

@@ -1,0 +1,75 @@
+"""What a script hands its caller to publish: the outbox entries it wrote itself.
+
+docs/design.md "Delivery": requests of one runner that run at once share its outbox
+stream, and each publishes (then deletes by id) only what its own script wrote, so that
+an event goes out once when nothing fails; entries left by an instance that died are the
+sweep's. A close also hands over the unpublished `session.opened` of the sessions it
+closes, before its own `session.closed`, so that nobody hears of a close before the open.
+Here the entries are never published (no relay), so the outbox keeps every entry and the
+tests see exactly what each request would have published.
+"""
+
+from __future__ import annotations
+
+from mqtt_pairing.services.outcome import Handled
+from mqtt_pairing.store.redis_store import OutboxEntry
+from mqtt_pairing.topics import Kind
+from tests.store.helpers import Api, new_id
+
+
+def _kinds(entries: list[OutboxEntry]) -> list[tuple[str, str | None]]:
+    return [(e.type, e.session.session_id if e.session else None) for e in entries]
+
+
+async def _pair(api: Api, app_id: str, code: str) -> tuple[str, Handled]:
+    handled = await api.handle(Kind.APP, app_id, "pair", {"request_id": new_id(), "code": code})
+    assert handled.reply is not None
+    assert handled.reply["ok"], handled.reply
+    return handled.reply["result"]["session"]["session_id"], handled
+
+
+async def test_each_request_gets_the_entries_its_own_script_wrote(api: Api) -> None:
+    code = await api.code("r1", max_uses=3)
+    first, one = await _pair(api, "a1", code)
+    second, two = await _pair(api, "a2", code)
+    # The second pair's script ran with the first's entries still in the outbox.
+    assert _kinds(one.outbox) == [("session.opened", first), ("code.used", first)]
+    assert _kinds(two.outbox) == [("session.opened", second), ("code.used", second)]
+    stored = await api.store.read_outbox("r1")
+    assert [e.stream_id for e in stored] == [e.stream_id for e in [*one.outbox, *two.outbox]]
+    assert stored == [*one.outbox, *two.outbox]  # the same entries, field for field
+
+    # Closing the first session: its unpublished session.opened first, then the close;
+    # nothing of the second session.
+    unpair = await api.handle(
+        Kind.RUNNER, "r1", "unpair", {"request_id": new_id(), "session_id": first}
+    )
+    assert _kinds(unpair.outbox) == [("session.opened", first), ("session.closed", first)]
+    assert unpair.outbox[0] == one.outbox[0]
+
+    # A presence change hands over its own announcement only.
+    await api.store.record_status(
+        "r1", "online", retained=False, heartbeat_online_s=30, idle_ttl_s=3600
+    )
+    offline = await api.store.record_status(
+        "r1", "offline", retained=False, heartbeat_online_s=30, idle_ttl_s=3600
+    )
+    assert [e.type for e in offline] == ["runner.offline"]
+    assert offline[0].extra["sessions"] == [[second, "a2"]]
+    back = await api.store.heartbeat("r1", idle_ttl_s=3600, heartbeat_online_s=30)
+    assert [e.type for e in back] == ["runner.online"]
+    assert await api.store.heartbeat("r1", idle_ttl_s=3600, heartbeat_online_s=30) == []
+
+    # A repeat of the second pair (a retry after a crash) hands over nothing: what its
+    # first attempt wrote is that attempt's to publish, or the sweep's.
+    opened = await api.store.open_session(
+        runner_id="r1",
+        digest=api.digest(code),
+        session_id=second,
+        app_id="a2",
+        app_name=None,
+        idle_ttl_s=3600,
+        max_sessions=10,
+    )
+    assert opened.repeat
+    assert opened.outbox == []
