@@ -73,3 +73,22 @@ async def test_each_request_gets_the_entries_its_own_script_wrote(api: Api) -> N
     )
     assert opened.repeat
     assert opened.outbox == []
+
+
+async def test_a_heartbeat_right_after_an_offline_status_makes_the_runner_online(
+    api: Api,
+) -> None:
+    """Back to back, the two often share a Redis millisecond: the heartbeat, processed
+    later, still wins (an offline status wins a tie only against an earlier heartbeat)."""
+    code = await api.code("r1")
+    await _pair(api, "a1", code)
+    await api.store.record_status(
+        "r1", "online", retained=False, heartbeat_online_s=30, idle_ttl_s=3600
+    )
+    for _ in range(40):
+        offline = await api.store.record_status(
+            "r1", "offline", retained=False, heartbeat_online_s=30, idle_ttl_s=3600
+        )
+        assert [e.type for e in offline] == ["runner.offline"]
+        back = await api.store.heartbeat("r1", idle_ttl_s=3600, heartbeat_online_s=30)
+        assert [e.type for e in back] == ["runner.online"]

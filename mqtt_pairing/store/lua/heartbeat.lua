@@ -10,7 +10,12 @@
 --          announced)}
 local now = now_ms()
 local ttl = tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], 'hb_ms', now)
+local r = redis.call('HMGET', KEYS[1], 'status', 'status_ms')
+-- Processed after a status recorded in the same millisecond: the heartbeat is the later
+-- sign (presence_of lets an offline status win a tie).
+local hb = now
+if r[2] and tonumber(r[2]) >= hb then hb = tonumber(r[2]) + 1 end
+redis.call('HSET', KEYS[1], 'hb_ms', hb)
 redis.call('PEXPIRE', KEYS[1], ttl)
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
@@ -19,6 +24,5 @@ for i = 1, #all, 2 do
   redis.call('HSET', KEYS[2], all[i], cjson.encode(s))
 end
 if #all > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-local r = redis.call('HMGET', KEYS[1], 'status', 'status_ms', 'hb_ms')
-announce(KEYS[1], KEYS[2], KEYS[3], presence_of(r[1], r[2], r[3], now, tonumber(ARGV[2])), now)
+announce(KEYS[1], KEYS[2], KEYS[3], presence_of(r[1], r[2], hb, now, tonumber(ARGV[2])), now)
 return {math.floor(#all / 2), outbox_written}

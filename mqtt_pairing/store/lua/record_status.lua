@@ -14,8 +14,12 @@ local r = redis.call('HMGET', KEYS[1], 'status', 'status_ms', 'hb_ms')
 -- A replayed retained status that matches what is recorded changes nothing (and must
 -- not make an old status newer than a later heartbeat).
 if ARGV[2] == '1' and r[1] == ARGV[1] then return {0, {}} end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'status_ms', now)
+-- Processed after a heartbeat recorded in the same millisecond: the status is the later
+-- sign (heartbeat.lua does the same the other way round).
+local st = now
+if r[3] and tonumber(r[3]) >= st then st = tonumber(r[3]) + 1 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'status_ms', st)
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
-announce(KEYS[1], KEYS[2], KEYS[3], presence_of(ARGV[1], now, r[3], now, tonumber(ARGV[3])), now)
+announce(KEYS[1], KEYS[2], KEYS[3], presence_of(ARGV[1], st, r[3], now, tonumber(ARGV[3])), now)
 if #outbox_written == 0 then return {0, {}} end
 return {1, outbox_written}
