@@ -144,6 +144,8 @@ class PairingGateway:
             shared=bool(share_group),
             instance_id=self.instance_id,
         )
+        # A pair refused RUNNER_OFFLINE on a stale record waits for it to be refreshed.
+        dispatcher.sessions.presence = self.presence
 
     @property
     def v5(self) -> bool:
