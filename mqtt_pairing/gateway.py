@@ -223,6 +223,8 @@ class PairingGateway:
             shared=bool(share_group),
             instance_id=self.instance_id,
         )
+        # A pair refused RUNNER_OFFLINE on a stale record waits for it to be refreshed.
+        dispatcher.sessions.presence = self.presence
 
     def _watch_connack(self) -> None:
         """Read the broker's Maximum Packet Size from each CONNACK (aiomqtt drops it)."""

@@ -41,6 +41,14 @@ changes nothing, one that does not is recorded and announced, late but not lost.
 Everything arrives on one connection in the broker's order, so a replay never
 overtakes a newer live status of the same runner.
 
+While the presence connection is down, or its reconciliation on connect runs, the record
+of a runner not read again yet is *stale*: a broker restart in particular leaves runners
+recorded offline that came back with it (Mosquitto publishes every client's Last Will
+when it shuts down, and the presence connection records them before it closes). A
+`pair` refused `RUNNER_OFFLINE` on a stale record waits (`refreshed`, at most REFRESH_S)
+until the runner's status has been read again on the new connection, and is tried once
+more.
+
 With a shared group one instance at a time records presence: the holder of a lease in
 Redis (`PAIRING_PRESENCE_LEASE_S`). Status messages carry no sequence number, so two
 instances recording the same stream could apply them out of order. Only the holder
@@ -95,6 +103,8 @@ FULL_GAP_S = 30.0
 """The least time between two reconciliations after the broker dropped statuses (or Redis
 failed to record some): a storm that goes on brings them back, not more often."""
 MID_MAX = 65_535
+REFRESH_S = 5.0
+"""The longest a `pair` refused on a stale record waits for the runner's status (`refreshed`)."""
 
 Mode = Literal["on connect", "after losses", "after dropped statuses", "periodic"]
 """Why a reconciliation runs (its log line says it). "after losses": the broker dropped
@@ -109,6 +119,8 @@ class _Status:
     runner_id: str
     payload: bytes
     retained: bool
+    connection: int
+    """The presence connection it was read on (`PresenceRecorder._connection`)."""
 
 
 class PresenceRecorder:
@@ -203,6 +215,13 @@ class PresenceRecorder:
         """Statuses the broker dropped (gaps in packet ids), all told."""
         self._paging = False
         self._page_size = max(1, min(PAGE, self.limit // 4))
+        self._connection = 0
+        """Presence connections lost so far: the number of the current (or next) one."""
+        self._current = False
+        """The recorded presence is current: connected, and reconciled on connect."""
+        self._fresh: set[str] = set()
+        """Runners whose status was recorded from the current connection, while not current."""
+        self._refresh_waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     # ---- running ------------------------------------------------------------------------
 
@@ -264,6 +283,11 @@ class PresenceRecorder:
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            # What was read on this connection and is still queued (the Last Wills a
+            # broker publishes as it shuts down) does not make a record fresh.
+            self._current = False
+            self._connection += 1
+            self._fresh.clear()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -288,7 +312,9 @@ class PresenceRecorder:
                 payload = b"" if payload is None else str(payload).encode()
             if message.qos > 0:
                 self._check_packet_id(message.mid)
-            self._enqueue(_Status(runner_id, bytes(payload), bool(message.retain)))
+            self._enqueue(
+                _Status(runner_id, bytes(payload), bool(message.retain), self._connection)
+            )
 
     def _check_packet_id(self, mid: int) -> None:
         """Count the statuses the broker dropped for this session: gaps in packet ids.
@@ -363,6 +389,7 @@ class PresenceRecorder:
                     item.runner_id, item.payload, retained=item.retained
                 )
                 self._note_failures()
+                self._note_fresh(item)
                 await self.finish(handled)
             except aiomqtt.MqttError as exc:
                 self.counters["publish_failed"] += 1  # the events stay in the outbox
@@ -372,6 +399,58 @@ class PresenceRecorder:
                 log.exception("unexpected error recording a status message")
             finally:
                 self._recorded()
+
+    def _note_fresh(self, status: _Status) -> None:
+        """A status read on the current connection is recorded: the runner's record is fresh."""
+        if self._current or status.connection != self._connection:
+            return
+        self._fresh.add(status.runner_id)
+        for waiter in self._refresh_waiters.pop(status.runner_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _now_current(self) -> None:
+        """The reconciliation on connect is done: every record is as fresh as it gets."""
+        self._current = True
+        self._fresh.clear()
+        waiters, self._refresh_waiters = self._refresh_waiters, {}
+        for waiter in (w for ws in waiters.values() for w in ws):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def refreshed(self, runner_id: str, *, timeout_s: float = REFRESH_S) -> bool:
+        """After a `pair` was refused RUNNER_OFFLINE: wait until the runner's record is fresh.
+
+        The record is stale while the presence connection is down or reconciles on
+        connect, until the runner's status has been read and recorded on the new
+        connection (docs/operations.md "Restarts: presence converges").
+
+        Args:
+            runner_id: the runner the refusal named.
+            timeout_s: the longest wait, seconds.
+
+        Returns:
+            True when the record was stale and has been refreshed since (or the
+            reconciliation finished) within `timeout_s`: try the pair again. False when
+            the record was fresh (the refusal stands), this instance does not record
+            presence (another holds the lease), or the wait timed out.
+        """
+        if not self.records or self._current or runner_id in self._fresh:
+            return False
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._refresh_waiters.setdefault(runner_id, []).append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            self.counters["presence.refresh_timed_out"] += 1
+            return False
+        finally:
+            waiters = self._refresh_waiters.get(runner_id)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._refresh_waiters[runner_id]
+        return True
 
     def _note_failures(self) -> None:
         """After a status Redis did not take (unreachable, refused), check every runner.
@@ -453,6 +532,8 @@ class PresenceRecorder:
                 continue
             if mode in ("on connect", "after losses"):
                 self._full_at = loop.time()
+            if mode == "on connect":
+                self._now_current()
             try:
                 await asyncio.wait_for(self._wake.wait(), period)
                 mode = "after dropped statuses"  # or after losses: see above

@@ -13,7 +13,7 @@ import json
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from mqtt_pairing.codes import mask_code, normalise_code
 from mqtt_pairing.config import Settings
@@ -70,6 +70,21 @@ def _error(request_id: str, exc: PairingError) -> dict[str, object]:
     return error_reply(request_id, exc.code, exc.message, exc.retry_after_s)
 
 
+class PresenceView(Protocol):
+    """How fresh the recorded presence is (`mqtt_pairing.presence.PresenceRecorder`)."""
+
+    async def refreshed(self, runner_id: str) -> bool:
+        """True once a stale record of the runner has been refreshed: try again."""
+        ...
+
+
+class _RecordIsCurrent:
+    """Without a presence connection (no gateway), every record counts as fresh."""
+
+    async def refreshed(self, runner_id: str) -> bool:
+        return False
+
+
 class PairingSessionService:
     """Opens, lists and closes pairing sessions.
 
@@ -78,6 +93,11 @@ class PairingSessionService:
         settings: session limit and idle TTL (seconds).
         codes: digests of codes.
         limits: the failure budget.
+
+    Attributes:
+        presence: whether a runner's recorded presence is fresh; the gateway sets its
+            presence recorder here. A `pair` refused RUNNER_OFFLINE on a stale record
+            waits for it to be refreshed and opens once more (docs/protocol.md "Presence").
     """
 
     def __init__(
@@ -93,6 +113,7 @@ class PairingSessionService:
         self.codes = codes
         self.limits = limits
         self.history = history
+        self.presence: PresenceView = _RecordIsCurrent()
 
     async def pair(self, app_id: str, req: PairRequest, payload_hash: str) -> Handled:
         """A whole `pair`, in three Redis round trips when it succeeds, two when it fails.
@@ -265,7 +286,17 @@ class PairingSessionService:
         expiry = self.store.expiry_call_by_id(runner_id, sid, idle_ttl_s=idle_ttl_s, shards=shards)
         res = await self.store.batch([*before, open_call, expiry])
         try:
-            opened = self.store.parse_open(runner_id, res[-2])
+            try:
+                opened = self.store.parse_open(runner_id, res[-2])
+            except RunnerOffline:
+                # Known offline, perhaps from a stale record (the presence connection
+                # reconciling after a restart): once it is fresh, the same batch again
+                # (every call in it is idempotent; the claim is held meanwhile).
+                if not await self.presence.refreshed(runner_id):
+                    raise
+                log.info("pair tried again app=%s runner=%s: presence refreshed", app_id, runner_id)
+                res = await self.store.batch([*before, open_call, expiry])
+                opened = self.store.parse_open(runner_id, res[-2])
         except (CodeAlreadyUsed, RunnerOffline, SessionLimitReached) as exc:
             log.info("pair refused app=%s code=%s error=%s", app_id, masked, exc.code)
             history = [_failed(app_id, runner_id, masked, exc)]

@@ -40,7 +40,10 @@ START_TIMEOUT_S = 60.0
 """A `runner` process imports the package and connects: seconds, more on a loaded machine."""
 PRESENCE_TIMEOUT_S = 15.0
 """Bound on status -> service -> app: the broker's part (Will on a dropped socket) included."""
-STOP_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 30.0
+"""Signal -> the process has exited. Ctrl-C alone may wait 5 s by design (the CLI's bound
+on the `offline` goodbye being acknowledged), then Python's exit; a loaded 2-core machine
+(the other test worker flooding a broker) stretches both."""
 POLL_S = 0.1
 CLIENT_TIMEOUT_S = 10.0
 """The peers' MQTT client timeout (mqtt_pairing.client): what a stuck CONNECT would cost."""
@@ -101,14 +104,17 @@ class RunnerProcess:
     async def code(self) -> str:
         """The first pairing code the runner prints."""
         assert self.process.stdout is not None
-        async with asyncio.timeout(START_TIMEOUT_S):
-            while True:
-                raw = await self.process.stdout.readline()
-                assert raw, f"the runner exited: {self.lines} {await self.stderr()}"
-                line = raw.decode(errors="replace").rstrip("\n")
-                self.lines.append(line)
-                if match := CODE_LINE.match(line):
-                    return match.group(1)
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                while True:
+                    raw = await self.process.stdout.readline()
+                    assert raw, f"the runner exited: {self.lines} {await self.stderr()}"
+                    line = raw.decode(errors="replace").rstrip("\n")
+                    self.lines.append(line)
+                    if match := CODE_LINE.match(line):
+                        return match.group(1)
+        except TimeoutError:
+            pytest.fail(f"no pairing code within {START_TIMEOUT_S} s; it printed {self.lines}")
 
     async def stderr(self) -> str:
         if self.process.returncode is None or self.process.stderr is None:
@@ -117,8 +123,11 @@ class RunnerProcess:
 
     async def stop(self, sig: int) -> int:
         self.process.send_signal(sig)
-        async with asyncio.timeout(STOP_TIMEOUT_S):
-            return await self.process.wait()
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                return await self.process.wait()
+        except TimeoutError:
+            pytest.fail(f"the runner did not exit within {STOP_TIMEOUT_S} s of signal {sig}")
 
 
 @contextlib.asynccontextmanager
@@ -174,11 +183,16 @@ async def until_online_is(app: AppClient, runner_id: str, expected: bool) -> Non
 
 
 async def next_presence(app: AppClient) -> dict[str, Any]:
-    async with asyncio.timeout(PRESENCE_TIMEOUT_S):
-        while True:
-            event = await app.next_event(PRESENCE_TIMEOUT_S)
-            if event["event"] in ("runner.online", "runner.offline"):
-                return event
+    skipped: list[str] = []
+    try:
+        async with asyncio.timeout(PRESENCE_TIMEOUT_S):
+            while True:
+                event = await app.next_event(PRESENCE_TIMEOUT_S)
+                if event["event"] in ("runner.online", "runner.offline"):
+                    return event
+                skipped.append(event["event"])
+    except TimeoutError:
+        pytest.fail(f"no runner.online/offline within {PRESENCE_TIMEOUT_S} s (saw {skipped})")
 
 
 async def retained_status(running: RunningService, runner_id: str) -> dict[str, Any]:
@@ -194,11 +208,14 @@ async def retained_status(running: RunningService, runner_id: str) -> dict[str, 
         address.host, address.port, identifier=f"probe-{uuid.uuid4().hex[:8]}", protocol=version
     ) as probe:
         await probe.subscribe(topic, qos=1)
-        async with asyncio.timeout(PRESENCE_TIMEOUT_S):
-            async for message in probe.messages:
-                assert message.retain
-                body: dict[str, Any] = json.loads(bytes(message.payload))  # type: ignore[arg-type]
-                return body
+        try:
+            async with asyncio.timeout(PRESENCE_TIMEOUT_S):
+                async for message in probe.messages:
+                    assert message.retain
+                    body: dict[str, Any] = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                    return body
+        except TimeoutError:
+            pytest.fail(f"no retained status on {topic} within {PRESENCE_TIMEOUT_S} s")
     raise AssertionError("unreachable")
 
 

@@ -135,12 +135,20 @@ async def instances(base: dict[str, Any]) -> AsyncIterator[StartService]:
         started.append(running)
         return running
 
-    yield start
-    errors: list[Exception] = []
-    for running in reversed(started):
-        try:
-            await running.stop()
-        except Exception as exc:  # stop the others first, then report
-            errors.append(exc)
-    if errors:
-        raise errors[0]
+    failed = False
+    try:
+        yield start
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        # Also when the body failed: a service left running keeps its Redis connections
+        # open until the garbage collector finds them, in some later test.
+        errors: list[Exception] = []
+        for running in reversed(started):
+            try:
+                await running.stop()
+            except Exception as exc:  # stop the others first, then report
+                errors.append(exc)
+        if errors and not failed:  # the body's own failure is the one to see
+            raise errors[0]

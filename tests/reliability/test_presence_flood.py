@@ -8,9 +8,11 @@ limits of the shipped `broker-config/mosquitto.conf`. Every request must be answ
 latencies are reported, not asserted (docs/benchmarks.md measures speed).
 
 `test_shed_statuses_are_counted_logged_and_reconciled`: with a presence backlog of 200,
-a burst of 3,000 statuses overflows it: the dropped ones are counted (`status_shed`,
-in the metrics), the log says so, and the reconciliation that follows records every
-runner's retained status all the same.
+a burst of 3,000 statuses overflows it while recording is held back (as a slow Redis
+would hold it; on an idle machine the service records faster than one publisher sends,
+so an unheld burst may never fill the backlog): the dropped ones are counted
+(`status_shed`, in the metrics), the log says so, and the reconciliation that follows
+records every runner's retained status all the same.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pytest
 
 from mqtt_pairing import metrics
 from mqtt_pairing.mqtt_address import BrokerAddress
+from mqtt_pairing.services.outcome import Handled
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.topics import Kind
 from tests.fixtures import MosquittoBroker, RedisServer
@@ -130,9 +133,27 @@ async def test_shed_statuses_are_counted_logged_and_reconciled(
         mqtt_url=broker.url, redis_url=redis_server.url, pairing_presence_backlog=200
     )
     gateway = running.service.gateway
+    # Recording is held until the burst has overflowed the backlog: reading goes on (the
+    # presence connection reads and acknowledges at once), so the backlog fills and the
+    # statuses past it are dropped, whatever the machine's load.
+    dispatcher = gateway.presence.dispatcher
+    record = dispatcher.handle_status
+    recording = asyncio.Event()
+
+    async def held(runner_id: str, payload: bytes, *, retained: bool) -> Handled:
+        await recording.wait()
+        return await record(runner_id, payload, retained=retained)
+
+    dispatcher.handle_status = held  # type: ignore[method-assign]
     try:
         states: dict[str, State] = {f"s{i}": "online" for i in range(3000)}
-        await asyncio.to_thread(publish_statuses, address, topic_prefix, list(states.items()))
+        try:
+            await asyncio.to_thread(publish_statuses, address, topic_prefix, list(states.items()))
+            await wait_until(
+                lambda: gateway.presence.counters["status_shed"] > 0, 30, "the backlog to overflow"
+            )
+        finally:
+            recording.set()
         await wait_recorded(rdb, keys, states, 60, "the statuses")
         shed = gateway.presence.counters["status_shed"]
         assert shed > 0, "the burst never overflowed the backlog: the test proves nothing"
