@@ -88,7 +88,8 @@ class RunnerClient(Peer):
         heartbeat_s: send a `heartbeat` this often, seconds; None for none.
         require_e2e: close (unpair) every session whose app does not complete the
             end-to-end exchange; its `session.opened` is handed out with `e2e == "failed"`.
-        e2e_timeout_s: how long to wait for the app's reveal, seconds.
+        e2e_timeout_s: how long to wait for the app's reveal, seconds; no reveal by then
+            (after the nonce went out) is tampering: `e2e == "failed"`, session closed.
         **options: `Peer` options (prefix, protocol, session_expiry_s, ...).
     """
 
