@@ -187,7 +187,20 @@ async function pair() {
       const nonce = await runnerNonce(session.session_id);
       $("e2e-pending").hidden = true;
       if (nonce) {
-        const derived = await sas.deriveSessionSecrets(own, runnerKey, session.session_id, "app", appNonce, nonce);
+        let derived;
+        try {
+          derived = await sas.deriveSessionSecrets(own, runnerKey, session.session_id, "app", appNonce, nonce);
+        } catch (err) {
+          // A low-order or otherwise unusable runner key: tampering, as in the SDK. Close it.
+          // (Chromium's OperationError for an all-zero X25519 result has an empty message.)
+          const why = err.message || err.name;
+          try {
+            await call("unpair", { session_id: session.session_id });
+          } catch (unpairErr) {
+            throw new Error(`the runner's key is unusable (${why}); closing the pairing failed: ${unpairErr.message}`);
+          }
+          throw new Error(`the runner's key is unusable (${why}): the pairing was closed`);
+        }
         await call("message", { session_id: session.session_id, data: sas.revealData(own.raw, appNonce) });
         secrets = derived;
       }
@@ -202,7 +215,7 @@ async function pair() {
     $("code").value = "";
     refreshSessions();
   } catch (err) {
-    $("pair-error").textContent = err.message;
+    $("pair-error").textContent = err.message || err.name || String(err);
     $("pair-error").hidden = false;
   }
 }

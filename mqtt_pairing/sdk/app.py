@@ -195,7 +195,8 @@ class AppClient(Peer):
         result._e2e = "none" if exchange.state == "pending" else exchange.state
         if result._secrets is None and self.require_e2e:
             self._exchanges.pop(session_id, None)
-            await self.unpair(session_id)
+            if exchange.state != "failed":  # a failed exchange closed its session already
+                await self.unpair(session_id)
             raise E2eFailed(session_id, "no end-to-end exchange with the runner")
         return result
 
@@ -289,10 +290,20 @@ class AppClient(Peer):
                 runner_nonce=runner_nonce,
             )
         except ValueError:
+            # A low-order or malformed runner key: tampering; the session is closed.
+            log.warning("session %s: the runner's key is unusable: closing it", session_id)
             exchange.state = "failed"
-            exchange.done.set()
+            self._spawn(self._close_failed(session_id, exchange))
             return
         self._spawn(self._reveal(session_id, exchange, secrets))
+
+    async def _close_failed(self, session_id: str, exchange: _Exchange) -> None:
+        try:
+            await self.unpair(session_id)
+        except Exception as exc:
+            log.warning("session %s: could not close it: %s", session_id, exc)
+        finally:
+            exchange.done.set()
 
     async def _reveal(self, session_id: str, exchange: _Exchange, secrets: SessionSecrets) -> None:
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -35,6 +35,7 @@ from mqtt_pairing.sas import (
 __all__ = [
     "NONCE_TYPE",
     "REVEAL_TYPE",
+    "Claim",
     "KeyPair",
     "RunnerKeyRing",
     "agree",
@@ -176,28 +177,70 @@ def agree(
     return derive_session_secrets(shared, session_id, runner, app, app_nonce, runner_nonce)
 
 
+Claim = Literal["new", "again", "spent"]
+"""`RunnerKeyRing.claim`: a new exchange, a session already counted, or a retired key."""
+
+
 class RunnerKeyRing:
     """A runner's recent key pairs, one per code, found again by key id.
 
     An app's commitment names the runner key it answers (``;peer=``), so a `session.opened` that
     arrives after the runner asked for a newer code (or after a reconnect) still finds
     its key. The newest 32 are kept.
+
+    Each key allows as many exchanges as its code allows pairings (`max_uses`, see
+    `allow`); then it is retired (docs/protocol.md, "End-to-end keys and SAS": each N_R
+    the runner sends is one guess for a relay in the middle, so one per use of the code).
     """
 
     def __init__(self) -> None:
         self._keys: OrderedDict[str, KeyPair] = OrderedDict()
+        self._uses: dict[str, int] = {}
+        self._sessions: dict[str, set[str]] = {}
 
-    def new(self) -> KeyPair:
-        """Make, keep and return a key pair for the next code."""
+    def new(self, uses: int = 1) -> KeyPair:
+        """Make, keep and return a key pair for the next code (`uses` exchanges, >= 0)."""
         pair = KeyPair.generate()
-        self._keys[pair.key_id] = pair
-        while len(self._keys) > _RING_SIZE:
-            self._keys.popitem(last=False)
+        self.add(pair, uses)
         return pair
 
-    def add(self, pair: KeyPair) -> None:
-        """Keep a key pair made elsewhere (for example restored by the caller)."""
+    def add(self, pair: KeyPair, uses: int = 1) -> None:
+        """Keep a key pair made elsewhere (for example restored by the caller).
+
+        Args:
+            pair: the key pair.
+            uses: how many exchanges it may run (the `max_uses` of its code).
+        """
         self._keys[pair.key_id] = pair
+        self._uses[pair.key_id] = uses
+        self._sessions.setdefault(pair.key_id, set())
+        while len(self._keys) > _RING_SIZE:
+            gone, _ = self._keys.popitem(last=False)
+            self._uses.pop(gone, None)
+            self._sessions.pop(gone, None)
+
+    def allow(self, key_id: str, uses: int) -> None:
+        """Set how many exchanges the key may run in all (its code's `max_uses`)."""
+        if key_id in self._keys:
+            self._uses[key_id] = uses
+
+    def claim(self, key_id: str, session_id: str) -> Claim:
+        """Count an exchange of `session_id` with the key.
+
+        Returns:
+            "new": a use granted (send a nonce); "again": this session was already
+            counted (a duplicate `session.opened`: start nothing); "spent": the key ran
+            out of uses (or is unknown) and is retired: treat the pairing as tampered with.
+        """
+        sessions = self._sessions.get(key_id)
+        if sessions is None:
+            return "spent"
+        if session_id in sessions:
+            return "again"
+        if len(sessions) >= self._uses.get(key_id, 0):
+            return "spent"
+        sessions.add(session_id)
+        return "new"
 
     def for_commitment(self, app_field: str) -> tuple[KeyPair, bytes] | None:
         """The runner key an app's commitment answers, and the commitment's digest.

@@ -9,8 +9,10 @@ Optional heartbeats keep it online for the service where statuses are not used.
 End-to-end (docs/protocol.md, "End-to-end keys and SAS"): a `session.opened` whose app
 key is a commitment is held back (with the events after it) while the runner sends its
 nonce and waits for the app's reveal, at most `e2e_timeout_s`; it is then handed out with
-`sas` set (`e2e == "ready"`), or without (`"none"`: the app did not take part in time;
-`"failed"`: the reveal did not open the commitment, and the SDK closed the session).
+`sas` set (`e2e == "ready"`), or without (`"failed"`: the reveal did not open the
+commitment, no reveal came after the nonce went out, or the code's key had already run
+as many exchanges as the code has uses; the SDK closed the session). A second
+`session.opened` for a session already counted starts nothing and is dropped.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class _Exchange:
     commitment: bytes
     runner_nonce: bytes = field(repr=False)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: bool = False
 
 
 class RunnerClient(Peer):
@@ -85,7 +88,8 @@ class RunnerClient(Peer):
         heartbeat_s: send a `heartbeat` this often, seconds; None for none.
         require_e2e: close (unpair) every session whose app does not complete the
             end-to-end exchange; its `session.opened` is handed out with `e2e == "failed"`.
-        e2e_timeout_s: how long to wait for the app's reveal, seconds.
+        e2e_timeout_s: how long to wait for the app's reveal, seconds; no reveal by then
+            (after the nonce went out) is tampering: `e2e == "failed"`, session closed.
         **options: `Peer` options (prefix, protocol, session_expiry_s, ...).
     """
 
@@ -201,12 +205,14 @@ class RunnerClient(Peer):
             fields["runner_name"] = runner_name or self.name
         if metadata is not None:
             fields["metadata"] = metadata
-        pair = self.keys.new() if e2e else None
+        pair = self.keys.new(uses=max_uses or 1) if e2e else None
         if pair is not None:
             fields["public_key"] = pair.wire()
         result = CodeResult.model_validate(await self.call("code", fields, timeout_s=timeout_s))
         if pair is None:
             return result
+        # One exchange (one N_R, one guess for a relay in the middle) per use of the code.
+        self.keys.allow(pair.key_id, result.max_uses)
         return result.model_copy(update={"pairing_uri": f"{result.pairing_uri}&key={pair.key_id}"})
 
     async def cancel_code(self, *, timeout_s: float | None = None) -> bool:
@@ -292,6 +298,18 @@ class RunnerClient(Peer):
             self._spawn(self._close_unverified(event, slot))
             return None
         own, digest = found
+        claim = self.keys.claim(own.key_id, session_id)
+        if claim == "again":
+            log.warning(
+                "session %s: session.opened again for the same session: dropped", session_id
+            )
+            return None
+        if claim == "spent":
+            log.warning(
+                "session %s: the code's key has run all its exchanges: tampering", session_id
+            )
+            self._spawn(self._close_unverified(event, self._emit(event, ready=False)))
+            return None
         exchange = _Exchange(event, self._emit(event, ready=False), own, digest, new_nonce())
         event._e2e = "pending"
         self._exchanges[session_id] = exchange
@@ -318,8 +336,11 @@ class RunnerClient(Peer):
                 )
                 await exchange.done.wait()
         except Exception as exc:
-            log.info("session %s: no end-to-end exchange (%s)", session_id, type(exc).__name__)
-            self._finish(exchange, "none", None)
+            # N_R went out (or may have): a commitment never revealed is tampering too.
+            log.warning(
+                "session %s: no reveal after the nonce (%s)", session_id, type(exc).__name__
+            )
+            self._finish(exchange, "failed", None)
 
     def _sas_message(self, message: SessionMessage) -> None:
         exchange = self._exchanges.get(message.session_id)
@@ -360,8 +381,11 @@ class RunnerClient(Peer):
     ) -> None:
         """End an exchange: the event goes out with its SAS, or closed and without."""
         event = exchange.event
-        if self._exchanges.pop(event.session.session_id, None) is None:
+        if exchange.finished:
             return
+        exchange.finished = True
+        if self._exchanges.get(event.session.session_id) is exchange:
+            del self._exchanges[event.session.session_id]
         exchange.done.set()
         event._secrets = secrets
         if secrets is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -76,16 +78,20 @@ def session_message(
 ) -> Event:
     """`session.message` to the other party (docs/protocol.md "Runner and app message").
 
-    The event id is derived from the session, the sender and its `request_id`, so a
-    request handled twice relays one event as far as the receiver can tell.
+    The event id is derived from the session, the sender, its `request_id` and a
+    digest of `data` (SHA-256 of its canonical JSON: sorted keys, compact), so a request
+    handled twice relays one event as far as the receiver can tell, while a `request_id`
+    reused with other data is a new message (docs/protocol.md, "Runner and app message").
     """
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
     to = Kind.APP if sender is Kind.RUNNER else Kind.RUNNER
     return Event(
         to,
         session.app_id if to is Kind.APP else session.runner_id,
         {
             "event": "session.message",
-            "event_id": event_id(session.session_id, "message", sender.value, request_id),
+            "event_id": event_id(session.session_id, "message", sender.value, request_id, digest),
             "at": format_ts(at_ms),
             "session_id": session.session_id,
             "from": sender.value,

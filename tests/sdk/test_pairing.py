@@ -315,3 +315,36 @@ async def test_heartbeats_keep_a_runner_online_without_statuses(
         async with asyncio.timeout(10):
             while (await app.status()).runners[0].online is not True:
                 await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("require_e2e", [False, True])
+async def test_a_low_order_runner_key_closes_the_session(
+    require_e2e: bool, running_service: RunningService, sdk: SdkPeers
+) -> None:
+    """A relay gives the app a low-order "runner key" (the shared secret would be all
+    zeros): no SAS, and the app closes the session, with or without `require_e2e`."""
+    dispatcher = running_service.service.gateway.dispatcher
+    handle = dispatcher.handle
+
+    async def rewrite(identity: Any, op: str, payload: bytes, **kwargs: Any) -> Any:
+        body = json.loads(payload)
+        if op == "code" and "public_key" in body:
+            body["public_key"] = "x25519:AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"  # u = 1
+        return await handle(identity, op, json.dumps(body).encode(), **kwargs)
+
+    dispatcher.handle = rewrite  # type: ignore[method-assign]
+    async with sdk.runner() as runner, sdk.app(require_e2e=require_e2e) as app:
+        code = await runner.request_code()
+        if require_e2e:
+            with pytest.raises(E2eFailed) as failed:
+                await app.pair(code.code)
+            session_id = failed.value.session_id
+        else:
+            paired = await app.pair(code.code)
+            assert paired.e2e == "failed"
+            assert paired.sas is None
+            session_id = paired.session.session_id
+        closed = await next_of(runner, SessionClosed)
+        assert closed.session.session_id == session_id
+        assert closed.session.closed_reason == "unpaired_by_app"
+        assert await app.sessions() == []

@@ -104,6 +104,20 @@ def test_invalid_commitments_are_refused(case: dict[str, str]) -> None:
     assert RunnerKeyRing().for_commitment(case["public_key"]) is None
 
 
+def test_a_runner_key_runs_one_exchange_per_use_of_its_code() -> None:
+    ring = RunnerKeyRing()
+    pair = ring.new()
+    assert ring.claim(pair.key_id, "s1") == "new"
+    assert ring.claim(pair.key_id, "s1") == "again"  # the same session: not a second use
+    assert ring.claim(pair.key_id, "s2") == "spent"  # one use: retired
+    ring.allow(pair.key_id, 3)  # the code's max_uses, from the `code` result
+    assert [ring.claim(pair.key_id, s) for s in ("s2", "s3", "s4")] == ["new", "new", "spent"]
+    assert ring.claim(KeyPair.generate().key_id, "s5") == "spent"  # not ours
+    restored = KeyPair.generate()
+    ring.add(restored, uses=0)
+    assert ring.claim(restored.key_id, "s6") == "spent"
+
+
 @pytest.mark.parametrize("case", VECTORS["invalid_public_keys"], ids=lambda c: c["why"])
 def test_invalid_public_keys_are_refused(case: dict[str, str]) -> None:
     with pytest.raises(ValueError):

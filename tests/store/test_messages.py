@@ -39,6 +39,18 @@ async def test_each_party_reaches_the_other(api: Api) -> None:
         assert again.events[0].payload["event_id"] == event.payload["event_id"]
         other = await api.handle(sender, ident, "message", {**payload, "request_id": "x"})
         assert other.events[0].payload["event_id"] != event.payload["event_id"]
+        # The same request_id with other data is another message, not a copy; the same
+        # data with its keys in another order is the same message.
+        changed = await api.handle(sender, ident, "message", {**payload, "data": {"n": 2}})
+        assert changed.reply == handled.reply
+        assert changed.events[0].payload["data"] == {"n": 2}
+        assert changed.events[0].payload["event_id"] != event.payload["event_id"]
+        two = {**payload, "data": {"a": 1, "b": [1, "é"]}}
+        first = await api.handle(sender, ident, "message", two)
+        reordered = await api.handle(
+            sender, ident, "message", {**two, "data": {"b": [1, "é"], "a": 1}}
+        )
+        assert first.events[0].payload["event_id"] == reordered.events[0].payload["event_id"]
 
 
 async def test_only_the_parties_of_an_active_session(api: Api) -> None:

@@ -4,8 +4,9 @@ Mosquitto runs broker-config/mosquitto.conf as shipped (its WebSockets listener 
 passwords, ACLs); the service runs in-process; a runner built on the SDK asks for a code;
 the page (served by `mqtt_pairing.sdk.webapp`, driven by playwright-core with Debian's
 Chromium, web/tests/browser.mjs) pairs from the runner's pairing link, shows the SAS the
-runner derived, and unpairs. It also computes the SAS vectors with WebCrypto. The
-screenshot is kept in $MQTT_PAIRING_ARTIFACTS (default: the test's tmp_path).
+runner derived, and unpairs. It also computes the SAS vectors with WebCrypto, and closes
+a pairing whose runner key is of low order. The screenshot is kept in
+$MQTT_PAIRING_ARTIFACTS (default: the test's tmp_path).
 
 Needs `npm ci` in web/ and /usr/bin/chromium (`.ci/run` installs both); fails rather than
 skips without them when CI=true.
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from mqtt_pairing.sdk import RunnerClient, SessionClosed, SessionOpened
+from mqtt_pairing.sdk.e2e import KeyPair
 from mqtt_pairing.sdk.webapp import WebApp, default_web_dir
 from tests.fixtures import RedisServer
 from tests.sdk.support import next_of
@@ -155,3 +157,67 @@ async def test_web_app_pairs_shows_the_runners_sas_and_unpairs(
         server.server_close()
     assert screenshot.stat().st_size > 0
     print(f"screenshot: {screenshot}")
+
+
+async def test_web_app_closes_a_pairing_with_a_low_order_runner_key(
+    make_secure_broker: Callable[..., SecureBroker],
+    redis_server: RedisServer,
+    artifacts: Path,
+) -> None:
+    """The runner's `public_key` is a point of order 1 (what a relay could substitute):
+    the page shows an error and unpairs, as the SDK does."""
+    web_dir = default_web_dir()
+    require(shutil.which("node") is not None, "node is not installed")
+    require(Path(CHROMIUM).exists(), f"{CHROMIUM} is not installed")
+    require((web_dir / "node_modules" / "playwright-core").is_dir(), "run `npm ci` in web/")
+    uid = uuid.uuid4().hex[:8]
+    runner_id, app_id = f"runner-{uid}", f"phone-{uid}"
+    broker = make_secure_broker(runners=[runner_id], apps=[app_id])
+    ws_url = f"ws://{broker.host}:{broker.ports['app-ws']}/mqtt"
+    server, page_url = WebApp(web_dir, ws_url).start()
+    try:
+        async with (
+            running_service(broker, redis_server.url, f"web-{uid}"),
+            RunnerClient(runner_id, broker.address("runner", runner_id)) as runner,
+        ):
+            # The runner still answers the app's commitment with a nonce (with a key of
+            # its own); the app sees only the low-order key.
+            runner.keys.add(KeyPair.generate())
+            low_order = "x25519:AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+            code = await runner.call("code", {"public_key": low_order})
+            args = {
+                "url": f"{page_url}?{urlsplit(code['pairing_uri']).query}",
+                "appId": app_id,
+                "password": broker.passwords["app", app_id],
+                "appName": "Chromium",
+                "vectors": str(VECTORS),
+                "screenshot": str(artifacts / "web-app-low-order.png"),
+                "expectError": True,
+            }
+            process = await asyncio.create_subprocess_exec(
+                "node",
+                str(web_dir / "tests" / "browser.mjs"),
+                json.dumps(args),
+                cwd=REPO,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "CHROMIUM": CHROMIUM},
+            )
+            try:
+                failed = await read_step(process, "pairError")
+                assert "the runner's key is unusable" in (failed["error"] or "")
+                assert "the pairing was closed" in failed["error"]
+                opened = await next_of(runner, SessionOpened, STEP_TIMEOUT_S)
+                closed = await next_of(runner, SessionClosed, STEP_TIMEOUT_S)
+                assert closed.session.session_id == opened.session.session_id
+                assert closed.session.closed_reason == "unpaired_by_app"
+                assert await runner.sessions() == []
+                async with asyncio.timeout(STEP_TIMEOUT_S):
+                    assert await process.wait() == 0
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -2,7 +2,9 @@
 // Debian's /usr/bin/chromium: no browser is downloaded). One JSON object per line on stdout.
 //
 //   node web/tests/browser.mjs '{"url": ..., "appId": ..., "password": ..., "appName": ...,
-//                               "vectors": "tests/data/vectors/sas.json", "screenshot": ...}'
+//                               "vectors": "tests/data/vectors/sas.json", "screenshot": ...,
+//                               "expectError": false}'
+// With expectError, the pairing must end in an error: the step "pairError" says which.
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -26,10 +28,10 @@ const context = await chromium.launchPersistentContext(userDataDir, {
     "--disable-sync",
   ],
 });
+const logs = [];
 try {
   const page = context.pages()[0] || (await context.newPage());
   page.setDefaultTimeout(TIMEOUT_MS);
-  const logs = [];
   page.on("console", (m) => logs.push(`${m.type()}: ${m.text()}`));
   page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
   await page.goto(args.url);
@@ -81,21 +83,29 @@ try {
   await page.click("#pair-button");
   await page.waitForSelector("#sas:not([hidden]), #e2e-none:not([hidden]), #pair-error:not([hidden])");
   const error = await page.locator("#pair-error").isVisible() ? await page.textContent("#pair-error") : null;
-  if (error) throw new Error(`pairing failed: ${error}`);
-  await page.waitForSelector(`#session-list li`);
-  const paired = {
-    sasShown: await page.locator("#sas").isVisible(),
-    sessionId: await page.textContent("#session-id"),
-    words: (await page.textContent("#sas-words")).split(" "),
-    digits: await page.textContent("#sas-digits"),
-    runner: await page.textContent("#runner-label"),
-  };
-  await page.screenshot({ path: args.screenshot, fullPage: true });
-  say("paired", paired);
+  if (args.expectError) {
+    // The pairing must fail (e.g. a low-order runner key): report what the page says.
+    say("pairError", { error, logs });
+  } else {
+    if (error) throw new Error(`pairing failed: ${error}`);
+    await page.waitForSelector(`#session-list li`);
+    const paired = {
+      sasShown: await page.locator("#sas").isVisible(),
+      sessionId: await page.textContent("#session-id"),
+      words: (await page.textContent("#sas-words")).split(" "),
+      digits: await page.textContent("#sas-digits"),
+      runner: await page.textContent("#runner-label"),
+    };
+    await page.screenshot({ path: args.screenshot, fullPage: true });
+    say("paired", paired);
 
-  await page.click(`#session-list li[data-session-id="${paired.sessionId}"] button.unpair`);
-  await page.waitForSelector("#no-sessions:not([hidden])");
-  say("unpaired", { logs });
+    await page.click(`#session-list li[data-session-id="${paired.sessionId}"] button.unpair`);
+    await page.waitForSelector("#no-sessions:not([hidden])");
+    say("unpaired", { logs });
+  }
+} catch (err) {
+  process.stderr.write(`page console:\n${logs.join("\n")}\n`); // what the page said
+  throw err;
 } finally {
   await context.close();
   fs.rmSync(userDataDir, { recursive: true, force: true });
