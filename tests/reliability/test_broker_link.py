@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import uuid
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ import pytest
 
 from mqtt_pairing.config import load_settings
 from mqtt_pairing.service import build_service
-from tests.fixtures import MosquittoBroker, RedisServer, free_port
+from tests.fixtures import MosquittoBroker, RedisServer
 from tests.reliability.support import SECRET, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -33,7 +34,11 @@ async def test_unreachable_broker_is_not_a_lost_connection(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="mqtt_pairing")
-    port = free_port()
+    # Bound but not listening: connects are refused, and no server another test starts
+    # meanwhile can take the port (it was seen to, with a port merely picked as free).
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
     settings = load_settings(
         mqtt_url=f"mqtt://127.0.0.1:{port}",
         redis_url=redis_server.url,
@@ -59,6 +64,7 @@ async def test_unreachable_broker_is_not_a_lost_connection(
         assert f"127.0.0.1:{port}" in line
         assert "refused" in line
 
+        holder.close()
         broker = make_mosquitto(port=port)
         await wait_until(service.gateway.connected.is_set, 15, "the service to connect")
         await asyncio.to_thread(broker.stop)
@@ -71,6 +77,7 @@ async def test_unreachable_broker_is_not_a_lost_connection(
         assert any(m.startswith("broker connection lost (requests connection") for m in after)
         assert not any("cannot connect" in m for m in after), after
     finally:
+        holder.close()
         service.stop()
         await asyncio.wait_for(task, 15)
         await service.close()
