@@ -269,7 +269,9 @@ class MqttLink:
         code = reason_code(exc)
         if code == SESSION_TAKEN_OVER:
             return Loss.TAKEN_OVER
-        if code is None or code == KEEPALIVE_TIMEOUT:
+        if code is None:
+            return Loss.UNKNOWN  # an operation of ours failed or timed out
+        if code == KEEPALIVE_TIMEOUT:
             return Loss.TIMEOUT  # our side gave up, not the broker
         if self._disconnect_packet:
             return Loss.DISCONNECT

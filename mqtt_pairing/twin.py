@@ -9,6 +9,7 @@ Evidence, and only evidence:
 
 - A DISCONNECT with reason 0x8E (Session taken over): a twin, at once (MQTT 5 brokers
   that say so: Mosquitto from 2.0.15, EMQX, HiveMQ).
+- An error without a reason code (an operation of ours failed): nothing, either way.
 - Any other DISCONNECT reason, a keepalive timeout on our side, or a close followed by a
   refused reconnect (a broker restart): a plain loss. It also clears a twin believed
   before (the other client may be long gone; what we see now is the broker or network).
@@ -52,6 +53,8 @@ class Loss(enum.Enum):
     """Our side gave up: keepalive missed, or an operation of ours timed out."""
     CLOSED = "closed"
     """The socket was closed or reset without a DISCONNECT."""
+    UNKNOWN = "unknown"
+    """An error without a reason code (an operation of ours failed): no evidence either way."""
 
 
 class Verdict(enum.Enum):
@@ -106,6 +109,9 @@ class TwinJudge:
             self._pending = None
             self._twin = True
             return Verdict.TAKEOVER
+        if how is Loss.UNKNOWN:
+            self._pending = None
+            return Verdict.PLAIN
         if how is not Loss.CLOSED:
             self._pending = None
             self._clear()

@@ -83,25 +83,29 @@ def test_a_twin_needs_enough_short_closes_in_the_window(ups: list[float]) -> Non
     """Connections up `ups[i]` s, each closed and reconnected at once; no other event."""
     judge, now = TwinJudge(), 0.0
     shorts: list[float] = []  # short closes since the last connection that cleared
+    assert not judge.connected(now)
     for up_s in ups:
-        judge.connected(now)
         was_twin = judge.twin(now)
         now += up_s
         if up_s >= TWIN_CLEAR_S:
             shorts, was_twin = [], False
         verdict = judge.lost(now, Loss.CLOSED)
         assert (verdict is Verdict.TAKEOVER) == (was_twin and up_s < SHORT_S)
+        closed = now
         if up_s < SHORT_S:
-            shorts.append(now)
+            shorts.append(closed)
         now += RECONNECT_S
-        judge.connected(now)
+        made = judge.connected(now)
         in_window = [t for t in shorts if shorts[-1] - t <= TWIN_WINDOW_S] if shorts else []
-        if judge.twin(now) and not was_twin:
+        if made:
             # Evidence: enough short closes, the last one just now, within the window.
+            assert not was_twin
             assert len(in_window) >= TWIN_CLOSES
-            assert shorts[-1] == now - RECONNECT_S
+            assert shorts[-1] == closed
         if len(in_window) >= TWIN_CLOSES and up_s < SHORT_S:
             assert judge.twin(now)
+        if not shorts:
+            assert not judge.twin(now)
 
 
 def test_three_short_closes_with_accepted_reconnects_make_a_twin() -> None:
@@ -160,3 +164,18 @@ def test_a_connection_up_long_enough_clears_a_twin() -> None:
     now = fight(judge, now + TWIN_CLEAR_S + 1.0, 1)
     assert not judge.connected(now)
     assert not judge.twin(now)
+
+
+def test_an_error_without_a_reason_code_neither_counts_nor_clears() -> None:
+    judge, now = twin_judge()
+    assert judge.lost(now + 0.5, Loss.UNKNOWN) is Verdict.PLAIN
+    assert not judge.connected(now + 0.7)
+    assert judge.twin(now + 0.7)
+    fresh = TwinJudge()
+    now = 0.0
+    for _ in range(2 * TWIN_CLOSES):
+        fresh.connected(now)
+        fresh.lost(now + 0.5, Loss.UNKNOWN)
+        now += 1.0
+    assert not fresh.connected(now)
+    assert not fresh.twin(now)
