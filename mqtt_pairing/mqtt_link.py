@@ -15,16 +15,20 @@ How long it waits before the next attempt (every delay is jittered by x0.5-1.0):
   client id take the session from each other at every connect; backing off leaves the
   other one connected and keeps the takeovers to a few per minute.
 
-How a takeover is recognised. An MQTT 5 broker says so: DISCONNECT with reason code 0x8E
-(Session taken over; Mosquitto from 2.0.15). Mosquitto 2.0.11 closes the socket without
-a word, on MQTT 3.1.1 and 5 alike, so a takeover is also inferred: the broker closed a
-healthy connection (no keepalive timeout on our side) and accepted the reconnect at the
-first attempt, twice within `TWIN_WINDOW_S`. A broker restart does not look like this:
-the first reconnect attempt after it fails.
+How a takeover is recognised: `mqtt_pairing.twin.TwinJudge`, on evidence only. A
+DISCONNECT with reason 0x8E (Session taken over; Mosquitto from 2.0.15) is one at once.
+Mosquitto 2.0.11 closes the socket without a word, on MQTT 3.1.1 and 5 alike, which a
+reset by a NAT or load balancer also does; so a close without DISCONNECT is a plain loss
+(the normal backoff) unless it is one of `TWIN_CLOSES` closes within `TWIN_WINDOW_S`,
+each `SHORT_S` or less after the broker accepted the connection and each followed by an
+accepted reconnect. A close after a long-lived connection, or one followed by a refused
+reconnect (a broker restart), never counts.
 
-`conflict` says, while it holds, that another client uses the client id (for `/readyz`);
-it clears once a connection has stayed up `TWIN_CLEAR_S`. Every loss is logged once with
-its cause: "cannot connect" until the first connection, then "connection lost".
+`conflict` says, while a twin is believed, that another client uses the client id (for
+`/readyz`); it clears once a connection has stayed up `TWIN_CLEAR_S`, or on a plain loss
+(another DISCONNECT reason, a keepalive timeout, a refused reconnect). Every loss is
+logged once with its cause: "cannot connect" until the first connection, then
+"connection lost".
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,7 +47,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from mqtt_pairing import twin
 from mqtt_pairing.mqtt_address import BrokerAddress, describe_connect_error
+from mqtt_pairing.twin import Loss, TwinJudge, Verdict
 
 if TYPE_CHECKING:
     from mqtt_pairing.config import Settings
@@ -55,10 +61,7 @@ STABLE_S = 10.0
 """A connection up this long resets the reconnect backoff to `BACKOFF_FIRST_S`."""
 TAKEOVER_FIRST_S = 30.0
 TAKEOVER_MAX_S = 120.0
-TWIN_WINDOW_S = 600.0
-"""Two inferred takeovers within this window name a twin."""
-TWIN_CLEAR_S = 2 * TAKEOVER_MAX_S
-"""A connection up this long clears the twin: the other one would have come back by then."""
+# TWIN_CLEAR_S (240 s) is twice TAKEOVER_MAX_S: a twin backing off comes back before it.
 
 SESSION_TAKEN_OVER = 0x8E
 KEEPALIVE_TIMEOUT = 0x8D
@@ -179,20 +182,28 @@ class MqttLink:
         self._up_since: float | None = None
         self._backoff = BACKOFF_FIRST_S
         self._takeover_delay = TAKEOVER_FIRST_S
-        self._suspect_close = False
-        """The last connection was closed by the broker in a way a takeover would be."""
-        self._closes: deque[float] = deque()
-        """When the broker closed a healthy connection and then took us back at once."""
-        self._twin_until = 0.0
+        self._judge = TwinJudge()
+        self._disconnect_packet = False
+        """The last loss came with a DISCONNECT from the broker (not a closed socket)."""
+        self._watch_disconnects()
+
+    def _watch_disconnects(self) -> None:
+        """Record whether a loss came with a DISCONNECT packet; aiomqtt drops that flag."""
+        paho = self.client._client  # not exposed by aiomqtt 2.5
+        forward = paho.on_disconnect
+
+        def on_disconnect(*args: Any) -> None:  # noqa: ANN401
+            flags = args[2] if len(args) > 2 else None
+            self._disconnect_packet = bool(getattr(flags, "is_disconnect_packet_from_server", 0))
+            if forward is not None:
+                forward(*args)
+
+        paho.on_disconnect = on_disconnect
 
     @property
     def conflict(self) -> str | None:
         """A one-line reason while another client appears to use this client id, else None."""
-        now = asyncio.get_running_loop().time()
-        if self._up_since is not None and now - self._up_since >= TWIN_CLEAR_S:
-            self._twin_until = 0.0
-            self._closes.clear()
-        if now < self._twin_until:
+        if self._judge.twin(asyncio.get_running_loop().time()):
             return f"mqtt client id {self.endpoint.client_id} is used by another client"
         return None
 
@@ -231,14 +242,20 @@ class MqttLink:
     def _on_connect(self, now: float) -> None:
         self._ever_connected = True
         self._up_since = now
-        if self._suspect_close:
-            # Closed by the broker, back at the first attempt: what a takeover looks like.
-            self._suspect_close = False
-            self._closes.append(now)
-            while self._closes and now - self._closes[0] > TWIN_WINDOW_S:
-                self._closes.popleft()
-            if len(self._closes) >= 2:
-                self._twin_until = now + TWIN_CLEAR_S
+        self._disconnect_packet = False
+        if self._judge.connected(now):
+            e = self.endpoint
+            log.error(
+                "another client is using MQTT client id %s (%s connection): the broker "
+                "closed the connection %d times within %.0f s, each time within %.0f s of "
+                "accepting it, and took us back at once. Each connect takes the session from "
+                "the other; give every instance its own MQTT_CLIENT_ID",
+                e.client_id,
+                e.name,
+                twin.TWIN_CLOSES,
+                twin.TWIN_WINDOW_S,
+                twin.SHORT_S,
+            )
 
     def _log_connected(self) -> None:
         e = self.endpoint
@@ -248,12 +265,24 @@ class MqttLink:
             "%s at %s:%d (MQTT %s, client id %s)", what, a.host, a.port, e.protocol, e.client_id
         )
 
+    def _loss(self, exc: aiomqtt.MqttError) -> Loss:
+        code = reason_code(exc)
+        if code == SESSION_TAKEN_OVER:
+            return Loss.TAKEN_OVER
+        if code is None:
+            return Loss.UNKNOWN  # an operation of ours failed or timed out
+        if code == KEEPALIVE_TIMEOUT:
+            return Loss.TIMEOUT  # our side gave up, not the broker
+        if self._disconnect_packet:
+            return Loss.DISCONNECT
+        return Loss.CLOSED
+
     def _after_error(self, exc: aiomqtt.MqttError, now: float) -> float:
         """Count and log the failure; returns how long to wait before the next attempt."""
         e = self.endpoint
         up_since, self._up_since = self._up_since, None
         if up_since is None:  # the attempt itself failed
-            self._suspect_close = False
+            self._judge.connect_failed()
             self.counters[f"connect_failed.{e.name}"] += 1
             delay = self._next_backoff()
             verb = "reconnect" if self._ever_connected else "connect"
@@ -269,20 +298,16 @@ class MqttLink:
         up_s = now - up_since
         if up_s >= STABLE_S:
             self._backoff = BACKOFF_FIRST_S
-        code = reason_code(exc)
-        if code == SESSION_TAKEN_OVER:
-            self._twin_until = now + TWIN_CLEAR_S
+        how = self._loss(exc)
+        if self._judge.lost(now, how) is Verdict.TAKEOVER:
+            if how is Loss.TAKEN_OVER:
+                return self._takeover(
+                    "the broker gave this client id's session to another client "
+                    "(DISCONNECT reason 0x8E, session taken over)"
+                )
             return self._takeover(
-                "the broker gave this client id's session to another client "
-                "(DISCONNECT reason 0x8E, session taken over)"
-            )
-        # The broker closed it (a DISCONNECT, or the socket: paho reports 0x80), not a
-        # keepalive or an operation of ours that timed out (no reason code).
-        self._suspect_close = code is not None and code != KEEPALIVE_TIMEOUT
-        if self._twin_until > now:
-            return self._takeover(
-                f"the broker closed the connection again after {up_s:.1f} s, as it does "
-                "when another client connects with the same client id"
+                f"the broker closed the connection again {up_s:.1f} s after accepting it, "
+                "as it does when another client connects with the same client id"
             )
         delay = self._next_backoff()
         log.warning(
