@@ -110,6 +110,7 @@ class Settings(BaseSettings):
     pairing_reply_expiry_s: int = Field(default=600, ge=1)
     pairing_max_inflight: int = Field(default=256, ge=1)
     pairing_max_inflight_per_client: int = Field(default=32, ge=1)
+    pairing_max_requests_per_client_s: float = Field(default=100.0, gt=0)
     pairing_shutdown_grace_s: float = Field(default=10.0, ge=0)
     pairing_health_listen: str | None = None
     pairing_heartbeat_online_s: int = Field(default=30, ge=1)
