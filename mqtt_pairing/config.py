@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     pairing_heartbeat_online_s: int = Field(default=30, ge=1)
     pairing_presence_lease_s: float = Field(default=10.0, gt=0)
     pairing_presence_backlog: int = Field(default=100_000, ge=100)
+    pairing_presence_announce_max: int = Field(default=4, ge=1)
+    pairing_presence_announce_window_s: int = Field(default=60, ge=1)
     pairing_presence_reconcile_s: float = Field(default=3600.0, ge=0)
     pairing_sweep_interval_s: float = Field(default=0.5, gt=0)
     pairing_outbox_lease_s: float = Field(default=5.0, gt=0)
