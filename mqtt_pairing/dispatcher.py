@@ -364,14 +364,26 @@ class Dispatcher:
             identity.id,
             idle_ttl_s=self.settings.pairing_session_idle_ttl_s,
             heartbeat_online_s=self.settings.pairing_heartbeat_online_s,
+            announce_max=self.settings.pairing_presence_announce_max,
+            announce_window_s=self.settings.pairing_presence_announce_window_s,
         )
         return Handled(None, outbox=outbox)
 
-    async def handle_status(self, runner_id: str, payload: bytes, *, retained: bool) -> Handled:
+    async def handle_status(
+        self,
+        runner_id: str,
+        payload: bytes,
+        *,
+        retained: bool,
+        held: Callable[[float], object] | None = None,
+    ) -> Handled:
         """Record a runner's status message (`P/runners/{id}/status`); never raises.
 
         A payload that is not `{"state": "online"|"offline"}` is counted and ignored (no
-        reply: the status topic has no reply topic).
+        reply: the status topic has no reply topic). A change past
+        `PAIRING_PRESENCE_ANNOUNCE_MAX` per `PAIRING_PRESENCE_ANNOUNCE_WINDOW_S` is not
+        announced: `held(delay_s)` is called, and `announce_held` then announces the
+        presence of that time (docs/protocol.md "Events").
         """
         try:
             obj = parse_payload(payload)
@@ -384,11 +396,38 @@ class Dispatcher:
                 retained=retained,
                 heartbeat_online_s=self.settings.pairing_heartbeat_online_s,
                 idle_ttl_s=self.settings.pairing_session_idle_ttl_s,
+                announce_max=self.settings.pairing_presence_announce_max,
+                announce_window_s=self.settings.pairing_presence_announce_window_s,
+                held=held,
             )
         except PairingError as exc:
             self.counters[f"status.{exc.code}"] += 1
             return Handled(None)
         self.counters["status"] += 1
+        return Handled(None, outbox=outbox)
+
+    async def announce_held(
+        self, runner_id: str, *, held: Callable[[float], object] | None = None
+    ) -> Handled:
+        """Announce a runner's recorded presence if a change of it was held back.
+
+        What `handle_status`'s `held` callback schedules once the window allows
+        (docs/protocol.md "Events"); `held` again if it still does not. Never raises.
+        """
+        try:
+            outbox = await self.store.record_status(
+                runner_id,
+                "",
+                retained=False,
+                heartbeat_online_s=self.settings.pairing_heartbeat_online_s,
+                idle_ttl_s=self.settings.pairing_session_idle_ttl_s,
+                announce_max=self.settings.pairing_presence_announce_max,
+                announce_window_s=self.settings.pairing_presence_announce_window_s,
+                held=held,
+            )
+        except PairingError as exc:
+            self.counters[f"status.{exc.code}"] += 1
+            return Handled(None)
         return Handled(None, outbox=outbox)
 
     # ---- runner and app ops -----------------------------------------------------------

@@ -10,7 +10,12 @@ acknowledged manually after their reply is published; TCP_NODELAY is set on the 
 `mqtt_link.MqttLink` reconnects with backoff and names a twin client. In-flight requests
 are bounded (`PAIRING_MAX_INFLIGHT`), and so are one client's
 (`PAIRING_MAX_INFLIGHT_PER_CLIENT`: its excess is answered RATE_LIMITED at once, without
-Redis, so that a flood from one client does not starve the others); bad messages are
+Redis, so that a flood from one client does not starve the others), and so is its rate
+(`PAIRING_MAX_REQUESTS_PER_CLIENT_S`, a token bucket of twice that: the excess is shed
+the same way). Past `PAIRING_MAX_INFLIGHT_PER_CLIENT` RATE_LIMITED replies a second, a
+client's further excess is acknowledged and dropped without a reply, counted as
+`dropped.flood` (docs/security.md "Request floods"), so that the service drains a
+flood as fast as it reads; bad messages are
 counted and dropped without stopping the loop. A request delivered with the retain flag
 is a stale retained message the broker replays (Mosquitto 2.0.11 replays them to shared
 subscriptions too): it is ignored and counted, never answered (docs/protocol.md
@@ -66,6 +71,10 @@ __all__ = ["PairingGateway"]
 
 _WINDOW_LOG_EVERY_S = 60.0
 """At most one "request window full" warning per this many seconds."""
+_FLOOD_LOG_EVERY_S = 60.0
+"""At most one "client floods requests" warning per client per this many seconds."""
+_MAX_FLOOD_STATE = 4096
+"""Clients tracked for flooding before refilled buckets and old log marks are pruned."""
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 """What `json.dumps(obj, separators=(",", ":"))` does, without a new encoder per call."""
 
@@ -83,6 +92,37 @@ POISON_STRIKES = 3
 """A request whose reply was on its way at this many connection losses is dropped."""
 _MAX_STRUCK = 4096
 """Requests remembered as having been on their way at a connection loss, at most."""
+
+
+class TokenBuckets:
+    """One token bucket per client, in memory (loop time), bounded in number.
+
+    Args:
+        rate: tokens added per second.
+        capacity: tokens held at most (a full bucket after `capacity / rate` s idle).
+    """
+
+    def __init__(self, rate: float, capacity: float) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, capacity)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, client: str) -> bool:
+        """Take a token from `client`'s bucket: False when it is empty."""
+        now = asyncio.get_running_loop().time()
+        tokens, since = self._buckets.get(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - since) * self.rate)
+        taken = tokens >= 1.0
+        if taken:
+            tokens -= 1.0
+        if client not in self._buckets and len(self._buckets) >= _MAX_FLOOD_STATE:
+            # Buckets that are full again are as good as forgotten.
+            full_after = self.capacity / self.rate
+            self._buckets = {
+                c: (t, at) for c, (t, at) in self._buckets.items() if now - at < full_after
+            }
+        self._buckets[client] = (tokens, now)
+        return taken
 
 
 def _varint_len(n: int) -> int:
@@ -171,6 +211,13 @@ class PairingGateway:
         """Requests being handled (not shed) per client, `<kind>s/<id>`."""
         self._per_client_limit = settings.pairing_max_inflight_per_client
         self._window_logged_at: float | None = None
+        rate = settings.pairing_max_requests_per_client_s
+        self._admitted = TokenBuckets(rate, 2 * rate)
+        """Requests handled per client and second (the rest is shed)."""
+        self._shed_replies = TokenBuckets(self._per_client_limit, self._per_client_limit)
+        """RATE_LIMITED replies per client and second (the rest is dropped)."""
+        self._flood_logged_at: dict[str, float] = {}
+        """Per client: when its flood was last logged (loop time)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.instance_id = f"{settings.mqtt_client_id}/{uuid.uuid4().hex[:8]}"
         self.client = make_client(
@@ -380,7 +427,18 @@ class PairingGateway:
                 self._ack(message)
                 continue
             client = self._client_of(message)
-            if client is not None and self._per_client.get(client, 0) >= self._per_client_limit:
+            if client is not None and (
+                self._per_client.get(client, 0) >= self._per_client_limit
+                or not self._admitted.take(client)
+            ):
+                if not self._shed_replies.take(client):
+                    self._flooding(client)
+                    # Far over its limit: dropped without a reply, at the cost of an
+                    # acknowledgement, so that the service drains the flood at full
+                    # speed (docs/security.md "Request floods").
+                    self._inflight.release()
+                    self._ack(message)
+                    continue
                 # One client's flood must not take the window from the others: its
                 # excess is answered at once, without Redis (docs/protocol.md "Default
                 # limits", `PAIRING_MAX_INFLIGHT_PER_CLIENT`).
@@ -392,6 +450,25 @@ class PairingGateway:
                     task.add_done_callback(functools.partial(self._client_done, client))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
+
+    def _flooding(self, client: str) -> None:
+        """Count a request dropped for its client's flood; name the client now and then."""
+        self.counters["dropped.flood"] += 1
+        now = asyncio.get_running_loop().time()
+        logged = self._flood_logged_at.get(client)
+        if logged is not None and now - logged < _FLOOD_LOG_EVERY_S:
+            return
+        if len(self._flood_logged_at) >= _MAX_FLOOD_STATE:
+            self._flood_logged_at = {
+                c: at for c, at in self._flood_logged_at.items() if now - at < _FLOOD_LOG_EVERY_S
+            }
+        self._flood_logged_at[client] = now
+        log.warning(
+            "client %s floods requests (over PAIRING_MAX_REQUESTS_PER_CLIENT_S or "
+            "PAIRING_MAX_INFLIGHT_PER_CLIENT): its excess is dropped without a reply; "
+            "`mqtt-pairing credentials remove` stops it",
+            client,
+        )
 
     def _is_poison(self, message: aiomqtt.Message) -> bool:
         """Whether this copy of a request is one whose answer kept losing the connection."""

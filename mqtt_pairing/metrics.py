@@ -45,7 +45,9 @@ class GatewayCollector(Collector):
             error code (docs/protocol.md "Error codes"); `op` is a runner or app op, or
             `unknown` for any other name a client used (a bounded label set).
         mqtt_pairing_events_total{instance, name}: everything else counted (`replay`,
-            `status`, `dropped.<reason>` (`dropped.retained`: a retained request ignored),
+            `status`, `dropped.<reason>` (`dropped.retained`: a retained request ignored;
+            `dropped.flood`: a request of a client over its RATE_LIMITED replies a
+            second, dropped without a reply),
             `status_shed`, `presence.reconciled`, `request_window_full`, `shed` (a
             request answered RATE_LIMITED for its client's share of the window),
             `refused.<why>` (a Response Topic or Correlation Data too long),

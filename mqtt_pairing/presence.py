@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import zlib
@@ -195,6 +196,9 @@ class PresenceRecorder:
         self._backlog_changed = asyncio.Event()
         self._wake = asyncio.Event()
         self._replayed: set[str] | None = None
+        self._held: set[str] = set()
+        """Runners with a held-back presence announcement scheduled."""
+        self._announcing: set[asyncio.Task[None]] = set()
         self._replay_arrived = asyncio.Event()
         self._replays = 0
         """Replayed (retained) statuses read so far."""
@@ -377,6 +381,37 @@ class PresenceRecorder:
         index = zlib.crc32(status.runner_id.encode()) % WORKERS
         self._queues[index].put_nowait(status)
 
+    def _announce_later(self, runner_id: str, delay_s: float) -> None:
+        """A presence change of `runner_id` was held back: announce it once allowed.
+
+        In memory; if this instance stops first, the next reconciliation (a replayed
+        retained status) announces it (docs/protocol.md "Events").
+        """
+        if runner_id in self._held:
+            return
+        self._held.add(runner_id)
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay_s + 0.05, self._spawn_announce, runner_id)
+
+    def _spawn_announce(self, runner_id: str) -> None:
+        self._held.discard(runner_id)
+        task = asyncio.create_task(self._announce(runner_id))
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _announce(self, runner_id: str) -> None:
+        try:
+            handled = await self.dispatcher.announce_held(
+                runner_id, held=functools.partial(self._announce_later, runner_id)
+            )
+            await self.finish(handled)
+        except aiomqtt.MqttError as exc:
+            self.counters["publish_failed"] += 1  # the events stay in the outbox
+            log.warning("could not publish presence events: %s", exc)
+        except Exception:
+            self.counters["internal_error"] += 1
+            log.exception("unexpected error announcing a held-back presence change")
+
     async def _worker(self, queue: asyncio.Queue[_Status | asyncio.Future[None]]) -> None:
         while True:
             item = await queue.get()
@@ -386,7 +421,10 @@ class PresenceRecorder:
                 continue
             try:
                 handled = await self.dispatcher.handle_status(
-                    item.runner_id, item.payload, retained=item.retained
+                    item.runner_id,
+                    item.payload,
+                    retained=item.retained,
+                    held=functools.partial(self._announce_later, item.runner_id),
                 )
                 self._note_failures()
                 self._note_fresh(item)

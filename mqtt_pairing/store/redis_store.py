@@ -60,6 +60,11 @@ from mqtt_pairing.models import ClosedReason, PairingHistoryEntry, PairingSessio
 from mqtt_pairing.store.keys import MS_PER_S, KeySchema, glob_escape
 from mqtt_pairing.tombstones import FINGERPRINT_HEX, TombstoneLayout
 
+PRESENCE_ANNOUNCE_MAX = 4
+"""Presence changes announced at most per window per runner (`PAIRING_PRESENCE_ANNOUNCE_MAX`)."""
+PRESENCE_ANNOUNCE_WINDOW_S = 60
+"""That window, s (`PAIRING_PRESENCE_ANNOUNCE_WINDOW_S`)."""
+
 _hiredis_pack = cast("Callable[[tuple[EncodableT, ...]], bytes]", hiredis.pack_command)
 
 log = logging.getLogger(__name__)
@@ -1417,9 +1422,19 @@ class PairingStore:
         return [k.runner(runner_id), k.runner_sessions(runner_id), k.outbox(runner_id)]
 
     async def heartbeat(
-        self, runner_id: str, *, idle_ttl_s: int, heartbeat_online_s: int
+        self,
+        runner_id: str,
+        *,
+        idle_ttl_s: int,
+        heartbeat_online_s: int,
+        announce_max: int = PRESENCE_ANNOUNCE_MAX,
+        announce_window_s: int = PRESENCE_ANNOUNCE_WINDOW_S,
     ) -> list[OutboxEntry]:
         """Record a runner heartbeat and refresh its sessions.
+
+        A change is announced only within `announce_max` per `announce_window_s` per
+        runner (docs/protocol.md "Events"); one held back is announced by a later
+        heartbeat.
 
         Returns:
             The outbox entry the heartbeat wrote if it announced a change (offline to
@@ -1431,20 +1446,35 @@ class PairingStore:
         res = await self._run(
             "heartbeat",
             self._runner_slot(runner_id),
-            [session_keys_ttl_ms(idle_ttl_s), heartbeat_online_s * MS_PER_S],
+            [
+                session_keys_ttl_ms(idle_ttl_s),
+                heartbeat_online_s * MS_PER_S,
+                announce_max,
+                announce_window_s * MS_PER_S,
+            ],
         )
         return parse_outbox(runner_id, res[1])
 
     async def record_status(
         self,
         runner_id: str,
-        state: Literal["online", "offline"],
+        state: Literal["online", "offline", ""],
         *,
         retained: bool,
         heartbeat_online_s: int,
         idle_ttl_s: int,
+        announce_max: int = PRESENCE_ANNOUNCE_MAX,
+        announce_window_s: int = PRESENCE_ANNOUNCE_WINDOW_S,
+        held: Callable[[float], object] | None = None,
     ) -> list[OutboxEntry]:
         """Record a runner's status message; announce a change between online and offline.
+
+        At most `announce_max` changes are announced per `announce_window_s` per runner
+        (docs/protocol.md "Events"). A change past them is recorded but held back:
+        `held(delay_s)` is called with the seconds until the window allows one, when
+        the caller calls this again with `state` "" (nothing recorded: the recorded
+        presence is announced if it differs from the last announced). A replayed
+        retained status (`retained`) that matches the record announces the same way.
 
         Returns:
             The outbox entry written if presence changed (runner.online/offline), else an
@@ -1461,8 +1491,12 @@ class PairingStore:
                 int(retained),
                 heartbeat_online_s * MS_PER_S,
                 session_keys_ttl_ms(idle_ttl_s),
+                announce_max,
+                announce_window_s * MS_PER_S,
             ],
         )
+        if held is not None and len(res) > 2 and int(res[2]) > 0:
+            held(int(res[2]) / MS_PER_S)
         return parse_outbox(runner_id, res[1])
 
     async def presence(

@@ -85,10 +85,18 @@ async def test_a_heartbeat_right_after_an_offline_status_makes_the_runner_online
     await api.store.record_status(
         "r1", "online", retained=False, heartbeat_online_s=30, idle_ttl_s=3600
     )
+    unbounded = 1_000  # announcements per window: every flip is announced here
     for _ in range(40):
         offline = await api.store.record_status(
-            "r1", "offline", retained=False, heartbeat_online_s=30, idle_ttl_s=3600
+            "r1",
+            "offline",
+            retained=False,
+            heartbeat_online_s=30,
+            idle_ttl_s=3600,
+            announce_max=unbounded,
         )
         assert [e.type for e in offline] == ["runner.offline"]
-        back = await api.store.heartbeat("r1", idle_ttl_s=3600, heartbeat_online_s=30)
+        back = await api.store.heartbeat(
+            "r1", idle_ttl_s=3600, heartbeat_online_s=30, announce_max=unbounded
+        )
         assert [e.type for e in back] == ["runner.online"]

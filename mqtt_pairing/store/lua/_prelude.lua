@@ -48,22 +48,34 @@ end
 
 -- Tell the runner's paired apps about a change between online and offline, once: the
 -- last announced state is kept in the runner hash; changes to or from unknown say
--- nothing, and the first known state is only recorded.
-local function announce(runner_key, sessions_key, outbox_key, presence, now)
-  if presence == 'unknown' then return end
-  local last = redis.call('HGET', runner_key, 'announced')
-  if last == presence then return end
-  redis.call('HSET', runner_key, 'announced', presence)
-  if not last then return end
+-- nothing, and the first known state is only recorded. At most `max` changes are
+-- announced per window of `window` ms per runner (docs/protocol.md "Events"): past
+-- them a change is held back (nothing announced, 'announced' unchanged) and the delay
+-- in ms until the window allows one is returned, for the caller to announce the
+-- presence of then (record_status with no state); else 0.
+local function announce(runner_key, sessions_key, outbox_key, presence, now, max, window)
+  if presence == 'unknown' then return 0 end
+  local h = redis.call('HMGET', runner_key, 'announced', 'ann_from', 'ann_n')
+  local last = h[1]
+  if last == presence then return 0 end
+  if not last then
+    redis.call('HSET', runner_key, 'announced', presence)
+    return 0
+  end
+  local from, n = tonumber(h[2]), tonumber(h[3]) or 0
+  if not from or now >= from + window then from, n = now, 0 end
+  if n >= max then return from + window - now end
+  redis.call('HSET', runner_key, 'announced', presence, 'ann_from', from, 'ann_n', n + 1)
   local pv = redis.call('HINCRBY', runner_key, 'pv', 1)
   local targets = {}
   for _, json in ipairs(redis.call('HVALS', sessions_key)) do
     local s = cjson.decode(json)
     targets[#targets + 1] = {s['session_id'], s['app_id']}
   end
-  if #targets == 0 then return end
+  if #targets == 0 then return 0 end
   outbox_add(outbox_key, 'runner.' .. presence, '',
     cjson.encode({pv = pv, sessions = targets}), now)
+  return 0
 end
 
 -- Hex text to bytes ('3f9a' -> '\63\154').

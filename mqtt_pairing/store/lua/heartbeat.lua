@@ -6,6 +6,8 @@
 -- KEYS[3] - runner outbox stream (same tag)
 -- ARGV[1] - TTL of the runner's keys, ms (idle TTL plus a margin, see open_session.lua)
 -- ARGV[2] - how long a heartbeat makes a runner online, ms
+-- ARGV[3] - presence changes announced at most per window (see announce)
+-- ARGV[4] - that window, ms (a change held back is announced by a later heartbeat)
 -- returns {sessions refreshed, the outbox entries this call wrote (none if nothing was
 --          announced)}
 local now = now_ms()
@@ -24,5 +26,6 @@ for i = 1, #all, 2 do
   redis.call('HSET', KEYS[2], all[i], cjson.encode(s))
 end
 if #all > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-announce(KEYS[1], KEYS[2], KEYS[3], presence_of(r[1], r[2], hb, now, tonumber(ARGV[2])), now)
+announce(KEYS[1], KEYS[2], KEYS[3], presence_of(r[1], r[2], hb, now, tonumber(ARGV[2])), now,
+  tonumber(ARGV[3]), tonumber(ARGV[4]))
 return {math.floor(#all / 2), outbox_written}
