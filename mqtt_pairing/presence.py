@@ -173,21 +173,7 @@ class PresenceRecorder:
         self.limit = settings.pairing_presence_backlog
         self.backlog = 0
         self.last_reconcile_s: float | None = None
-        client_id = f"{settings.mqtt_client_id}:presence"
-        client = make_client(
-            address,
-            settings,
-            client_id=client_id,
-            protocol=protocol,
-            persistent=False,
-            receive_maximum=RECEIVE_MAXIMUM,
-        )
-        self.link = MqttLink(
-            client,
-            Endpoint(address, protocol, client_id, "presence"),
-            reconnect_max_s=settings.mqtt_reconnect_max_s,
-            counters=self.counters,
-        )
+        self.link = self._make_link(address)
         self._queues: list[asyncio.Queue[_Status | asyncio.Future[None]]] = [
             asyncio.Queue() for _ in range(WORKERS)
         ]
@@ -226,6 +212,24 @@ class PresenceRecorder:
         self._fresh: set[str] = set()
         """Runners whose status was recorded from the current connection, while not current."""
         self._refresh_waiters: dict[str, list[asyncio.Future[None]]] = {}
+
+    def _make_link(self, address: BrokerAddress) -> MqttLink:
+        """The presence connection: its own client id and a clean session."""
+        client_id = f"{self.settings.mqtt_client_id}:presence"
+        client = make_client(
+            address,
+            self.settings,
+            client_id=client_id,
+            protocol=self.protocol,
+            persistent=False,
+            receive_maximum=RECEIVE_MAXIMUM,
+        )
+        return MqttLink(
+            client,
+            Endpoint(address, self.protocol, client_id, "presence"),
+            reconnect_max_s=self.settings.mqtt_reconnect_max_s,
+            counters=self.counters,
+        )
 
     # ---- running ------------------------------------------------------------------------
 
