@@ -27,6 +27,23 @@ from paho.mqtt.reasoncodes import ReasonCode
 from mqtt_pairing.mqtt_address import BrokerAddress, describe_connect_error
 from mqtt_pairing.sdk.errors import ConnectFailed, NotConnected
 
+
+async def reap(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` and wait until it has ended.
+
+    Its own CancelledError ends here; a cancellation of the caller while it waits (a
+    `wait_for` timeout, Ctrl-C) is passed on, not swallowed, so that a close under a
+    deadline cannot outlive it. Other errors of the task are the caller's to handle.
+    """
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+
+
 __all__ = ["Connection", "ProtocolChoice"]
 
 log = logging.getLogger(__name__)
@@ -190,9 +207,8 @@ class Connection:
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 await asyncio.wait_for(before(self.client), 5)
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._task
+            with contextlib.suppress(aiomqtt.MqttError):
+                await reap(self._task)
         self.connected.clear()
 
     async def wait_connected(self, deadline: float) -> None:

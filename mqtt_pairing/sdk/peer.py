@@ -15,7 +15,6 @@ docs/sdk.md "End-to-end keys and SAS") holds back those after it too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ import aiomqtt
 from pydantic import TypeAdapter, ValidationError
 
 from mqtt_pairing.mqtt_address import BrokerAddress
-from mqtt_pairing.sdk.connection import Connection, ProtocolChoice
+from mqtt_pairing.sdk.connection import Connection, ProtocolChoice, reap
 from mqtt_pairing.sdk.errors import NoReply, NotConnected, ReplyError
 from mqtt_pairing.sdk.wire import Event, MessageResult
 from mqtt_pairing.topics import Identity, Kind, TopicScheme
@@ -132,9 +131,7 @@ class Peer:
         """Disconnect normally; the broker keeps the session for `session_expiry_s`."""
         await self.connection.close(self._before_close)
         for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await reap(task)
 
     async def __aenter__(self) -> Self:
         await self.open()

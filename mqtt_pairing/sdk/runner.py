@@ -30,6 +30,7 @@ from paho.mqtt.properties import Properties
 
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.sas import SessionSecrets, opens
+from mqtt_pairing.sdk.connection import reap
 from mqtt_pairing.sdk.e2e import (
     REVEAL_TYPE,
     KeyPair,
@@ -155,9 +156,7 @@ class RunnerClient(Peer):
         """Say `offline`, stop heartbeats and disconnect normally."""
         await super().close()
         if self._heartbeats is not None:
-            self._heartbeats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeats
+            await reap(self._heartbeats)
 
     async def _beat(self, every_s: float) -> None:
         while True:
