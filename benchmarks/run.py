@@ -63,7 +63,7 @@ from benchmarks.stack import (
     wait_ready,
     which,
 )
-from tests.fixtures import RedisClusterServers
+from tests.harness.servers import RedisClusterServers
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 DEFAULT_REPORT = REPO_ROOT / "docs" / "benchmarks.md"

@@ -1,6 +1,6 @@
 """What the benchmarks run on: Redis and Mosquitto on free ports, service processes, codes.
 
-Servers come from `tests/fixtures.py` (the same ones the test suite starts): harness-owned,
+Servers come from `tests/harness/servers.py` (the same ones the test suite starts): harness-owned,
 on free ports of 127.0.0.1, stopped at the end; the Redis Cluster too (`redis_cluster`:
 `RedisClusterServers` with 3 masters and no replicas, formed by `redis-cli --cluster
 create`). Service instances run as subprocesses (`python -m mqtt_pairing serve`), so the
@@ -33,7 +33,7 @@ from mqtt_pairing.config import Settings
 from mqtt_pairing.services.codes import PairingCodeService
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.store.redis_store import load_prelude_source, load_script_source
-from tests.fixtures import (
+from tests.harness.servers import (
     MosquittoBroker,
     RedisClusterServers,
     RedisServer,

@@ -7,7 +7,7 @@ import pytest
 from mqtt_pairing.cli.admin import When, parse_duration_s, parse_when
 from tests.cli.support import one_line_error as error_line
 from tests.cli.support import run_cli
-from tests.fixtures import RedisServer, free_port
+from tests.harness.servers import RedisServer, free_port
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

@@ -31,7 +31,7 @@ from mqtt_pairing.client import AppClient, RunnerClient
 from mqtt_pairing.config import load_settings
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.service import build_service
-from tests.fixtures import REPO_ROOT, MosquittoBroker, RedisServer, free_port
+from tests.harness.servers import REPO_ROOT, MosquittoBroker, RedisServer, free_port
 from tests.service.support import RunningService, instance_settings, start_running
 
 pytestmark = pytest.mark.timeout(180)

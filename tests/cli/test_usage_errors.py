@@ -21,7 +21,7 @@ from typer.main import get_command
 from mqtt_pairing.cli.common import CLICK_EXCEPTION, USAGE_ERROR
 from mqtt_pairing.cli.main import app
 from tests.cli.support import run_cli
-from tests.fixtures import REPO_ROOT
+from tests.harness.servers import REPO_ROOT
 
 cli_main = importlib.import_module("mqtt_pairing.cli.main")  # the package exports `main`
 

@@ -16,7 +16,7 @@ from mqtt_pairing.service import build_service
 from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
 from mqtt_pairing.store.keys import hash_tag
 from tests.cluster.support import outcome, recording_slots, slot_of
-from tests.fixtures import RedisClusterServers, free_port
+from tests.harness.servers import RedisClusterServers, free_port
 from tests.service.support import SECRET
 from tests.store.helpers import Api
 

@@ -29,7 +29,7 @@ from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
 from mqtt_pairing.store.redis_store import Call
 from mqtt_pairing.topics import Kind
 from tests.cluster.support import Swarm, outcome, slot_of
-from tests.fixtures import RedisClusterServers
+from tests.harness.servers import RedisClusterServers
 from tests.service.support import SECRET, StartService
 from tests.store.helpers import Api
 

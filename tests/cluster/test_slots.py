@@ -21,7 +21,7 @@ from mqtt_pairing.store import PairingStore
 from mqtt_pairing.store.redis_store import SCRIPT_NAMES
 from mqtt_pairing.topics import Kind
 from tests.cluster.support import recording_slots
-from tests.fixtures import RedisClusterServers
+from tests.harness.servers import RedisClusterServers
 from tests.service.support import SECRET
 from tests.store.helpers import Api, full_flow
 

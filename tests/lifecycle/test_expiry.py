@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from mqtt_pairing.store.keys import KeySchema
-from tests.fixtures import FakeRedisServer, RedisClusterServers, RedisServer
+from tests.harness.servers import FakeRedisServer, RedisClusterServers, RedisServer
 from tests.lifecycle.conftest import Peers, StartService
 from tests.lifecycle.support import (
     Wire,

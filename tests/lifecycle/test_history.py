@@ -20,7 +20,7 @@ from mqtt_pairing.config import Settings, load_settings
 from mqtt_pairing.models import PairingHistoryEntry
 from mqtt_pairing.services.history import HISTORY_EVENTS, PairingHistoryService
 from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
-from tests.fixtures import RedisServer
+from tests.harness.servers import RedisServer
 from tests.lifecycle.conftest import Peers, StartService
 from tests.lifecycle.support import MASK_RE, Wire, history, redis_now_ms, wait_until
 

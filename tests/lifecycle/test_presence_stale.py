@@ -22,7 +22,7 @@ import aiomqtt
 import pytest
 
 from mqtt_pairing.mqtt_address import BrokerAddress
-from tests.fixtures import MosquittoBroker, RedisServer
+from tests.harness.servers import MosquittoBroker, RedisServer
 from tests.harness.service import instance_settings, instances
 from tests.sdk.support import sdk_peers
 

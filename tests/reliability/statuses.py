@@ -32,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
-from tests.fixtures import REPO_ROOT
+from tests.harness.servers import REPO_ROOT
 
 State = Literal["online", "offline"]
 PUBLISH_TIMEOUT_S = 120.0

@@ -17,7 +17,7 @@ import pytest
 
 from mqtt_pairing.config import load_settings
 from mqtt_pairing.service import build_service
-from tests.fixtures import MosquittoBroker, RedisServer
+from tests.harness.servers import MosquittoBroker, RedisServer
 from tests.reliability.support import SECRET, wait_until
 
 pytestmark = pytest.mark.timeout(90)

@@ -27,8 +27,8 @@ import pytest
 
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.topics import Kind
-from tests.fixtures import MosquittoBroker, RedisServer
 from tests.harness.proxy import resetting_proxy
+from tests.harness.servers import MosquittoBroker, RedisServer
 from tests.harness.service import RunningService
 from tests.reliability.conftest import ServiceOn
 from tests.reliability.support import Fleet, report, wait_until

@@ -13,7 +13,7 @@ import os
 import signal
 from collections.abc import Callable
 
-from tests.fixtures import MosquittoBroker, RedisServer, free_port
+from tests.harness.servers import MosquittoBroker, RedisServer, free_port
 from tests.reliability.conftest import ServiceOn
 from tests.reliability.support import http_get, report
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.fixtures import REPO_ROOT, MosquittoBroker, RedisServer
+from tests.harness.servers import REPO_ROOT, MosquittoBroker, RedisServer
 from tests.reliability.conftest import MakeServe
 from tests.reliability.support import SECRET, clean_env
 

@@ -23,7 +23,7 @@ import pytest
 
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
-from tests.fixtures import MosquittoBroker, RedisServer
+from tests.harness.servers import MosquittoBroker, RedisServer
 from tests.reliability.conftest import ServiceOn
 from tests.reliability.statuses import State, publish_statuses, wait_recorded
 from tests.reliability.support import report, wait_until

@@ -29,7 +29,7 @@ from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.services.outcome import Handled
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.topics import Kind
-from tests.fixtures import MosquittoBroker, RedisServer
+from tests.harness.servers import MosquittoBroker, RedisServer
 from tests.reliability.conftest import ServiceOn
 from tests.reliability.statuses import State, publish_statuses, queue_limits, wait_recorded
 from tests.reliability.support import Fleet, issue_codes, report, summary, wait_until

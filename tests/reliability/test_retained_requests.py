@@ -29,7 +29,7 @@ from mqtt_pairing.broker import start_embedded_broker
 from mqtt_pairing.client import AppClient, RunnerClient
 from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
-from tests.fixtures import MosquittoBroker, RedisServer, free_port
+from tests.harness.servers import MosquittoBroker, RedisServer, free_port
 from tests.reliability.conftest import ServiceOn
 from tests.reliability.support import wait_until
 

@@ -33,7 +33,7 @@ from mqtt_pairing import metrics
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.topics import Kind
-from tests.fixtures import MosquittoBroker, RedisServer
+from tests.harness.servers import MosquittoBroker, RedisServer
 from tests.reliability.conftest import ServiceOn
 from tests.reliability.support import (
     Attempted,

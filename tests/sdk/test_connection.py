@@ -12,7 +12,7 @@ import pytest
 from mqtt_pairing.broker import start_embedded_broker
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.sdk import ConnectFailed, RunnerClient
-from tests.fixtures import free_port
+from tests.harness.servers import free_port
 
 
 async def test_auto_falls_back_to_311_on_amqtt_and_closes_the_mqtt5_socket(

@@ -16,7 +16,7 @@ import pytest
 
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.sdk import RunnerClient, SessionOpened
-from tests.fixtures import MosquittoBroker, RedisServer
+from tests.harness.servers import MosquittoBroker, RedisServer
 from tests.harness.service import StartService, instance_settings, instances
 from tests.sdk.support import EVENT_TIMEOUT_S, SdkPeers, TcpProxy, next_of, sdk_peers
 

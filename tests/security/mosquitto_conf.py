@@ -3,7 +3,7 @@
 The tests run the production configuration itself, not a copy written for them: its
 listeners are moved to free loopback ports, its `/etc/mosquitto/pairing/` files to a
 temporary directory, its persistence and log to the broker's own directory, and `user` is
-set to the user running the tests (tests/fixtures.py explains why). Everything else
+set to the user running the tests (tests/harness/servers.py explains why). Everything else
 (per-listener security, ACLs, client ids bound to usernames, `sys_interval 0`,
 `max_packet_size`) is used as shipped. With `tls_dir`, the commented TLS listeners at the
 end of the file are enabled the way README.md tells an operator to (the `#` in front of
@@ -123,7 +123,7 @@ def render_for_test(
             ``service``, and with `tls_dir` ``runner-tls``, ``app-tls``, ``app-ws-tls``,
             ``service-tls``.
         first_port_placeholder: the listener whose port is left as ``{{PORT}}`` for
-            `tests.fixtures.MosquittoBroker` to fill in (the port it watches).
+            `tests.harness.servers.MosquittoBroker` to fill in (the port it watches).
         tls_dir: enable the TLS listeners, with ``server.crt`` and ``server.key`` here.
 
     Returns:

@@ -21,7 +21,7 @@ import aiomqtt
 import pytest
 
 from mqtt_pairing.config import Settings
-from tests.fixtures import RedisServer
+from tests.harness.servers import RedisServer
 from tests.security.attacks import Attacker, attackers_of_every_kind, legit_traffic, peers
 from tests.security.harness import SecureBroker, Sniffer, running_service
 

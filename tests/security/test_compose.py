@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from mqtt_pairing.config import check_service_client_id
-from tests.fixtures import RedisServer, free_port, require_binary
+from tests.harness.servers import RedisServer, free_port, require_binary
 from tests.security.harness import SecureBroker, running_service
 from tests.security.mosquitto_conf import (
     BROKER_CONFIG,

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from mqtt_pairing.cli import credentials
 from mqtt_pairing.cli.main import app
-from tests.fixtures import require_binary
+from tests.harness.servers import require_binary
 
 pytestmark = pytest.mark.mosquitto  # mosquitto_passwd comes with mosquitto
 

@@ -30,7 +30,7 @@ from mqtt_pairing.cli.credentials import (
     check_password_files,
 )
 from mqtt_pairing.cli.main import app as cli_app
-from tests.fixtures import require_binary
+from tests.harness.servers import require_binary
 from tests.security.harness import SERVICE_USER, SecureBroker, Sniffer
 from tests.security.mosquitto_conf import BROKER_CONFIG
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.fixtures import RedisServer, require_binary
+from tests.harness.servers import RedisServer, require_binary
 from tests.harness.waiting import wait_until
 from tests.security.harness import SecureBroker, Sniffer, app_client, running_service
 

@@ -31,7 +31,7 @@ from mqtt_pairing.config import load_settings
 from mqtt_pairing.errors import ConfigError, RateLimited
 from mqtt_pairing.services.ratelimit import RateLimitService
 from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
-from tests.fixtures import RedisServer
+from tests.harness.servers import RedisServer
 from tests.security.harness import (
     PAIRING_SECRET,
     SecureBroker,

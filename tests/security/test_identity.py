@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from mqtt_pairing.cli.main import app as cli_app
 from mqtt_pairing.client import ReplyError
 from mqtt_pairing.mqtt_address import NODELAY, BrokerAddress
-from tests.fixtures import RedisServer, require_binary
+from tests.harness.servers import RedisServer, require_binary
 from tests.security.harness import (
     SERVICE_USER,
     SecureBroker,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.fixtures import RedisServer
+from tests.harness.servers import RedisServer
 from tests.security.harness import (
     SERVICE_USER,
     RecordingApp,

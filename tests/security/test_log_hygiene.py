@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from mqtt_pairing.client import ReplyError
-from tests.fixtures import RedisServer
+from tests.harness.servers import RedisServer
 from tests.harness.waiting import wait_until
 from tests.security.harness import (
     PAIRING_SECRET,

@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 
 from mqtt_pairing import gateway as gateway_module
 from mqtt_pairing.gateway import PairingGateway
-from tests.fixtures import RedisServer
+from tests.harness.servers import RedisServer
 from tests.harness.waiting import wait_until
 from tests.security.attacks import legit_traffic, peers
 from tests.security.harness import (

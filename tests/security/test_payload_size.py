@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.fixtures import RedisServer
+from tests.harness.servers import RedisServer
 from tests.harness.waiting import wait_until
 from tests.security.harness import SecureBroker, Sniffer, app_client, runner_client, running_service
 from tests.security.mosquitto_conf import MOSQUITTO_CONF, global_option

@@ -21,8 +21,7 @@ import pytest
 
 from mqtt_pairing import metrics
 from mqtt_pairing.topics import APP_OPS, RUNNER_OPS
-from tests.fixtures import RedisServer
-from tests.harness.servers import MosquittoBroker
+from tests.harness.servers import MosquittoBroker, RedisServer
 from tests.harness.service import StartService
 from tests.harness.waiting import wait_until
 from tests.security.harness import (

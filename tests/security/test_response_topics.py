@@ -18,7 +18,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.fixtures import RedisServer
+from tests.harness.servers import RedisServer
 from tests.security.harness import SecureBroker, Sniffer, running_service
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.redis]

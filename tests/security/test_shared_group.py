@@ -25,7 +25,7 @@ import pytest
 
 from mqtt_pairing.config import LEGACY_SHARED_GROUP
 from mqtt_pairing.topics import Kind, TopicScheme
-from tests.fixtures import RedisServer
+from tests.harness.servers import RedisServer
 from tests.security.attacks import Attacker, attackers_of_every_kind, legit_traffic, peers
 from tests.security.harness import SERVICE_USER, SecureBroker, Sniffer, running_service
 

@@ -4,7 +4,7 @@
 - its commented TLS listeners: tests/security/test_tls.py enables and runs them.
 - `amqtt.yaml`: here, `serve --broker-config broker-config/amqtt.yaml` pairs a runner and
   an app (the embedded mode: local development only, every client trusted).
-- `mosquitto-test.conf`: the template of the other suites' brokers (tests/fixtures.py).
+- `mosquitto-test.conf`: the template of the other suites' brokers (tests/harness/servers.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from mqtt_pairing.client import AppClient, RunnerClient
 from mqtt_pairing.config import load_settings
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.service import build_service
-from tests.fixtures import free_port
+from tests.harness.servers import free_port
 from tests.security.mosquitto_conf import BROKER_CONFIG
 
 SHIPPED = {

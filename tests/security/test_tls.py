@@ -24,7 +24,7 @@ from mqtt_pairing.client import AppClient, RunnerClient
 from mqtt_pairing.config import load_settings
 from mqtt_pairing.mqtt_address import BrokerAddress, BrokerUnreachable
 from mqtt_pairing.service import build_service
-from tests.fixtures import RedisServer
+from tests.harness.servers import RedisServer
 from tests.security.certs import TestCA
 from tests.security.harness import (
     PAIRING_SECRET,

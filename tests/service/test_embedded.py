@@ -11,7 +11,7 @@ from mqtt_pairing.client import ReplyError
 from mqtt_pairing.config import load_settings
 from mqtt_pairing.mqtt_address import BrokerAddress
 from mqtt_pairing.service import build_service
-from tests.fixtures import free_port
+from tests.harness.servers import free_port
 from tests.service.support import Peers, RunningService, by_event, events, start_running
 
 ENV_VARS = (

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mqtt_pairing import logs
 from mqtt_pairing.cli.common import setup_logging
 from mqtt_pairing.client import ReplyError
-from tests.fixtures import free_port
+from tests.harness.servers import free_port
 from tests.service.support import Peers, RunningService, StartService
 
 

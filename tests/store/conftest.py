@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from mqtt_pairing.config import load_settings
 from mqtt_pairing.dispatcher import Dispatcher
 from mqtt_pairing.store import KeySchema, PairingStore
-from tests.fixtures import StoreBackend
+from tests.harness.servers import StoreBackend
 from tests.store.helpers import SECRET, Api
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from mqtt_pairing.store import PairingStore
 from mqtt_pairing.topics import Kind
-from tests.fixtures import StoreBackend
+from tests.harness.servers import StoreBackend
 from tests.store.helpers import Api, RoundTrips, error_code, new_id
 
 CLAIMERS = 50

@@ -30,7 +30,7 @@ from mqtt_pairing.errors import RateLimited
 from mqtt_pairing.policy import FailurePolicy
 from mqtt_pairing.store import KeySchema, PairingStore
 from mqtt_pairing.store.redis_store import Begin
-from tests.fixtures import StoreBackend
+from tests.harness.servers import StoreBackend
 
 WINDOW_S = 100_000
 FIRST_PENALTY_S = 1_000

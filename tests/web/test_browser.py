@@ -29,7 +29,7 @@ import pytest
 from mqtt_pairing.sdk import RunnerClient, SessionClosed, SessionOpened
 from mqtt_pairing.sdk.e2e import KeyPair
 from mqtt_pairing.sdk.webapp import WebApp, default_web_dir
-from tests.fixtures import RedisServer
+from tests.harness.servers import RedisServer
 from tests.sdk.support import next_of
 from tests.security.harness import SecureBroker, running_service
 
