@@ -21,6 +21,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -140,11 +141,11 @@ async def test_shed_statuses_are_counted_logged_and_reconciled(
     record = dispatcher.handle_status
     recording = asyncio.Event()
 
-    async def held(runner_id: str, payload: bytes, *, retained: bool) -> Handled:
+    async def held_back(runner_id: str, payload: bytes, **options: Any) -> Handled:
         await recording.wait()
-        return await record(runner_id, payload, retained=retained)
+        return await record(runner_id, payload, **options)
 
-    dispatcher.handle_status = held  # type: ignore[method-assign]
+    dispatcher.handle_status = held_back  # type: ignore[method-assign]
     try:
         states: dict[str, State] = {f"s{i}": "online" for i in range(3000)}
         try:
