@@ -95,31 +95,63 @@ def protocol_of(running: RunningService) -> Literal["5", "3.1.1"]:
 
 
 class RunnerProcess:
-    """`python -m mqtt_pairing runner ...` with its stdout read line by line."""
+    """`python -m mqtt_pairing runner ...`; its stdout and stderr are read all along.
+
+    Both pipes are drained as the runner writes (a pipe nobody reads blocks the writer
+    once full), stdout line by line. The runner runs with faulthandler on, so a runner
+    that does not stop is made to dump its stacks (SIGABRT) into the failure message.
+    """
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
         self.lines: list[str] = []
+        self._new_line = asyncio.Event()
+        self._err = bytearray()
+        assert process.stdout is not None
+        assert process.stderr is not None
+        self._readers = [
+            asyncio.create_task(self._read_lines(process.stdout)),
+            asyncio.create_task(self._read_all(process.stderr)),
+        ]
+
+    async def _read_lines(self, stream: asyncio.StreamReader) -> None:
+        while raw := await stream.readline():
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+            self._new_line.set()
+        self._new_line.set()
+
+    async def _read_all(self, stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(65_536):
+            self._err += chunk
 
     async def code(self) -> str:
         """The first pairing code the runner prints."""
-        assert self.process.stdout is not None
+        seen = 0
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
                 while True:
-                    raw = await self.process.stdout.readline()
-                    assert raw, f"the runner exited: {self.lines} {await self.stderr()}"
-                    line = raw.decode(errors="replace").rstrip("\n")
-                    self.lines.append(line)
-                    if match := CODE_LINE.match(line):
-                        return match.group(1)
+                    for line in self.lines[seen:]:
+                        if match := CODE_LINE.match(line):
+                            return match.group(1)
+                    seen = len(self.lines)
+                    assert self.process.returncode is None, (
+                        f"the runner exited: {self.lines} {await self.stderr()}"
+                    )
+                    self._new_line.clear()
+                    await self._new_line.wait()
         except TimeoutError:
             pytest.fail(f"no pairing code within {START_TIMEOUT_S} s; it printed {self.lines}")
 
     async def stderr(self) -> str:
-        if self.process.returncode is None or self.process.stderr is None:
-            return ""
-        return (await self.process.stderr.read()).decode(errors="replace")
+        """What the runner wrote on stderr (all of it once it has exited)."""
+        if self.process.returncode is not None:
+            await asyncio.gather(*self._readers, return_exceptions=True)
+        return self._err.decode(errors="replace")
+
+    async def close(self) -> None:
+        for reader in self._readers:
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
 
     async def stop(self, sig: int) -> int:
         self.process.send_signal(sig)
@@ -127,7 +159,17 @@ class RunnerProcess:
             async with asyncio.timeout(STOP_TIMEOUT_S):
                 return await self.process.wait()
         except TimeoutError:
-            pytest.fail(f"the runner did not exit within {STOP_TIMEOUT_S} s of signal {sig}")
+            self.process.send_signal(signal.SIGABRT)  # faulthandler dumps every stack
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.process.wait(), 10)
+            pytest.fail(
+                f"the runner did not exit within {STOP_TIMEOUT_S} s of signal {sig}; "
+                f"stdout {self.lines[-20:]}; stderr: {(await self.stderr())[-6000:]}"
+            )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @contextlib.asynccontextmanager
@@ -135,6 +177,7 @@ async def runner_process(running: RunningService, runner_id: str) -> AsyncIterat
     address = running.address
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "REDIS_", "PAIRING_"))}
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -154,14 +197,20 @@ async def runner_process(running: RunningService, runner_id: str) -> AsyncIterat
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # Ctrl-C as at a terminal: under a non-interactive shell's background job (as in
+        # .ci/run) SIGINT is inherited as ignored, and Python then never raises
+        # KeyboardInterrupt for it.
+        preexec_fn=_default_sigint,
     )
+    runner = RunnerProcess(process)
     try:
-        yield RunnerProcess(process)
+        yield runner
     finally:
         if process.returncode is None:
             process.kill()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+        await runner.close()
 
 
 async def online_of(app: AppClient, runner_id: str) -> bool | None:
