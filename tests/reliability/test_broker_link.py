@@ -67,6 +67,13 @@ async def test_unreachable_broker_is_not_a_lost_connection(
         holder.close()
         broker = make_mosquitto(port=port)
         await wait_until(service.gateway.connected.is_set, 15, "the service to connect")
+        # Both connections up (the presence one has its own), so that each later line
+        # is about a reconnect.
+        await wait_until(
+            lambda: any(m.startswith("presence connection up") for m in messages(caplog)),
+            15,
+            "the presence connection",
+        )
         await asyncio.to_thread(broker.stop)
         await wait_until(
             lambda: any("cannot reconnect" in m for m in messages(caplog)),
