@@ -56,6 +56,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+class _LateSubackFilter(logging.Filter):
+    """One line, not a traceback, for a SUBACK that arrives after its subscribe ended.
+
+    aiomqtt 2.x logs a SUBACK whose subscribe call had already timed out or been
+    cancelled (as on a stop) with `logger.exception` ('Unexpected message ID ... in
+    on_subscribe callback'): harmless, and not an error of the service.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Unexpected message ID"):
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno = logging.INFO
+            record.levelname = "INFO"
+        return True
+
+
+AIOMQTT_LOG = logging.getLogger("mqtt_pairing.aiomqtt")
+"""The logger the service's aiomqtt clients write to (aiomqtt's own default: "mqtt")."""
+AIOMQTT_LOG.addFilter(_LateSubackFilter())
+
 BACKOFF_FIRST_S = 0.2
 STABLE_S = 10.0
 """A connection up this long resets the reconnect backoff to `BACKOFF_FIRST_S`."""
@@ -115,6 +137,7 @@ def make_client(
         # are acknowledged on arrival. A bounded aiomqtt queue drops messages silently.
         max_queued_incoming_messages=None,
         timeout=10,
+        logger=AIOMQTT_LOG,
         **kwargs,
     )
 
