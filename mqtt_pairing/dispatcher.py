@@ -15,7 +15,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
@@ -48,7 +48,14 @@ from mqtt_pairing.services.messages import MessageRelay
 from mqtt_pairing.services.outcome import Handled
 from mqtt_pairing.services.ratelimit import IDEMPOTENT_OPS, RateLimitService
 from mqtt_pairing.services.sessions import PairingSessionService
-from mqtt_pairing.store.redis_store import Begin, Mismatch, PairingStore, Pending, Replay
+from mqtt_pairing.store.redis_store import (
+    Begin,
+    Mismatch,
+    OutboxEntry,
+    PairingStore,
+    Pending,
+    Replay,
+)
 from mqtt_pairing.topics import APP_OPS, RUNNER_OPS, Identity, Kind, ops_for
 
 log = logging.getLogger(__name__)
@@ -390,21 +397,32 @@ class Dispatcher:
             state = obj.get("state")
             if state not in ("online", "offline"):
                 raise InvalidRequest("state must be online or offline")
-            outbox = await self.store.record_status(
-                runner_id,
-                state,
-                retained=retained,
-                heartbeat_online_s=self.settings.pairing_heartbeat_online_s,
-                idle_ttl_s=self.settings.pairing_session_idle_ttl_s,
-                announce_max=self.settings.pairing_presence_announce_max,
-                announce_window_s=self.settings.pairing_presence_announce_window_s,
-                held=held,
-            )
+            outbox = await self._record_status(runner_id, state, retained=retained, held=held)
         except PairingError as exc:
             self.counters[f"status.{exc.code}"] += 1
             return Handled(None)
         self.counters["status"] += 1
         return Handled(None, outbox=outbox)
+
+    async def _record_status(
+        self,
+        runner_id: str,
+        state: Literal["online", "offline", ""],
+        *,
+        retained: bool,
+        held: Callable[[float], object] | None,
+    ) -> list[OutboxEntry]:
+        """`store.record_status` with the presence settings ("" state: announce only)."""
+        return await self.store.record_status(
+            runner_id,
+            state,
+            retained=retained,
+            heartbeat_online_s=self.settings.pairing_heartbeat_online_s,
+            idle_ttl_s=self.settings.pairing_session_idle_ttl_s,
+            announce_max=self.settings.pairing_presence_announce_max,
+            announce_window_s=self.settings.pairing_presence_announce_window_s,
+            held=held,
+        )
 
     async def announce_held(
         self, runner_id: str, *, held: Callable[[float], object] | None = None
@@ -415,16 +433,7 @@ class Dispatcher:
         (docs/protocol.md "Events"); `held` again if it still does not. Never raises.
         """
         try:
-            outbox = await self.store.record_status(
-                runner_id,
-                "",
-                retained=False,
-                heartbeat_online_s=self.settings.pairing_heartbeat_online_s,
-                idle_ttl_s=self.settings.pairing_session_idle_ttl_s,
-                announce_max=self.settings.pairing_presence_announce_max,
-                announce_window_s=self.settings.pairing_presence_announce_window_s,
-                held=held,
-            )
+            outbox = await self._record_status(runner_id, "", retained=False, held=held)
         except PairingError as exc:
             self.counters[f"status.{exc.code}"] += 1
             return Handled(None)
