@@ -23,6 +23,22 @@ MS_PER_S = 1000
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 
+SESSION_KEYS_MARGIN_S = 86_400
+"""Every key of a session lives this much longer than the session's idle deadline.
+
+The expiry sweep acts at the deadline (last_seen_at + idle TTL) and reads the runner's
+sessions hash and runner hash, then the app's index and the by-id lookup; a key whose TTL
+were the idle TTL itself would vanish at that very moment, and the session with it,
+without a `session.closed`. The margin lets a sweep that runs late (every instance down,
+a failover) still close the session; closed sessions are deleted outright, so the margin
+holds memory only for keys nothing closes."""
+
+
+def session_keys_ttl_ms(idle_ttl_s: int) -> int:
+    """TTL of the keys of a session refreshed now (idle TTL plus the margin), ms."""
+    return (idle_ttl_s + SESSION_KEYS_MARGIN_S) * MS_PER_S
+
+
 def glob_escape(text: str) -> str:
     """`text` with the characters special to SCAN's MATCH escaped."""
     return _GLOB_SPECIAL.sub(r"\\\1", text)

@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio.connection import Connection
 
 from mqtt_pairing.errors import InternalError, StoreUnavailable
-from mqtt_pairing.store import PairingStore, connect_redis, redis_store
+from mqtt_pairing.store import PairingStore, connect_redis, transport
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.store.redis_store import RawCall
 
@@ -77,7 +77,7 @@ _COMMANDS: list[tuple[Any, ...]] = [
 
 
 def test_the_packer_sends_what_redis_py_sends() -> None:
-    ours, theirs = redis_store._PackOnceConnection(), Connection()
+    ours, theirs = transport._PackOnceConnection(), Connection()
     for args in _COMMANDS:
         assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args)), args
     assert b"".join(ours.pack_commands(_COMMANDS)) == b"".join(theirs.pack_commands(_COMMANDS))
@@ -92,7 +92,7 @@ def test_the_packer_sends_what_redis_py_sends() -> None:
 async def test_the_service_client_packs_with_its_own_connections(store_redis_url: str) -> None:
     client = connect_redis(store_redis_url)
     try:
-        assert issubclass(client.connection_pool.connection_class, redis_store._PackOnce)
+        assert issubclass(client.connection_pool.connection_class, transport._PackOnce)
         store = PairingStore(client, KeySchema("batch-test"))
         a = _key(store, "a")
         assert await store.batch([RawCall(("SET", a, "é")), RawCall(("GET", a))]) == [True, "é"]

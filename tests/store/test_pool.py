@@ -15,7 +15,7 @@ import uuid
 import pytest
 from redis.asyncio.connection import AbstractConnection
 
-from mqtt_pairing.store import PairingStore, connect_redis, redis_store
+from mqtt_pairing.store import PairingStore, connect_redis, transport
 from mqtt_pairing.store.keys import KeySchema
 from mqtt_pairing.store.redis_store import RESERVED_CONNECTIONS, RawCall, pool_size
 from tests.harness.servers import RedisClusterServers, RedisServer
@@ -64,7 +64,7 @@ def test_an_attribute_error_raised_in_redis_py_is_told_from_one_of_the_service()
     failover) counts as unavailability; one raised by the service's own code stays a bug."""
     with pytest.raises(AttributeError) as theirs:
         AbstractConnection.pack_command(None, "PING")  # type: ignore[arg-type]
-    assert redis_store._raised_by_redis_py(theirs.value)
+    assert transport._raised_by_redis_py(theirs.value)
     with pytest.raises(AttributeError) as ours:
         _ = None.missing  # type: ignore[attr-defined]
-    assert not redis_store._raised_by_redis_py(ours.value)
+    assert not transport._raised_by_redis_py(ours.value)
