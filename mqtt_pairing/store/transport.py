@@ -47,6 +47,7 @@ from mqtt_pairing.errors import (
     StoreUnavailable,
 )
 from mqtt_pairing.store.keys import MS_PER_S, KeySchema
+from mqtt_pairing.store.pipelining import Coalescer
 
 _hiredis_pack = cast("Callable[[tuple[EncodableT, ...]], bytes]", hiredis.pack_command)
 
@@ -295,9 +296,12 @@ class Transport:
         # redis-py's cluster nodes raise MaxConnectionsError instead of waiting: no more
         # calls run at once than a node holds connections (a call uses one at a time).
         self._slots = asyncio.Semaphore(max_connections) if self._cluster else None
+        self.pipeline = Coalescer(self._exchange)
+        """Where the batches of concurrent requests share round trips (single Redis)."""
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Stop the exchanges still running and close the connection pool."""
+        await self.pipeline.aclose()
         await self.client.aclose()
 
     async def _guard(self, awaitable: Awaitable[T]) -> T:
@@ -364,8 +368,8 @@ class Transport:
             return await self.client.eval(source, len(keys), *keys, *args)
 
     async def _one(self, command: tuple[str | int | float, ...]) -> Any:  # noqa: ANN401
-        """One command by `_exchange`; an error reply is raised."""
-        (res,) = await self._exchange((command,))
+        """One command in the next shared exchange; an error reply is raised."""
+        (res,) = await self.pipeline.run((command,))
         if isinstance(res, ResponseError):
             raise res
         return res
@@ -442,7 +446,8 @@ class Transport:
     async def batch(self, calls: Sequence[Call]) -> list[Any]:
         """Run calls in one round trip.
 
-        On a single Redis: one write of all the commands (see `_exchange`), in order,
+        On a single Redis: the commands in order, back to back, in the next exchange
+        shared with the batches of other requests (`pipelining.Coalescer`, `_exchange`),
         scripts by EVALSHA (reloaded after NOSCRIPT). On a cluster: concurrent calls (its
         pipelines refuse EVALSHA, and calls on different slots have no order anyway).
 
@@ -464,7 +469,7 @@ class Transport:
             else c.args
             for c in calls
         ]
-        results = await self._guard(self._exchange(commands))
+        results = await self._guard(self.pipeline.run(commands))
         for i, res in enumerate(results):
             if isinstance(res, NoScriptError):
                 results[i] = await self.call(calls[i])  # loads the script, runs it once
