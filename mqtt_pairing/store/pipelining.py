@@ -24,7 +24,7 @@ from typing import Any
 Command = tuple[str | int | float, ...]
 Exchange = Callable[[list[Command]], Awaitable[list[Any]]]
 
-MAX_EXCHANGES = 4
+MAX_EXCHANGES = 2
 """Exchanges on the wire at once, per store (per Redis server)."""
 
 
