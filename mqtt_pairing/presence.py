@@ -85,8 +85,12 @@ log = logging.getLogger(__name__)
 
 PAGE = 500
 """Runners per exact-topic SUBSCRIBE of a reconciliation: well below any broker's queue."""
-WORKERS = 4
-"""Status messages recorded at once (one runner's always by the same worker, in order)."""
+WORKERS = 16
+"""Status messages recorded at once (one runner's always by the same worker, in order).
+
+Their store calls share round trips with each other and with the requests'
+(store/pipelining.py), so a storm of retained statuses after a broker restart is taken
+in about WORKERS statuses per Redis round trip."""
 SETTLE_S = 0.5
 """A replay is taken as complete once no replayed status came for this long."""
 RETRY_S = 5.0
