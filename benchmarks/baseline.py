@@ -179,7 +179,11 @@ def _mean_cpu(runs: list[dict[str, Any]], who: str) -> float | None:
 
 
 def spread_at(results: dict[str, Any], concurrency: int | None) -> dict[str, Any] | None:
-    """The saturation (spread mix) run at `concurrency`, else the best one."""
+    """The spread-mix run the many-phones run compares with: the one run right before it
+    (`mixes.spread`), else the saturation run at `concurrency`, else the best one."""
+    spread = (results.get("mixes") or {}).get("spread")
+    if spread:
+        return dict(spread)
     sat = results.get("saturation", {})
     for run in sat.get("runs", []):
         if run.get("concurrency") == concurrency:
@@ -210,7 +214,7 @@ def mix_figures(results: dict[str, Any]) -> dict[str, Any]:
         "redis_commands_per_heartbeat": hb.get("redis_commands_per_request"),
         "failed_guesses_per_s": fg.get("answered_per_s"),
         "heartbeats_per_s": hb.get("per_s"),
-        "events_per_pair_spread": best.get("events_per_pair"),
+        "events_per_pair_spread": spread.get("events_per_pair", best.get("events_per_pair")),
         "events_per_pair_many_phones": mp.get("events_per_pair"),
         "many_phones_per_s": mp.get("throughput"),
         "many_phones_over_spread": mp["throughput"] / spread["throughput"]
@@ -222,6 +226,15 @@ def mix_figures(results: dict[str, Any]) -> dict[str, Any]:
             "completed": storm.get("completed"),
             "duration_s": storm.get("duration_s"),
             "service_cpu_s": storm.get("service_cpu_s"),
+            # less the pairs sent meanwhile, at the spread mix's service CPU per pair
+            "service_cpu_us_per_status": (
+                storm["service_cpu_s"]
+                - (mean_server_cpu(runs) or 0.0) / 1000 * storm.get("pairs_during_storm", 0)
+            )
+            * 1e6
+            / storm["runners"]
+            if storm.get("service_cpu_s") is not None and storm.get("runners")
+            else None,
             "redis_commands_per_status": storm.get("redis_commands_per_status"),
             "pair_p50_ms": (pairs.get("reply_ms") or {}).get("p50"),
             "pair_p99_ms": (pairs.get("reply_ms") or {}).get("p99"),

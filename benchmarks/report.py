@@ -141,9 +141,10 @@ class _Report:
             "## How to rerun",
             "",
             "```",
-            "scripts/bench            # full run, writes docs/benchmarks.md (~8 min)",
-            "scripts/bench --quick    # shorter runs, 100k live codes (~3 min)",
-            "scripts/bench --smoke    # a second of load per step; what .ci/run calls",
+            "scripts/bench            # full run, writes docs/benchmarks.md (~10 min)",
+            "scripts/bench --quick    # shorter runs, 100k live codes, 20k-runner storm (~3 min)",
+            "scripts/bench --smoke    # a second of load per step, 1k-runner storm; what .ci/run"
+            " calls (~1 min)",
             "scripts/bench --out FILE # write the report elsewhere",
             "scripts/bench --save-baseline FILE  # also keep this run's key figures (JSON)",
             "scripts/bench --baseline FILE       # add 'Before and after' against a baseline",
@@ -157,7 +158,9 @@ class _Report:
             "uncommitted changes), the date, the machine and the key figures of the run: "
             "pairs/s and echo/s at saturation and their ratio (also by CPU time), Redis "
             "round trips and commands per successful pair and per failed guess, bytes per "
-            "live code, and the profile summary by library and by phase. `--baseline FILE` "
+            "live code, the service's CPU per pair, failed guess and heartbeat, Redis CPU "
+            "per pair, events per pair and the many-phones ratio, the presence storm's "
+            "figures, and the profile summary by library and by phase. `--baseline FILE` "
             'adds a "Before and after" section comparing this run with it; without '
             "`--baseline`, `benchmarks/baseline.json` is used when it exists. To record a "
             "baseline of an older commit, run this suite against that commit's "
@@ -171,7 +174,9 @@ class _Report:
             "'.[test,bench]'`: the harness reuses the test fixtures that start servers), "
             "and `redis-server`, `redis-cli` and `mosquitto` on the machine (Debian "
             "packages). It starts its own on free ports of 127.0.0.1, stopping them at the "
-            "end; the Redis Cluster of section 6 (3 masters) only for its step. The "
+            "end; the Redis Cluster of section 6 (3 masters) only for its step, and the "
+            "presence storm's Mosquitto (with persistence) and loader broker (section 9) "
+            "only for theirs. The "
             "profile step uses `py-spy` from the venv and is skipped without it. Run it on "
             "an otherwise idle machine: the service, the broker, Redis and the load "
             "generator share the CPU.",
@@ -543,6 +548,7 @@ class _Report:
             for key, label, digits in (
                 ("duration_s", "presence storm: seconds until all recorded", 1),
                 ("service_cpu_s", "presence storm: service CPU seconds", 2),
+                ("service_cpu_us_per_status", "presence storm: service CPU µs per status", 0),
                 ("pair_p50_ms", "presence storm: pair reply p50 ms", 1),
                 ("pair_p99_ms", "presence storm: pair reply p99 ms", 1),
             ):
@@ -1296,7 +1302,8 @@ class _Report:
             f"other from {uses} different apps, so the apps claim the uses of one code at "
             "once; many such codes follow in turn, closed loop at the spread mix's "
             "concurrency on the same service process, right after the saturation runs of "
-            "section 1 (the spread mix: one code and one runner per pair). Every use "
+            "section 1 and right after a run of the spread mix (one code and one runner per "
+            "pair, as in section 1), so that the two runs compare seconds apart. Every use "
             "succeeds (a runner holds at most 10 sessions). Commands are `INFO "
             "commandstats` deltas over the run (inside scripts too) per answered request; "
             "the background work of the idle instances (sweeps, leases) is counted with them.",
@@ -1313,7 +1320,10 @@ class _Report:
                     "Redis ms/pair",
                     "Redis commands/pair",
                 ],
-                [row("spread (section 1)", spread), row(f"many phones ({uses} per code)", mp)],
+                [
+                    row("spread (one code per runner)", spread),
+                    row(f"many phones ({uses} per code)", mp),
+                ],
             ),
             "",
             f"Many phones reach **{_pct(ratio)}** of the spread mix's pairs/s.",
@@ -1420,6 +1430,22 @@ class _Report:
             lines += [f"Commands per heartbeat: {cmds}.", ""]
         self.add(*lines)
 
+    def _storm_cpu(self, st: dict[str, Any]) -> str:
+        """The storm's service CPU per status, less the pairs' share at the spread mix's."""
+        cpu, n = st.get("service_cpu_s"), st["runners"]
+        if cpu is None:
+            return ""
+        per_pair = mean_server_cpu(self.r["saturation"]["runs"])
+        pairs = st.get("pairs_during_storm", 0)
+        if not per_pair:
+            return f" ({_f(cpu * 1e6 / n, 0)} µs per status, pairs included)"
+        rest = cpu - per_pair / 1000 * pairs
+        return (
+            f" ({_f(cpu * 1e6 / n, 0)} µs per status with the pairs; less the "
+            f"{pairs:,} pairs at {_f(per_pair, 2)} ms each, **{_f(rest * 1e6 / n, 0)} µs** "
+            "per status)"
+        )
+
     def presence_storm(self) -> None:
         st = self.r.get("presence_storm")
         if not st:
@@ -1439,9 +1465,7 @@ class _Report:
             ["statuses counted by the service", _f(st.get("statuses_counted"), 0)],
             ["Redis check (ok / missing / wrong)",
              f"{check.get('ok', 0):,} / {check.get('missing', 0):,} / {check.get('wrong', 0):,}"],
-            ["service CPU", f"{_f(st.get('service_cpu_s'), 2)} s"
-             + (f" ({_f(st['service_cpu_s'] * 1e6 / n, 0)} µs per status, pairs included)"
-                if st.get("service_cpu_s") is not None else "")],
+            ["service CPU", f"{_f(st.get('service_cpu_s'), 2)} s" + self._storm_cpu(st)],
             ["Redis CPU", f"{_f(st.get('redis_cpu_s'), 2)} s"],
             ["Redis commands per status",
              f"**{_f(st.get('redis_commands_per_status'), 1)}** ({_f(st.get('redis_commands'), 0)} "

@@ -6,9 +6,19 @@ the Markdown report (`docs/benchmarks.md` for a full run; next to the JSON for -
 --smoke unless --out is given). Progress is shown with rich while it runs. A Redis Cluster
 (3 masters) is started for its own step and stopped after it.
 
-- full: the numbers of the report (about 8 minutes; run it on an otherwise idle machine).
-- --quick: shorter runs, 100k instead of 1M live codes (about 3 minutes).
-- --smoke: a second of load per step, to keep the suite working (CI); asserts no timing.
+- full: the numbers of the report (about 10 minutes; run it on an otherwise idle machine).
+- --quick: shorter runs, 100k instead of 1M live codes, a presence storm of 20k instead
+  of 100k runners (about 3 minutes).
+- --smoke: a second of load per step, a 1k-runner storm, to keep the suite working (CI;
+  about 1 minute); asserts no timing.
+
+Besides saturation, latency, live codes, instances, round trips and memory, it measures
+(issue 15) the service's and Redis's CPU and Redis's commands per failed guess and per
+heartbeat (closed loops on the same process, right after the saturation runs), "one
+code, many phones" (10 apps claiming the 10 uses of one code at once) against the spread
+mix, the events delivered per pair in both, and a presence storm: N runners' retained
+statuses and some Last Wills replayed to one instance after a broker restart, with pair
+requests answered meanwhile.
 
 Before and after: --save-baseline FILE keeps this run's key figures (commit, date,
 machine, ratios, round trips, bytes, profile summary); --baseline FILE (default
@@ -504,6 +514,7 @@ class Suite:
     ) -> None:
         """Right after the saturation runs, on the same service process and broker.
 
+        - the spread mix again (one code, one runner per pair), then
         - many phones: codes of `MANY_PHONES_USES` uses, each claimed by that many apps at
           once (the code's jobs come in a row, sent from consecutive apps), closed loop at
           the spread mix's best concurrency;
@@ -514,11 +525,22 @@ class Suite:
         Each with the service's CPU (/proc) and Redis's commands (commandstats) per operation.
         """
         out: dict[str, Any] = {}
-        parts = 3
+        parts = 4
+        # A spread-mix run right before, so that the many-phones ratio compares runs
+        # seconds apart (as pair/echo does).
+        res = self._closed(
+            gen, self._codes_for(factory, rate), c, _sub(step, 0, parts, "spread mix"),
+            server=svc, commands_of=stats,
+        )  # fmt: skip
+        out["spread"] = res.as_dict()
+        self.ui.log(
+            f"spread mix c={c}: {res.throughput:.0f} pairs/s, {_lat(res)}, "
+            f"events/pair {res.events_per_pair or 0:.2f}"
+        )
         n = int(rate * (self.plan.warmup_s + self.plan.duration_s) * 1.3 / MANY_PHONES_USES) + 20
         jobs = factory.issue(n, "mp", max_uses=MANY_PHONES_USES)
         res = self._closed(
-            gen, jobs, c, _sub(step, 0, parts, "many phones"), server=svc, commands_of=stats
+            gen, jobs, c, _sub(step, 1, parts, "many phones"), server=svc, commands_of=stats
         )  # fmt: skip
         d = res.as_dict()
         d["uses_per_code"] = MANY_PHONES_USES
@@ -534,7 +556,7 @@ class Suite:
         )  # fmt: skip
         n = int(max(rate * 4, 1000) * (self.plan.warmup_s + self.plan.duration_s) * 1.3) + 200
         res = self._closed(
-            guess_gen, factory.wrong_guesses(n), c, _sub(step, 1, parts, "failed guesses"),
+            guess_gen, factory.wrong_guesses(n), c, _sub(step, 2, parts, "failed guesses"),
             server=svc, commands_of=stats,
         )  # fmt: skip
         guess_gen.close()
@@ -563,7 +585,7 @@ class Suite:
         hb = gen.run_heartbeats(
             runners, concurrency=HEARTBEAT_CONCURRENCY, duration_s=self.plan.duration_s,
             warmup_s=self.plan.warmup_s, handled=handled,
-            progress=_sub(step, 2, parts, "heartbeats"),
+            progress=_sub(step, 3, parts, "heartbeats"),
         )  # fmt: skip
         wall = time.perf_counter() - t
         delta = commandstats_delta(stats0, commandstats(stats))
