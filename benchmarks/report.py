@@ -1466,7 +1466,7 @@ class _Report:
             ["Redis check (ok / missing / wrong)",
              f"{check.get('ok', 0):,} / {check.get('missing', 0):,} / {check.get('wrong', 0):,}"],
             ["service CPU", f"{_f(st.get('service_cpu_s'), 2)} s" + self._storm_cpu(st)],
-            ["Redis CPU", f"{_f(st.get('redis_cpu_s'), 2)} s"],
+            ["Redis CPU (pairs included)", f"{_f(st.get('redis_cpu_s'), 2)} s"],
             ["Redis commands per status",
              f"**{_f(st.get('redis_commands_per_status'), 1)}** ({_f(st.get('redis_commands'), 0)} "
              f"in all, less {_f(st.get('pair_commands_subtracted'), 0)} for the "
@@ -1494,7 +1494,8 @@ class _Report:
             "presence subscription. Times run from the broker's start. **Done** when the "
             "service has counted N status messages "
             '(`mqtt_pairing_events_total{name="status"}` on `/metrics`, polled 4 times a '
-            "second) and one EVAL finds the expected state (online, or offline for the Wills) "
+            "second; or as soon as that count stalls for 2 s) and one EVAL finds the "
+            "expected state (online, or offline for the Wills) "
             "in every runner's hash in Redis. Meanwhile, from the moment the service is "
             "ready, pair requests go out at a fixed rate (fresh codes, open loop) and their "
             "latency runs from the scheduled send. Service CPU from `/proc` over the storm; "
