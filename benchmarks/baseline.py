@@ -10,7 +10,11 @@ when it exists) adds a "Before and after" section to the report. The figures:
 - the profile summary: self time by library, inclusive time by phase (as the report's
   "Why" section names them);
 - a few more ratios taken within the run (p99/p50 at 50% load, 2 vs 1 and 3 vs 1
-  instances), when the run measured them.
+  instances), when the run measured them;
+- the service's CPU per successful pair, failed guess and heartbeat, Redis's CPU per
+  pair and its commands per operation under load; events delivered per pair in the
+  spread and the many-phones mixes and the many-phones / spread ratio; the presence
+  storm's duration, CPU, commands per status and pair latency (`mix_figures`).
 
 Ratios taken within one run, counts and bytes compare across runs; absolute rates and CPU
 milliseconds depend on the machine and on whatever else ran at the time.
@@ -65,7 +69,7 @@ def cpu_ratio(results: dict[str, Any]) -> float | None:
     return float((sum(echo) / len(echo)) / (sum(pair) / len(pair)))
 
 
-def _mean_server_cpu(runs: list[dict[str, Any]]) -> float | None:
+def mean_server_cpu(runs: list[dict[str, Any]]) -> float | None:
     values = [x.get("cpu_ms_per_request", {}).get("server") for x in runs]
     values = [x for x in values if x]
     return float(sum(values) / len(values)) if values else None
@@ -155,8 +159,8 @@ def key_figures(results: dict[str, Any]) -> dict[str, Any]:
         "echo_per_s": echo,
         "pair_over_echo": pair / echo if pair is not None and echo else None,
         "pair_over_echo_by_cpu": cpu_ratio(results),
-        "service_cpu_ms_per_pair": _mean_server_cpu(results.get("saturation", {}).get("runs", [])),
-        "echo_cpu_ms_per_request": _mean_server_cpu(results.get("echo", {}).get("runs", [])),
+        "service_cpu_ms_per_pair": mean_server_cpu(results.get("saturation", {}).get("runs", [])),
+        "echo_cpu_ms_per_request": mean_server_cpu(results.get("echo", {}).get("runs", [])),
         "success": _round_trip_figures(rt.get("success")),
         "failed_guess": _round_trip_figures(rt.get("failed_guess")),
         "memory": memory,
@@ -164,6 +168,82 @@ def key_figures(results: dict[str, Any]) -> dict[str, Any]:
         "two_over_one_instance": shared.get("ratio"),
         "cluster_three_over_one_instance": cluster.get("ratio"),
         "profile": _profile_figures(results.get("profile")),
+        **mix_figures(results),
+    }
+
+
+def _mean_cpu(runs: list[dict[str, Any]], who: str) -> float | None:
+    values = [x.get("cpu_ms_per_request", {}).get(who) for x in runs]
+    values = [x for x in values if x]
+    return float(sum(values) / len(values)) if values else None
+
+
+def spread_at(results: dict[str, Any], concurrency: int | None) -> dict[str, Any] | None:
+    """The spread-mix run the many-phones run compares with: the one run right before it
+    (`mixes.spread`), else the saturation run at `concurrency`, else the best one."""
+    spread = (results.get("mixes") or {}).get("spread")
+    if spread:
+        return dict(spread)
+    sat = results.get("saturation", {})
+    for run in sat.get("runs", []):
+        if run.get("concurrency") == concurrency:
+            return dict(run)
+    return sat.get("best")
+
+
+def mix_figures(results: dict[str, Any]) -> dict[str, Any]:
+    """The figures of issue 15's targets (None: not measured by that run)."""
+    runs = results.get("saturation", {}).get("runs", [])
+    best = results.get("saturation", {}).get("best") or {}
+    mixes = results.get("mixes") or {}
+    mp = mixes.get("many_phones") or {}
+    fg = mixes.get("failed_guess") or {}
+    hb = mixes.get("heartbeat") or {}
+    spread = spread_at(results, mp.get("concurrency")) or {}
+    storm = results.get("presence_storm") or {}
+    pairs = storm.get("pairs") or {}
+    cmds = [
+        x.get("redis_commands_per_request") for x in runs if x.get("redis_commands_per_request")
+    ]
+    return {
+        "service_cpu_ms_per_failed_guess": fg.get("cpu_ms_per_request", {}).get("server"),
+        "service_cpu_ms_per_heartbeat": hb.get("cpu_ms_per_request", {}).get("server"),
+        "redis_cpu_ms_per_pair": _mean_cpu(runs, "redis"),
+        "redis_commands_per_pair_under_load": sum(cmds) / len(cmds) if cmds else None,
+        "redis_commands_per_failed_guess_under_load": fg.get("redis_commands_per_request"),
+        "redis_commands_per_heartbeat": hb.get("redis_commands_per_request"),
+        "failed_guesses_per_s": fg.get("answered_per_s"),
+        "heartbeats_per_s": hb.get("per_s"),
+        "events_per_pair_spread": spread.get("events_per_pair", best.get("events_per_pair")),
+        "events_per_pair_many_phones": mp.get("events_per_pair"),
+        "many_phones_per_s": mp.get("throughput"),
+        "many_phones_over_spread": mp["throughput"] / spread["throughput"]
+        if mp.get("throughput") is not None and spread.get("throughput")
+        else None,
+        "storm": {
+            "runners": storm.get("runners"),
+            "wills": storm.get("wills"),
+            "completed": storm.get("completed"),
+            "duration_s": storm.get("duration_s"),
+            "service_cpu_s": storm.get("service_cpu_s"),
+            # less the pairs sent meanwhile, at the spread mix's service CPU per pair
+            "service_cpu_us_per_status": (
+                storm["service_cpu_s"]
+                - (mean_server_cpu(runs) or 0.0) / 1000 * storm.get("pairs_during_storm", 0)
+            )
+            * 1e6
+            / storm["runners"]
+            if storm.get("service_cpu_s") is not None and storm.get("runners")
+            else None,
+            "redis_commands_per_status": storm.get("redis_commands_per_status"),
+            "pair_p50_ms": (pairs.get("reply_ms") or {}).get("p50"),
+            "pair_p99_ms": (pairs.get("reply_ms") or {}).get("p99"),
+            "pair_errors": sum((pairs.get("errors") or {}).values()) + pairs.get("lost_replies", 0)
+            if pairs
+            else None,
+        }
+        if storm
+        else None,
     }
 
 

@@ -39,6 +39,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 _RID = re.compile(rb'"request_id":"([^"]*)"')
+_APP_ID = re.compile(rb'"app_id":"([^"]*)"')
+_RUNNER_ID = re.compile(rb'"runner_id":"([^"]*)"')
 _ERR = re.compile(rb'"error":\{"code":"([A-Z_]+)"')
 _OPENED = b'"event":"session.opened"'
 _CODE_USED = b'"event":"code.used"'
@@ -80,6 +82,7 @@ class EndlessJobs:
 class _Req:
     rid: str
     runner: str
+    app: str
     t_sched: float
     t_pub: float = 0.0
     t_reply: float = 0.0
@@ -124,6 +127,8 @@ class RunResult:
     achieved_rate: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
     reply_ms: dict[str, float] = field(default_factory=dict)
+    # Latency of every answered request, whatever its outcome (failed guesses included).
+    reply_ms_all: dict[str, float] = field(default_factory=dict)
     runner_opened_ms: dict[str, float] = field(default_factory=dict)
     app_event_ms: dict[str, float] = field(default_factory=dict)
     lost_replies: int = 0
@@ -133,6 +138,13 @@ class RunResult:
     ran_out_of_jobs: bool = False
     cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
     cpu_share: dict[str, float] = field(default_factory=dict)
+    # Replies of any outcome received in the window, per second (failed guesses too).
+    answered_per_s: float = 0.0
+    # Every message received on the runners' and apps' `events` topics during the run
+    # (warm-up and drain included), per successful reply of the run.
+    events_per_pair: float | None = None
+    # Redis commands (INFO commandstats, those inside scripts too) per answered request.
+    redis_commands_per_request: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -182,7 +194,9 @@ class LoadGenerator:
         self._clients = [c for c, _ in self._app_clients] + [self._runner_client]
         self._app_cycle = self._apps_round_robin()
         self._reqs: dict[str, _Req] = {}
-        self._by_runner: dict[str, _Req] = {}
+        # (runner_id, app_id) -> the request: a code with several uses pairs one runner
+        # with several apps at once, and each party's session.opened names both.
+        self._by_pair: dict[tuple[str, str], _Req] = {}
         self._counts: Counter[str] = Counter()
         self._closed_next: Callable[[], None] | None = None
         self._connected = 0
@@ -292,7 +306,8 @@ class LoadGenerator:
                 runner = topic[len(self.prefix) + 9 : -7]
                 if _OPENED in payload:
                     self._counts["runner.session.opened"] += 1
-                    req = self._by_runner.get(runner)
+                    m = _APP_ID.search(payload)
+                    req = self._by_pair.get((runner, m.group(1).decode())) if m else None
                     if req is not None and not req.t_runner:
                         req.t_runner = now
                 elif _CODE_USED in payload:
@@ -301,8 +316,9 @@ class LoadGenerator:
                     self._counts["runner.other"] += 1
             elif _OPENED in payload:
                 self._counts["app.session.opened"] += 1
-                m = re.search(rb'"runner_id":"([^"]*)"', payload)
-                req = self._by_runner.get(m.group(1).decode()) if m else None
+                app = topic[len(self.prefix) + 6 : -7]
+                m = _RUNNER_ID.search(payload)
+                req = self._by_pair.get((m.group(1).decode(), app)) if m else None
                 if req is not None and not req.t_app_event:
                     req.t_app_event = now
             else:
@@ -317,6 +333,7 @@ class LoadGenerator:
         req.t_reply = now
         if _OK in payload:
             req.ok = True
+            self._counts["reply.ok"] += 1
         else:
             e = _ERR.search(payload)
             req.error = e.group(1).decode() if e else "UNPARSED"
@@ -329,9 +346,9 @@ class LoadGenerator:
         body: dict[str, Any] = {"request_id": rid, "code": job.code}
         if self.echo:
             body["runner"] = job.runner_id
-        req = _Req(rid, job.runner_id, t_sched, measured=measured)
+        req = _Req(rid, job.runner_id, app, t_sched, measured=measured)
         self._reqs[rid] = req
-        self._by_runner[job.runner_id] = req
+        self._by_pair[(job.runner_id, app)] = req
         req.t_pub = time.perf_counter()
         client.publish(f"{self.prefix}/apps/{app}/req/pair", json.dumps(body), qos=1)
 
@@ -339,7 +356,7 @@ class LoadGenerator:
 
     def _reset(self) -> None:
         self._reqs.clear()
-        self._by_runner.clear()
+        self._by_pair.clear()
         self._counts.clear()
 
     def run_closed(
@@ -383,6 +400,10 @@ class LoadGenerator:
             1 for r in self._reqs.values() if r.ok and m_start <= r.t_reply < m_end
         )
         res.throughput = done_in_window / duration_s
+        res.answered_per_s = (
+            sum(1 for r in self._reqs.values() if r.t_reply and m_start <= r.t_reply < m_end)
+            / duration_s
+        )
         return res
 
     def run_open(
@@ -394,8 +415,14 @@ class LoadGenerator:
         warmup_s: float,
         progress: Progress | None = None,
         expect_events: bool = True,
+        until: Callable[[], bool] | None = None,
     ) -> RunResult:
-        """Send at `rate` per second, on schedule, for `warmup_s + duration_s`."""
+        """Send at `rate` per second, on schedule, for `warmup_s + duration_s`.
+
+        With `until`, also stop as soon as it returns true (it is called about 4 times a
+        second); `duration_s` is then the longest the run may take, and the result's
+        `duration_s` how long it measured.
+        """
         self._reset()
         t0 = time.perf_counter()
         m_start, m_end = t0 + warmup_s, t0 + warmup_s + duration_s
@@ -421,9 +448,14 @@ class LoadGenerator:
                 self._pump(0)
             else:
                 self._pump(min(t_next - now, 0.05))
-            if progress is not None and now - last_report > 0.25:
+            if now - last_report > 0.25:
                 last_report = now
-                progress((now - t0) / (m_end - t0), f"open loop {rate:.0f}/s")
+                if progress is not None:
+                    progress((now - t0) / (m_end - t0), f"open loop {rate:.0f}/s")
+                if until is not None and until():
+                    m_end = max(m_start, time.perf_counter())
+                    break
+        duration_s = max(1e-9, m_end - m_start)
         self._drain(expect_events)
         res = self._result("open", duration_s, m_start, m_end)
         res.target_rate = rate
@@ -476,13 +508,27 @@ class LoadGenerator:
         res.lost_replies = res.sent - res.replies
         res.errors = dict(Counter(r.error for r in measured if r.t_reply and not r.ok))
         res.reply_ms = percentiles([(r.t_reply - r.t_sched) * 1000 for r in measured if r.ok])
+        res.reply_ms_all = percentiles(
+            [(r.t_reply - r.t_sched) * 1000 for r in measured if r.t_reply]
+        )
         runner = [(r.t_runner - r.t_sched) * 1000 for r in measured if r.ok and r.t_runner]
         res.runner_opened_ms = percentiles(runner)
         res.lost_runner_events = res.ok - len(runner)
         app = [(r.t_app_event - r.t_sched) * 1000 for r in measured if r.ok and r.t_app_event]
         res.app_event_ms = percentiles(app)
         res.messages_in = dict(self._counts)
+        events = sum(k for name, k in self._counts.items() if name.startswith(("runner.", "app.")))
+        if self._counts["reply.ok"]:
+            res.events_per_pair = events / self._counts["reply.ok"]
         return res
+
+    def ok_runners(self) -> list[str]:
+        """The runners of the last run's successful pairs."""
+        return [r.runner for r in self._reqs.values() if r.ok]
+
+    def ok_so_far(self) -> int:
+        """Successful replies received since the current run began."""
+        return self._counts["reply.ok"]
 
     def wait_late_replies(self, timeout_s: float) -> int:
         """After a run: wait up to `timeout_s` more for the measured requests that had no
@@ -494,6 +540,70 @@ class LoadGenerator:
         while missing and time.perf_counter() < deadline and any(not r.t_reply for r in missing):
             self._pump(0.05)
         return sum(1 for r in missing if r.t_reply)
+
+    def run_heartbeats(
+        self,
+        runners: list[str],
+        *,
+        concurrency: int,
+        duration_s: float,
+        warmup_s: float,
+        handled: Callable[[], int],
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Runners' heartbeats (`{}` on `P/runners/{id}/req/heartbeat`, QoS 1) in a closed loop.
+
+        A successful heartbeat has no reply, so completions are read from the service:
+        `handled()` (its count of successful heartbeats, from `/metrics`), polled about
+        20 times a second; after each poll, as many heartbeats are sent as keep
+        `concurrency` outstanding. The runners take turns. Returns sent, handled and the
+        rate in the measured window (`per_s`), and whether all were handled in the end.
+        """
+        t0 = time.perf_counter()
+        m_start, m_end = t0 + warmup_s, t0 + warmup_s + duration_s
+        base = handled()
+        sent = 0
+        i = 0
+        done = 0
+        done_at_start: int | None = None
+        done_at_end: int | None = None
+        last_poll = 0.0
+        last_report = 0.0
+        while True:
+            now = time.perf_counter()
+            if now - last_poll >= 0.05:
+                last_poll = now
+                done = handled() - base
+                if done_at_start is None and now >= m_start:
+                    done_at_start = done
+                if now >= m_end:
+                    done_at_end = done
+                    break
+                for _ in range(max(0, concurrency - (sent - done))):
+                    runner = runners[i % len(runners)]
+                    i += 1
+                    self._runner_client.publish(
+                        f"{self.prefix}/runners/{runner}/req/heartbeat", b"{}", qos=1
+                    )
+                    sent += 1
+            self._pump(0.01)
+            if progress is not None and now - last_report > 0.25:
+                last_report = now
+                progress((now - t0) / (m_end - t0), f"heartbeats: {done} handled")
+        deadline = time.perf_counter() + DRAIN_TIMEOUT_S
+        while done < sent and time.perf_counter() < deadline:
+            self._pump(0.05)
+            done = handled() - base
+        window = (done_at_end or 0) - (done_at_start or 0)
+        return {
+            "concurrency": concurrency,
+            "duration_s": duration_s,
+            "sent": sent,
+            "handled": done,
+            "all_handled": done >= sent,
+            "per_s": window / duration_s,
+            "runners": len(runners),
+        }
 
     def send_one(self, job: Job, timeout_s: float = 10.0) -> tuple[bool, str]:
         """Send one request and wait for its reply and (on success) the runner's event.

@@ -6,9 +6,19 @@ the Markdown report (`docs/benchmarks.md` for a full run; next to the JSON for -
 --smoke unless --out is given). Progress is shown with rich while it runs. A Redis Cluster
 (3 masters) is started for its own step and stopped after it.
 
-- full: the numbers of the report (about 8 minutes; run it on an otherwise idle machine).
-- --quick: shorter runs, 100k instead of 1M live codes (about 3 minutes).
-- --smoke: a second of load per step, to keep the suite working (CI); asserts no timing.
+- full: the numbers of the report (about 10 minutes; run it on an otherwise idle machine).
+- --quick: shorter runs, 100k instead of 1M live codes, a presence storm of 20k instead
+  of 100k runners (about 3 minutes).
+- --smoke: a second of load per step, a 1k-runner storm, to keep the suite working (CI;
+  about 1 minute); asserts no timing.
+
+Besides saturation, latency, live codes, instances, round trips and memory, it measures
+(issue 15) the service's and Redis's CPU and Redis's commands per failed guess and per
+heartbeat (closed loops on the same process, right after the saturation runs), "one
+code, many phones" (10 apps claiming the 10 uses of one code at once) against the spread
+mix, the events delivered per pair in both, and a presence storm: N runners' retained
+statuses and some Last Wills replayed to one instance after a broker restart, with pair
+requests answered meanwhile.
 
 Before and after: --save-baseline FILE keeps this run's key figures (commit, date,
 machine, ratios, round trips, bytes, profile summary); --baseline FILE (default
@@ -32,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,7 +54,7 @@ import redis
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from benchmarks import baseline, inproc, profile, report
+from benchmarks import baseline, inproc, profile, report, storm
 from benchmarks.loadgen import EndlessJobs, Job, JobQueue, LoadGenerator, RunResult
 from benchmarks.stack import (
     CLUSTER_MASTERS,
@@ -54,18 +65,26 @@ from benchmarks.stack import (
     Servers,
     Stoppable,
     cluster_env,
+    commandstats,
+    commandstats_delta,
     embedded_redis_url,
     free_listen,
     launch_service,
+    metric_sum,
     redis_cluster,
+    scrape_metrics,
     start_echo,
     start_service,
     wait_ready,
     which,
 )
-from tests.harness.servers import RedisClusterServers
+from mqtt_pairing.store.keys import KeySchema
+from tests.harness.servers import MosquittoBroker, RedisClusterServers
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+# The storm's broker: as the main one (benchmarks/stack.py), but with persistence, so that
+# retained statuses survive its restart.
+STORM_MOSQUITTO = "\n# benchmarks: presence storm\npersistence true\nmax_queued_messages 100000\n"
 DEFAULT_REPORT = REPO_ROOT / "docs" / "benchmarks.md"
 
 
@@ -87,16 +106,36 @@ class Plan:
     shared_multipliers: tuple[int, ...]
     cluster_multipliers: tuple[int, ...]
     cluster_max_concurrency: int = 1 << 20
+    # The presence storm: runners whose retained status the broker replays after its
+    # restart, and the longest the storm step waits for the service to record them all.
+    storm_runners: int = 100_000
+    storm_cap_s: float = 300.0
 
 
 PLANS = {
     "full": Plan("full", 2.0, 10.0, (16, 64, 256), (0.25, 0.5, 0.9), 200, 10_000, 100_000,
                  1_000_000, 10.0, 32, (1, 2), (1, 3)),
     "quick": Plan("quick", 1.0, 4.0, (64,), (0.25, 0.5, 0.9), 50, 2_000, 100_000, 100_000,
-                  4.0, 32, (1,), (1,)),
+                  4.0, 32, (1,), (1,), storm_runners=20_000, storm_cap_s=120.0),
     "smoke": Plan("smoke", 0.3, 1.0, (32,), (0.5,), 5, 100, 5_000, 10_000, 0.0, 16, (1,),
-                  (1,), 8),
+                  (1,), 8, storm_runners=1_000, storm_cap_s=60.0),
 }  # fmt: skip
+
+# "One code, many phones": apps claiming the uses of one code at once.
+MANY_PHONES_USES = 10
+# Apps of the failed-guess step (8 connections of 128): each app makes few guesses.
+GUESS_APP_CONNECTIONS = 8
+GUESS_APPS_PER_CONNECTION = 128
+# Heartbeats outstanding in the heartbeat step, and how many runners take turns.
+HEARTBEAT_CONCURRENCY = 256
+# The presence storm: share of the runners whose Last Will (offline) fires before the
+# restart (at most STORM_WILLS_MAX), pair requests per second during the storm, and the
+# storm service's own topic and key prefixes (its own presence lease).
+STORM_WILL_SHARE = 0.1
+STORM_WILLS_MAX = 5_000
+STORM_PAIR_RATE = 100.0
+STORM_PREFIX = "bench-st"
+STORM_KEY_PREFIX = "storm"
 
 SMALL_CODES = 1_000
 # The cluster step's instances: their own topic prefix and shared-subscription group, so
@@ -105,7 +144,7 @@ CLUSTER_PREFIX = "bench-cl"
 CLUSTER_INSTANCES = 3
 # How long the cluster step waits, after a run's own drain, for replies still missing.
 LATE_REPLIES_S = 30.0
-STEPS = 11
+STEPS = 13
 
 
 class Ui:
@@ -207,6 +246,7 @@ class Suite:
         self.servers = Servers(workdir)
         self.results: dict[str, Any] = {"plan": plan.__dict__}
         self._procs: list[Stoppable] = []
+        self._paired_runners: dict[str, None] = {}  # in order, without duplicates
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -230,14 +270,18 @@ class Suite:
         *,
         server: Process | None = None,
         cpu_of: dict[str, list[int]] | None = None,
+        commands_of: redis.Redis | None = None,
     ) -> RunResult:
         """A closed-loop run, and the CPU time per answered request of `cpu_of` (name ->
-        processes, summed; by default `server` if given, Mosquitto and Redis)."""
+        processes, summed; by default `server` if given, Mosquitto and Redis); with
+        `commands_of`, also that Redis's commands (INFO commandstats, inside scripts
+        too) per answered request."""
         pids = cpu_of if cpu_of is not None else self._cpu_of([server] if server else [])
 
         def cpu(group: list[int]) -> float:
             return sum(cpu_seconds(p) for p in group)
 
+        stats0 = commandstats(commands_of) if commands_of is not None else None
         before = {k: cpu(p) for k, p in pids.items()}
         t = time.perf_counter()
         res = gen.run_closed(
@@ -253,6 +297,10 @@ class Suite:
             used = {k: cpu(p) - before[k] for k, p in pids.items()}
             res.cpu_ms_per_request = {k: v * 1000 / answered for k, v in used.items()}
             res.cpu_share = {k: v / wall for k, v in used.items()}
+            if commands_of is not None and stats0 is not None:
+                delta = commandstats_delta(stats0, commandstats(commands_of))
+                delta.pop("info", None)
+                res.redis_commands_per_request = sum(delta.values()) / answered
         return res
 
     def _cpu_of(
@@ -308,6 +356,7 @@ class Suite:
             self.results["machine"] = machine_info(self.servers)
         self.results["started_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.single_service()
+        self.presence_storm()
         self.cluster()
         self.round_trips()
         self.memory()
@@ -327,6 +376,7 @@ class Suite:
             gen = self._gen("bench")
             echo_gen = self._gen("echo", echo=True)
         echo_jobs = EndlessJobs()
+        stats_client = s.redis_client()
 
         # Echo and pair runs alternate, so that each ratio compares runs seconds apart.
         with self.ui.stage("saturation: pair and echo (closed loop)") as step:
@@ -345,7 +395,8 @@ class Suite:
                 def sub2(f: float, st: str, c: int = c, k: int = 2 * i + 1) -> None:
                     step((k + f) / parts, f"pair c={c} {st}")
 
-                res = self._closed(gen, jobs, c, sub2, server=svc)
+                res = self._closed(gen, jobs, c, sub2, server=svc, commands_of=stats_client)
+                self._paired_runners.update(dict.fromkeys(gen.ok_runners()))
                 runs.append(res.as_dict())
                 self.ui.log(f"pair c={c}: {res.throughput:.0f}/s, {_lat(res)}, errors {res.errors}")
             best = max(runs, key=lambda r: r["throughput"])
@@ -356,6 +407,10 @@ class Suite:
         self._stop(echo)
         rate = best["throughput"]
         best_c = best["concurrency"]
+
+        with self.ui.stage("many phones, failed guesses, heartbeats (closed loop)") as step:
+            self._mixes(svc, gen, factory, best_c, max(rate, 200.0), stats_client, step)
+        stats_client.close()
 
         with self.ui.stage("latency at 25/50/90% of saturation (open loop)") as step:
             points = []
@@ -446,6 +501,316 @@ class Suite:
             "second_instance_share": handled_by_2 / total if total else 0.0,
         }
         self.ui.log(f"shared: one {one.throughput:.0f}/s, two {two.throughput:.0f}/s")
+
+    def _mixes(
+        self,
+        svc: Process,
+        gen: LoadGenerator,
+        factory: CodeFactory,
+        c: int,
+        rate: float,
+        stats: redis.Redis,
+        step: Any,
+    ) -> None:
+        """Right after the saturation runs, on the same service process and broker.
+
+        - the spread mix again (one code, one runner per pair), then
+        - many phones: codes of `MANY_PHONES_USES` uses, each claimed by that many apps at
+          once (the code's jobs come in a row, sent from consecutive apps), closed loop at
+          the spread mix's best concurrency;
+        - failed guesses: never-issued codes from 1,024 apps, closed loop at the same
+          concurrency;
+        - heartbeats: the runners paired in the spread mix (one session each) send `{}`
+          heartbeats, `HEARTBEAT_CONCURRENCY` outstanding, completions read from /metrics.
+        Each with the service's CPU (/proc) and Redis's commands (commandstats) per operation.
+        """
+        out: dict[str, Any] = {}
+        parts = 4
+        # A spread-mix run right before, so that the many-phones ratio compares runs
+        # seconds apart (as pair/echo does).
+        res = self._closed(
+            gen, self._codes_for(factory, rate), c, _sub(step, 0, parts, "spread mix"),
+            server=svc, commands_of=stats,
+        )  # fmt: skip
+        out["spread"] = res.as_dict()
+        self.ui.log(
+            f"spread mix c={c}: {res.throughput:.0f} pairs/s, {_lat(res)}, "
+            f"events/pair {res.events_per_pair or 0:.2f}"
+        )
+        n = int(rate * (self.plan.warmup_s + self.plan.duration_s) * 1.3 / MANY_PHONES_USES) + 20
+        jobs = factory.issue(n, "mp", max_uses=MANY_PHONES_USES)
+        res = self._closed(
+            gen, jobs, c, _sub(step, 1, parts, "many phones"), server=svc, commands_of=stats
+        )  # fmt: skip
+        d = res.as_dict()
+        d["uses_per_code"] = MANY_PHONES_USES
+        out["many_phones"] = d
+        self.ui.log(
+            f"many phones c={c}: {res.throughput:.0f} pairs/s, {_lat(res)}, errors {res.errors}, "
+            f"events/pair {res.events_per_pair or 0:.2f}"
+        )
+
+        guess_gen = self._gen(
+            "bench", app_connections=GUESS_APP_CONNECTIONS,
+            apps_per_connection=GUESS_APPS_PER_CONNECTION,
+        )  # fmt: skip
+        n = int(max(rate * 4, 1000) * (self.plan.warmup_s + self.plan.duration_s) * 1.3) + 200
+        res = self._closed(
+            guess_gen, factory.wrong_guesses(n), c, _sub(step, 2, parts, "failed guesses"),
+            server=svc, commands_of=stats,
+        )  # fmt: skip
+        guess_gen.close()
+        d = res.as_dict()
+        d["apps"] = GUESS_APP_CONNECTIONS * GUESS_APPS_PER_CONNECTION
+        out["failed_guess"] = d
+        self.ui.log(
+            f"failed guesses c={c}: {res.answered_per_s:.0f}/s, {_lat_any(res)}, "
+            f"outcomes {res.errors}"
+        )
+
+        runners = list(self._paired_runners)[:4096] or [f"hb-{i}" for i in range(256)]
+        port = svc.health_port
+        assert port is not None
+
+        def handled() -> int:
+            return int(
+                metric_sum(scrape_metrics(port), "mqtt_pairing_replies_total",
+                           op="heartbeat", outcome="ok")
+            )  # fmt: skip
+
+        pids = self._cpu_of([svc])
+        cpu0 = {k: sum(cpu_seconds(p) for p in g) for k, g in pids.items()}
+        stats0 = commandstats(stats)
+        t = time.perf_counter()
+        hb = gen.run_heartbeats(
+            runners, concurrency=HEARTBEAT_CONCURRENCY, duration_s=self.plan.duration_s,
+            warmup_s=self.plan.warmup_s, handled=handled,
+            progress=_sub(step, 3, parts, "heartbeats"),
+        )  # fmt: skip
+        wall = time.perf_counter() - t
+        delta = commandstats_delta(stats0, commandstats(stats))
+        delta.pop("info", None)
+        done = hb["handled"]
+        if done:
+            used = {k: sum(cpu_seconds(p) for p in g) - cpu0[k] for k, g in pids.items()}
+            hb["cpu_ms_per_request"] = {k: v * 1000 / done for k, v in used.items()}
+            hb["cpu_share"] = {k: v / wall for k, v in used.items()}
+            hb["redis_commands_per_request"] = sum(delta.values()) / done
+            hb["commands_per_request"] = {k: v / done for k, v in sorted(delta.items())}
+        out["heartbeat"] = hb
+        self.ui.log(
+            f"heartbeats: {hb['per_s']:.0f}/s, {hb['handled']}/{hb['sent']} handled, "
+            f"{hb.get('cpu_ms_per_request', {}).get('server', 0):.3f} ms CPU each"
+        )
+        self.results["mixes"] = out
+
+    # ---- the presence storm ---------------------------------------------------------------
+
+    def presence_storm(self) -> None:
+        """N runners' retained statuses (and some Last Wills) after a broker restart.
+
+        Its own Mosquitto with persistence and its own service instance (topic prefix
+        `STORM_PREFIX`, key prefix `STORM_KEY_PREFIX`, so its own presence lease on the
+        same Redis; `MQTT_RECONNECT_MAX_S=1` so the reconnect backoff does not dominate).
+        The service connects and subscribes; the broker is stopped (its database saved);
+        while it is down the runners' statuses are written into that database through a
+        loader broker on another port sharing the persistence directory (a few raw
+        connections publish the retained `online` statuses, then one short connection per
+        Last Will runner is dropped so that the broker publishes its retained `offline`);
+        then the broker starts again on its port and replays every retained status to the
+        service's presence subscription. Done when the service has counted N status
+        messages (`mqtt_pairing_events_total{name="status"}` on /metrics) and Redis holds
+        the expected presence of all N runners (one EVAL reading every runner hash).
+        Meanwhile pair requests go out at `STORM_PAIR_RATE`/s (open loop).
+        """
+        plan = self.plan
+        s = self.servers
+        n = plan.storm_runners
+        wills = min(STORM_WILLS_MAX, int(n * STORM_WILL_SHARE))
+        tag = f"st{uuid.uuid4().hex[:4]}-"
+        with self.ui.stage(
+            f"presence storm: {n:,} retained statuses after a broker restart"
+        ) as step:
+            broker = MosquittoBroker(
+                which("mosquitto"), self.workdir / "storm-mosquitto", extra_config=STORM_MOSQUITTO
+            )  # fmt: skip
+            self._procs.append(broker)
+            broker.start()
+            svc = self._start(
+                start_service(
+                    "storm", self.workdir, mqtt_url=broker.url, redis_url=s.redis.url,
+                    prefix=STORM_PREFIX, group=STORM_PREFIX,
+                    extra_env={"PAIRING_KEY_PREFIX": STORM_KEY_PREFIX,
+                               "MQTT_RECONNECT_MAX_S": "1"},
+                )
+            )  # fmt: skip
+            port = svc.health_port
+            assert port is not None
+
+            def metrics() -> dict[str, float]:
+                return scrape_metrics(port)
+
+            deadline = time.monotonic() + 30
+            while metric_sum(metrics(), "mqtt_pairing_presence_connected") < 1:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("storm service: no presence connection after 30 s")
+                time.sleep(0.1)
+            rclient = s.redis_client()
+            factory = CodeFactory(rclient, key_prefix=STORM_KEY_PREFIX)
+            jobs = factory.issue(int(STORM_PAIR_RATE * plan.storm_cap_s * 1.1) + 100, "sp")
+
+            step(0.02, "stopping the broker")
+            broker.stop()
+            loader = MosquittoBroker(which("mosquitto"), self.workdir / "storm-loader")
+            loader.config_path.write_text(
+                loader.config_path.read_text().replace(
+                    str(loader.persistence_dir), str(broker.persistence_dir)
+                )
+            )
+            self._procs.append(loader)
+            t = time.perf_counter()
+            loader.start()
+            ids = [f"{tag}{i}" for i in range(n)]
+            topics = [f"{STORM_PREFIX}/runners/{r}/status" for r in ids]
+            storm.publish_retained(
+                loader.host, loader.port, [(t_, storm.ONLINE) for t_ in topics], tag=tag,
+                progress=lambda f: step(0.02 + 0.2 * f, "loading retained statuses"),
+            )  # fmt: skip
+            storm.fire_wills(
+                loader.host, loader.port, topics[:wills], tag=tag,
+                progress=lambda f: step(0.22 + 0.05 * f, "firing Last Wills"),
+            )  # fmt: skip
+            time.sleep(0.5)  # let the broker take the last dropped connections in
+            storm.ping(loader.host, loader.port, tag=tag)
+            self._stop(loader)
+            load_s = time.perf_counter() - t
+
+            m0 = metrics()
+            status0 = metric_sum(m0, "mqtt_pairing_events_total", name="status")
+            pids = {"server": [svc.pid], "redis": self._cpu_of([])["redis"]}
+            cpu0 = {k: sum(cpu_seconds(p) for p in g) for k, g in pids.items()}
+            stats0 = commandstats(rclient)
+            step(0.3, "restarting the broker")
+            t0 = time.perf_counter()
+            broker.start()
+            broker_start_s = time.perf_counter() - t0
+            wait_ready(svc)
+            ready_s = time.perf_counter() - t0
+            gen = LoadGenerator(broker.host, broker.port, STORM_PREFIX)
+            gen.start()
+            template = KeySchema(STORM_KEY_PREFIX).runner("\\x00")
+            key_template = tuple(template.split("\\x00", 1))
+            state: dict[str, Any] = {
+                "verify_polls": 0, "done": None, "last_check": 0.0, "counted": -1.0,
+                "changed": time.perf_counter(),
+            }  # fmt: skip
+
+            def done() -> bool:
+                """Counted N statuses (or the count stalled 2 s: some were dropped and the
+                service reconciles), and Redis holds every runner's expected presence."""
+                now = time.perf_counter()
+                counted = metric_sum(metrics(), "mqtt_pairing_events_total", name="status")
+                counted -= status0
+                step(0.35 + 0.6 * min(1.0, counted / n), f"{int(counted):,}/{n:,} statuses")
+                if counted != state["counted"]:
+                    state["counted"], state["changed"] = counted, now
+                stalled = now - state["changed"] >= 2.0 and now - state["last_check"] >= 2.0
+                if counted < n and not stalled:
+                    return False
+                snap = {
+                    "t": now,
+                    "cpu": {k: sum(cpu_seconds(p) for p in g) for k, g in pids.items()},
+                    "stats": commandstats(rclient),
+                    "counted": counted,
+                    "polls_before": state["verify_polls"],
+                    "pairs": gen.ok_so_far(),
+                }
+                state["last_check"] = now
+                state["verify_polls"] += 1
+                check = storm.count_recorded(rclient, key_template, tag, n, wills)  # type: ignore[arg-type]
+                snap["check"] = check
+                state["last"] = snap
+                if check["ok"] == n:
+                    state["done"] = snap
+                    return True
+                return False
+
+            pairs = gen.run_open(
+                jobs, rate=STORM_PAIR_RATE, duration_s=plan.storm_cap_s, warmup_s=0.0,
+                until=done,
+            )  # fmt: skip
+            gen.close()
+            end = state["done"] or state.get("last")
+            m1 = metrics()
+            self._stop(svc)
+            problems = _log_problems(svc)
+            self._stop(broker)
+            with contextlib.suppress(ValueError):
+                self._procs.remove(broker)
+            with contextlib.suppress(ValueError):
+                self._procs.remove(loader)
+        out: dict[str, Any] = {
+            "runners": n,
+            "wills": wills,
+            "load_s": load_s,
+            "broker_start_s": broker_start_s,
+            "service_ready_s": ready_s,
+            "pair_rate": STORM_PAIR_RATE,
+            "completed": state["done"] is not None,
+            "completion_signal": (
+                'mqtt_pairing_events_total{name="status"} on /metrics reaching N, then one '
+                "EVAL in Redis finding every runner's expected status in its runner hash"
+            ),
+            "pairs": pairs.as_dict(),
+            "counters": {
+                k.split('name="', 1)[1].rstrip('"}'): v
+                for k, v in m1.items()
+                if k.startswith("mqtt_pairing_events_total")
+                and any(w in k for w in ("status", "presence", "shed", "dropped", "reconcil"))
+            },
+            "log_problems": problems[:10],
+            "log_problem_count": len(problems),
+        }
+        if end is not None:
+            delta = commandstats_delta(stats0, end["stats"])
+            delta.pop("info", None)
+            # the completion checks made before the last snapshot: one EVAL of N HGETs each
+            polls = end["polls_before"]
+            if polls:
+                for cmd, k in (("eval", polls), ("hget", polls * n)):
+                    delta[cmd] = max(0, delta.get(cmd, 0) - k)
+            total = sum(delta.values())
+            pair_cmds = self._spread_commands_per_pair()
+            pairs_done = end["pairs"]
+            status_cmds = total - (pair_cmds or 0.0) * pairs_done
+            out.update(
+                {
+                    "duration_s": end["t"] - t0,
+                    "check": end["check"],
+                    "statuses_counted": end["counted"],
+                    "service_cpu_s": end["cpu"]["server"] - cpu0["server"],
+                    "redis_cpu_s": end["cpu"]["redis"] - cpu0["redis"],
+                    "redis_commands": total,
+                    "pairs_during_storm": pairs_done,
+                    "pair_commands_subtracted": (pair_cmds or 0.0) * pairs_done,
+                    "redis_commands_per_status": status_cmds / n,
+                    "commands": dict(sorted(delta.items())),
+                }
+            )
+        self.results["presence_storm"] = out
+        self.ui.log(
+            f"presence storm: {n:,} statuses in {out.get('duration_s', float('nan')):.1f} s "
+            f"(complete: {out['completed']}), pairs {_lat(pairs)}, errors {pairs.errors}, "
+            f"lost {pairs.lost_replies}"
+        )
+
+    def _spread_commands_per_pair(self) -> float | None:
+        """Redis commands per pair in the saturation runs (the spread mix), their mean."""
+        runs = self.results.get("saturation", {}).get("runs", [])
+        values = [
+            r["redis_commands_per_request"] for r in runs if r.get("redis_commands_per_request")
+        ]
+        return sum(values) / len(values) if values else None
 
     # ---- Redis Cluster ------------------------------------------------------------------
 
@@ -663,6 +1028,12 @@ class Suite:
             self._stop(svc)
             self.results["embedded"] = {"saturation": sat.as_dict(), "half": half.as_dict()}
             self.ui.log(f"embedded: {sat.throughput:.0f}/s; at 50%: {_lat(half)}")
+
+
+def _lat_any(res: RunResult) -> str:
+    """Latency of every answered request (failed guesses included)."""
+    d = res.reply_ms_all
+    return f"p50 {d.get('p50', 0):.1f} ms, p99 {d.get('p99', 0):.1f} ms" if d else "no replies"
 
 
 def _log_problems(proc: Process) -> list[str]:

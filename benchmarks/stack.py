@@ -415,9 +415,14 @@ class CodeFactory:
     the cluster pipeline sends each EVALSHA to the master of its slot); `fill` does not.
     """
 
-    def __init__(self, client: redis.Redis | redis.RedisCluster, secret: str = SECRET) -> None:
+    def __init__(
+        self,
+        client: redis.Redis | redis.RedisCluster,
+        secret: str = SECRET,
+        key_prefix: str = KEY_PREFIX,
+    ) -> None:
         self.r = client
-        self.keys = KeySchema(KEY_PREFIX)
+        self.keys = KeySchema(key_prefix)
         self.codes = PairingCodeService(None, bench_settings(), secret.encode())  # type: ignore[arg-type]
         self.layout = bench_settings().tombstones
         self._issue = client.register_script(load_script_source("issue_code"))
@@ -431,8 +436,12 @@ class CodeFactory:
         self._filled = 0
         self._salt = uuid.uuid4().hex[:8]
 
-    def issue(self, n: int, tag: str = "r") -> deque[Job]:
-        """`n` live codes, each on its own new runner; the jobs that pair with them."""
+    def issue(self, n: int, tag: str = "r", max_uses: int = 1) -> deque[Job]:
+        """`n` live codes, each on its own new runner; the jobs that pair with them.
+
+        With `max_uses` > 1 each code allows that many pairs, and its job comes that many
+        times in a row (one per use: the load generator sends them from different apps).
+        """
         jobs: deque[Job] = deque()
         run = uuid.uuid4().hex[:6]
         for start in range(0, n, 1000):
@@ -449,7 +458,7 @@ class CodeFactory:
                     [code_key],
                     [
                         runner,
-                        1,
+                        max_uses,
                         CODE_TTL_S * 1000,
                         code[0],
                     ],
@@ -479,10 +488,11 @@ class CodeFactory:
                         "",
                         "",
                         "",
-                        1,
+                        max_uses,
                     ],
                 )
-                jobs.append(Job(runner, format_code(code)))
+                for _ in range(max_uses):
+                    jobs.append(Job(runner, format_code(code)))
             pipes.execute()
         return jobs
 
@@ -572,6 +582,39 @@ def commandstats(client: redis.Redis) -> dict[str, int]:
 
 def commandstats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0) > 0}
+
+
+def scrape_metrics(port: int, timeout_s: float = 2.0) -> dict[str, float]:
+    """A service's `/metrics` (its health port) as {sample with labels: value}."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    body = b"".join(chunks).split(b"\r\n\r\n", 1)[-1].decode(errors="replace")
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            out[name] = float(value)
+    return out
+
+
+def metric_sum(samples: dict[str, float], metric: str, **labels: str) -> float:
+    """Sum of the samples of `metric` whose labels include `labels` (instance ignored)."""
+    total = 0.0
+    for sample, value in samples.items():
+        base, _, rest = sample.partition("{")
+        if base != metric:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += value
+    return total
 
 
 def free_listen() -> str:
