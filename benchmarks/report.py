@@ -11,6 +11,7 @@ from benchmarks.baseline import (
     key_figures,
     mean_server_cpu,
     mix_figures,
+    phase_share,
     spread_at,
     typical_round_trips,
 )
@@ -1578,10 +1579,10 @@ class _Report:
 
     def _svc_share(self, name: str) -> float | None:
         p = self.r.get("profile", {})
-        for x in p.get("service_inclusive", []):
-            if x["name"].split(" (")[0] == name:
-                return float(x["share"])
-        return None
+        inclusive = {
+            x["name"].split(" (")[0]: float(x["share"]) for x in p.get("service_inclusive", [])
+        }
+        return phase_share(inclusive, name)
 
     def _area_share(self, name: str) -> float:
         p = self.r.get("profile", {})
