@@ -53,9 +53,10 @@ end
 -- them a change is held back (nothing announced, 'announced' unchanged) and the delay
 -- in ms until the window allows one is returned, for the caller to announce the
 -- presence of then (record_status with no state); else 0.
-local function announce(runner_key, sessions_key, outbox_key, presence, now, max, window)
+local function announce(runner_key, sessions_key, outbox_key, presence, now, max, window, h)
   if presence == 'unknown' then return 0 end
-  local h = redis.call('HMGET', runner_key, 'announced', 'ann_from', 'ann_n')
+  -- h: the runner hash's 'announced', 'ann_from', 'ann_n', when the caller read them already
+  h = h or redis.call('HMGET', runner_key, 'announced', 'ann_from', 'ann_n')
   local last = h[1]
   if last == presence then return 0 end
   if not last then
@@ -88,17 +89,26 @@ end
 -- KEYS[first], KEYS[first + 1], ... are the strings of the code's group; ARGV[a] is the
 -- fingerprint (10 hex), ARGV[a + 1] the window (ms), ARGV[a + 2] the tombstone (ms),
 -- ARGV[a + 3], ... the window of each of those keys, in order.
--- Returns true if a record's expiry e has e <= now < e + tombstone.
+-- Returns true if a record's expiry e has e <= now < e + tombstone. Reads the strings
+-- with one MGET.
 local function tombstone_expired(first, a, now)
   local fp = unhex(ARGV[a])
   local w = tonumber(ARGV[a + 1])
   local tomb = tonumber(ARGV[a + 2])
+  -- Only windows that can hold an expiry e with now - tomb < e <= now are read: the
+  -- window of live codes' records (e > now) and those past their time are skipped.
+  local keys, bases = {}, {}
   for i = first, #KEYS do
     local base = tonumber(ARGV[a + 3 + i - first]) * w
-    -- Only windows that can hold an expiry e with now - tomb < e <= now are read: the
-    -- window of live codes' records (e > now) and those past their time are skipped.
-    local s = false
-    if base <= now and base + w + tomb > now then s = redis.call('GET', KEYS[i]) end
+    if base <= now and base + w + tomb > now then
+      keys[#keys + 1] = KEYS[i]
+      bases[#bases + 1] = base
+    end
+  end
+  if #keys == 0 then return false end
+  local got = redis.call('MGET', (unpack or table.unpack)(keys))
+  for j = 1, #keys do
+    local s, base = got[j], bases[j]
     if s then
       local from = 1
       while true do
@@ -115,4 +125,44 @@ local function tombstone_expired(first, a, now)
     end
   end
   return false
+end
+
+-- The limit hash of an identity (limit:{<kind>:<id>}, docs/design.md "Redis keys") holds
+-- its admin ban (ban_reason, ban_by, ban_at_ms, ban_until_ms: -1 permanent), the allowlist
+-- (allow = '1'), its automatic penalty (strikes, penalty_until_ms, last_penalty_end_ms,
+-- penalty_ms), and the logs of its counted requests (rq) and failed guesses (fl): times in
+-- ms, separated by spaces, oldest first. It lives as long as what it holds: 'keep' is the
+-- latest time (ms) that anything in it must last until; the hash expires then, and has no
+-- TTL while it holds a permanent ban or the allowlist (limit_ttl).
+
+-- The times of a log (rq, fl) later than `after`, as a list of strings.
+local function log_since(s, after)
+  local out = {}
+  for t in string.gmatch(s or '', '%d+') do
+    if tonumber(t) > after then out[#out + 1] = t end
+  end
+  return out
+end
+
+-- Whether the limit hash must keep no TTL, from its ban_until_ms and allow.
+local function limit_persistent(ban_until, allow)
+  return ban_until == '-1' or allow == '1'
+end
+
+-- What 'keep' becomes when something in the hash must last until `need` (ms): nil if it
+-- does already, else need + slack (so that a busy identity renews it once per slack).
+local function limit_keep(keep, need, slack)
+  if tonumber(keep or '0') >= need then return nil end
+  return need + slack
+end
+
+-- Give the limit hash the TTL that its fields ask for (after a write that changed them).
+local function limit_ttl(key, keep, persistent)
+  if persistent then
+    redis.call('PERSIST', key)
+  elseif keep then
+    redis.call('PEXPIREAT', key, keep)
+  else
+    redis.call('DEL', key)
+  end
 end

@@ -2,20 +2,19 @@
 -- the pending mark of the request (docs/protocol.md "Idempotency", "App pair" checks 1-3).
 -- All keys carry the identity's tag ({app:<id>} or {runner:<id>}).
 -- KEYS[1] - dedupe hash of (kind, id, op, request_id)
--- KEYS[2] - ban hash of the identity
--- KEYS[3] - allowlist string of the identity
--- KEYS[4] - limit hash of the identity (penalty_until_ms)
--- KEYS[5] - request-rate sorted set of the identity
+-- KEYS[2] - limit hash of the identity: ban, allowlist, penalty, request and failure logs
+--           (see limit_keep in _prelude.lua), read with one HMGET
 -- ARGV[1] - payload hash (hex)
 -- ARGV[2] - pending lease, ms (a copy arriving later waits this long before taking over)
--- ARGV[3] - dedupe TTL, ms (0: the op has no idempotency)
+-- ARGV[3] - dedupe TTL, ms (0: the op has no idempotency); set once, when the mark is made
 -- ARGV[4] - '1' to check the admin ban
 -- ARGV[5] - '1' to check the automatic penalty
 -- ARGV[6] - request limit in the window (0: none)
 -- ARGV[7] - request window, ms
--- ARGV[8] - unique member for this request in the rate set
 -- returns {'replay', reply} | {'pending'} | {'mismatch'} | {'banned', retry_ms (-1: permanent)}
---       | {'limited', retry_ms} | {'ok', allowlisted (0/1), now_ms, takeover (0/1)}
+--       | {'limited', retry_ms}
+--       | {'ok', allowlisted (0/1), now_ms, takeover (0/1), failures (0/1: the failure log
+--          may hold a guess, for finish_request)}
 local now = now_ms()
 local dedupe_ttl = tonumber(ARGV[3])
 local takeover = 0
@@ -28,31 +27,40 @@ if dedupe_ttl > 0 then
     takeover = 1
   end
 end
-if ARGV[4] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
-  local u = tonumber(redis.call('HGET', KEYS[2], 'until_ms') or '-1')
+local g = redis.call('HMGET', KEYS[2], 'ban_until_ms', 'allow', 'penalty_until_ms', 'rq', 'fl',
+  'keep')
+if ARGV[4] == '1' and g[1] then
+  local u = tonumber(g[1])
   if u < 0 then return {'banned', -1} end
   if u > now then return {'banned', u - now} end
 end
-local allow = redis.call('EXISTS', KEYS[3])
 if takeover == 0 then
   if ARGV[5] == '1' then
-    local pu = tonumber(redis.call('HGET', KEYS[4], 'penalty_until_ms') or '0')
+    local pu = tonumber(g[3] or '0')
     if pu > now then return {'limited', pu - now} end
   end
   local lim = tonumber(ARGV[6])
   if lim > 0 then
     local win = tonumber(ARGV[7])
-    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - win)
-    if redis.call('ZCARD', KEYS[5]) >= lim then
-      local oldest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
-      return {'limited', tonumber(oldest[2]) + win - now}
+    local log = log_since(g[4], now - win)
+    if #log >= lim then return {'limited', tonumber(log[#log - lim + 1]) + win - now} end
+    log[#log + 1] = tostring(now)
+    local keep = limit_keep(g[6], now + win, win)
+    if keep then
+      redis.call('HSET', KEYS[2], 'rq', table.concat(log, ' '), 'keep', keep)
+      if not limit_persistent(g[1], g[2]) then redis.call('PEXPIREAT', KEYS[2], keep) end
+    else
+      redis.call('HSET', KEYS[2], 'rq', table.concat(log, ' '))
     end
-    redis.call('ZADD', KEYS[5], now, ARGV[8])
-    redis.call('PEXPIRE', KEYS[5], win)
   end
 end
 if dedupe_ttl > 0 then
-  redis.call('HSET', KEYS[1], 'h', ARGV[1], 'st', 'pending', 'lease', now + tonumber(ARGV[2]))
-  redis.call('PEXPIRE', KEYS[1], dedupe_ttl)
+  if takeover == 1 then
+    -- the mark of a copy that died: same payload, still pending, TTL set when it was made
+    redis.call('HSET', KEYS[1], 'lease', now + tonumber(ARGV[2]))
+  else
+    redis.call('HSET', KEYS[1], 'h', ARGV[1], 'st', 'pending', 'lease', now + tonumber(ARGV[2]))
+    redis.call('PEXPIRE', KEYS[1], dedupe_ttl)
+  end
 end
-return {'ok', allow, now, takeover}
+return {'ok', g[2] == '1' and 1 or 0, now, takeover, g[5] and 1 or 0}
