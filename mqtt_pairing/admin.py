@@ -6,9 +6,10 @@ digest and shown masked (`codes.mask_code`).
 
 Where the data is found (docs/design.md, "Redis keys"):
 
-- bans: `ban:{<kind>:<id>}` hashes; automatic penalties: `limit:{<kind>:<id>}` hashes
-  (strikes, penalty_until_ms, penalty_ms); the allowlist: `allow:{<kind>:<id>}`. Listed
-  by SCAN (an admin command may walk the keyspace; the service never does).
+- bans, automatic penalties and the allowlist: the identity's `limit:{<kind>:<id>}` hash
+  (ban_reason, ban_by, ban_at_ms, ban_until_ms; strikes, penalty_until_ms, penalty_ms;
+  allow), changed through the store (`set_ban.lua`). Listed by SCAN (an admin command may
+  walk the keyspace; the service never does).
 - sessions: the runner's `runner:{runner:<id>}:sessions` hash; by app through the app's
   index; all of them through the expiry sets `expiry:{global:<n>}` (every open session
   is in one), so no SCAN. Reading does not refresh `last_seen_at`.
@@ -138,6 +139,55 @@ class BanEntry:
             "remaining_s": self.remaining_s,
             "strikes": self.strikes,
         }
+
+
+_LIMIT_FIELDS = [
+    "ban_reason",
+    "ban_by",
+    "ban_at_ms",
+    "ban_until_ms",
+    "strikes",
+    "penalty_until_ms",
+    "penalty_ms",
+    "allow",
+]
+"""The fields of an identity's limit hash that `bans` shows (store/lua/_prelude.lua)."""
+
+
+def _limit_entries(kind: Kind, ident: str, row: Sequence[Any], now: int) -> list[BanEntry]:
+    """The ban, penalty and allowlist entries in force in one HMGET of `_LIMIT_FIELDS`."""
+    reason, by, at_ms, ban_until, strikes, p_until, p_ms, allowed = row
+    out: list[BanEntry] = []
+    until = _int(ban_until, -1)
+    if ban_until is not None and (until < 0 or until > now):
+        out.append(
+            BanEntry(
+                type="ban",
+                kind=kind,
+                id=ident,
+                reason=reason or None,
+                by=by or None,
+                at_ms=_int(at_ms) or None,
+                until_ms=until if until >= 0 else None,
+                remaining_s=_remaining_s(until, now) if until >= 0 else None,
+            )
+        )
+    if _int(p_until) > now:
+        out.append(
+            BanEntry(
+                type="penalty",
+                kind=kind,
+                id=ident,
+                reason="failed guesses",
+                at_ms=_int(p_until) - _int(p_ms) if p_ms else None,
+                until_ms=_int(p_until),
+                remaining_s=_remaining_s(_int(p_until), now),
+                strikes=_int(strikes),
+            )
+        )
+    if allowed == "1":
+        out.append(BanEntry(type="allowed", kind=kind, id=ident))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,52 +441,11 @@ class AdminService:
         """
         now = await self.now_ms()
         k = self.keys
-        ban_keys = self._tagged(await self._scan(_pattern(k.ban(_MARK_A, _MARK_B))))
         limit_keys = self._tagged(await self._scan(_pattern(k.limit(_MARK_A, _MARK_B))))
-        allow_keys = self._tagged(await self._scan(_pattern(k.allow(_MARK_A, _MARK_B))))
+        rows = await self._pipelined(limit_keys, lambda p, t: p.hmget(t[0], _LIMIT_FIELDS))
         out: list[BanEntry] = []
-        bans = await self._pipelined(
-            ban_keys, lambda p, t: p.hmget(t[0], ["reason", "by", "at_ms", "until_ms"])
-        )
-        for (_, kind, ident), (reason, by, at_ms, until_ms) in zip(ban_keys, bans, strict=True):
-            until = _int(until_ms, -1)
-            if until >= 0 and until <= now:
-                continue
-            out.append(
-                BanEntry(
-                    type="ban",
-                    kind=kind,
-                    id=ident,
-                    reason=reason or None,
-                    by=by or None,
-                    at_ms=_int(at_ms) or None,
-                    until_ms=until if until >= 0 else None,
-                    remaining_s=_remaining_s(until, now) if until >= 0 else None,
-                )
-            )
-        limits = await self._pipelined(
-            limit_keys,
-            lambda p, t: p.hmget(t[0], ["strikes", "penalty_until_ms", "penalty_ms"]),
-        )
-        for (_, kind, ident), (strikes, until_ms, penalty_ms) in zip(
-            limit_keys, limits, strict=True
-        ):
-            until = _int(until_ms)
-            if until <= now:
-                continue
-            out.append(
-                BanEntry(
-                    type="penalty",
-                    kind=kind,
-                    id=ident,
-                    reason="failed guesses",
-                    at_ms=until - _int(penalty_ms) if penalty_ms else None,
-                    until_ms=until,
-                    remaining_s=_remaining_s(until, now),
-                    strikes=_int(strikes),
-                )
-            )
-        out.extend(BanEntry(type="allowed", kind=kind, id=ident) for _, kind, ident in allow_keys)
+        for (_, kind, ident), row in zip(limit_keys, rows, strict=True):
+            out.extend(_limit_entries(kind, ident, row, now))
         order = {t: i for i, t in enumerate(BAN_TYPES)}
         return sorted(out, key=lambda b: (order[b.type], b.kind, b.id))
 
@@ -457,45 +466,8 @@ class AdminService:
 
     async def _entries_of(self, kind: Kind, ident: str) -> list[BanEntry]:
         now = await self.now_ms()
-        k = self.keys
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(k.ban(kind, ident), ["reason", "by", "at_ms", "until_ms"])
-        pipe.hmget(k.limit(kind, ident), ["strikes", "penalty_until_ms", "penalty_ms"])
-        pipe.exists(k.allow(kind, ident))
-        (reason, by, at_ms, until_ms), (strikes, p_until, p_ms), allowed = await self.guard(
-            pipe.execute()
-        )
-        out: list[BanEntry] = []
-        until = _int(until_ms, -1)
-        if at_ms is not None and (until < 0 or until > now):
-            out.append(
-                BanEntry(
-                    type="ban",
-                    kind=kind,
-                    id=ident,
-                    reason=reason or None,
-                    by=by or None,
-                    at_ms=_int(at_ms) or None,
-                    until_ms=until if until >= 0 else None,
-                    remaining_s=_remaining_s(until, now) if until >= 0 else None,
-                )
-            )
-        if _int(p_until) > now:
-            out.append(
-                BanEntry(
-                    type="penalty",
-                    kind=kind,
-                    id=ident,
-                    reason="failed guesses",
-                    at_ms=_int(p_until) - _int(p_ms) if p_ms else None,
-                    until_ms=_int(p_until),
-                    remaining_s=_remaining_s(_int(p_until), now),
-                    strikes=_int(strikes),
-                )
-            )
-        if allowed:
-            out.append(BanEntry(type="allowed", kind=kind, id=ident))
-        return out
+        row = await self.guard(self.client.hmget(self.keys.limit(kind, ident), _LIMIT_FIELDS))
+        return _limit_entries(kind, ident, row, now)
 
     async def add_ban(
         self, kind: Kind, ident: str, *, duration_s: int | None, reason: str
@@ -554,18 +526,7 @@ class AdminService:
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        k = self.keys
-        now = await self.now_ms()
-        penalty_until = _int(
-            await self.guard(self.client.hget(k.limit(kind, ident), "penalty_until_ms"))
-        )
-        had_ban = await self.store.remove_ban(kind, ident)
-        had_penalty = penalty_until > now
-        if had_penalty:
-            # Both keys carry the identity's tag: one slot, one DEL.
-            await self.guard(
-                self.client.delete(k.limit(kind, ident), k.limit_failures(kind, ident))
-            )
+        had_ban, had_penalty = await self.store.lift_ban(kind, ident, penalty=True)
         if had_ban or had_penalty:
             lifted = ",".join(
                 name for name, did in (("ban", had_ban), ("penalty", had_penalty)) if did
@@ -589,10 +550,8 @@ class AdminService:
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        was = bool(await self.guard(self.client.exists(self.keys.allow(kind, ident))))
-        if was == allowed:
+        if not await self.store.set_allowed(kind, ident, allowed):
             return False
-        await self.store.set_allowed(kind, ident, allowed)
         await self._record(
             PairingHistoryEntry(
                 event="allow.added" if allowed else "allow.removed",

@@ -279,6 +279,7 @@ class Dispatcher:
                 reply=json.dumps(reply) if remembered and handled.remember else None,
                 outcome=handled.outcome,
                 allowlisted=begun.allowlisted,
+                begun=begun,
             )
             if penalty_s:
                 handled.history.append(

@@ -6,8 +6,6 @@ enforcement is in the store's Lua scripts (one identity's slot, or a budget shar
 
 from __future__ import annotations
 
-import itertools
-import secrets
 from typing import Literal
 
 from mqtt_pairing.config import Settings
@@ -25,18 +23,6 @@ from mqtt_pairing.topics import Identity, Kind
 
 IDEMPOTENT_OPS = frozenset({("runner", "code"), ("runner", "cancel-code"), ("runner", "unpair")})
 IDEMPOTENT_OPS |= {("app", "pair"), ("app", "unpair")}
-
-
-_MEMBER_PREFIX = secrets.token_hex(8)
-_MEMBER_COUNTER = itertools.count()
-
-
-def _unique_member() -> str:
-    """A member no other request of any instance uses, for the sliding-window sets.
-
-    64 random bits drawn once per process, then a counter: no system call per request.
-    """
-    return f"{_MEMBER_PREFIX}{next(_MEMBER_COUNTER):x}"
 
 
 class RateLimitService:
@@ -80,7 +66,6 @@ class RateLimitService:
             op,
             request_id,
             payload_hash,
-            member=_unique_member(),
             lease_s=s.pairing_pending_lease_s,
             dedupe_ttl_s=s.pairing_dedupe_ttl_s,
             check_ban=op in ("pair", "code"),
@@ -111,10 +96,13 @@ class RateLimitService:
         reply: str | None,
         outcome: Literal["", "failure", "success"] = "",
         allowlisted: bool = False,
+        begun: Begin | None = None,
     ) -> ScriptCall:
         """The `finish_request` call: remember the reply and record a guess.
 
         A `reply` of None drops the pending mark; the result goes to `store.parse_finish`.
+        `begun` (this request's `begin_request` outcome) passes its Redis time on, so the
+        script need not read it again, and says whether a success has failures to clear.
         """
         s = self.settings
         return self.store.finish_call(
@@ -131,7 +119,8 @@ class RateLimitService:
             penalty_s=s.pairing_penalty_s,
             penalty_max_s=s.pairing_penalty_max_s,
             penalty_memory_s=s.pairing_penalty_memory_s,
-            member=_unique_member(),
+            now_ms=begun.now_ms if begun is not None else 0,
+            failures=begun.failures if begun is not None else True,
             idle_ttl_s=s.pairing_session_idle_ttl_s,
         )
 
@@ -144,6 +133,7 @@ class RateLimitService:
         reply: str | None,
         outcome: Literal["", "failure", "success"] = "",
         allowlisted: bool = False,
+        begun: Begin | None = None,
     ) -> int:
         """Remember the reply (None: drop the pending mark) and record a guess.
 
@@ -160,6 +150,7 @@ class RateLimitService:
             reply=reply,
             outcome=outcome,
             allowlisted=allowlisted,
+            begun=begun,
         )
         penalty_s, _strikes = self.store.parse_finish(await self.store.call(call))
         return penalty_s

@@ -228,7 +228,7 @@ class PairingSessionService:
                 rid,
                 _error(rid, claim_error),
                 outcome="failure",
-                allowlisted=begun.allowlisted,
+                begun=begun,
                 history=[_failed(app_id, None, guessed, claim_error)],
             )
         fault_point("after_claim")
@@ -319,7 +319,7 @@ class PairingSessionService:
                 rid,
                 _error(rid, exc),
                 outcome=outcome,
-                allowlisted=begun.allowlisted,
+                begun=begun,
                 history=history,
                 before=undo,
             )
@@ -356,6 +356,7 @@ class PairingSessionService:
                 reply=json.dumps(reply),
                 outcome="success",
                 allowlisted=begun.allowlisted,
+                begun=begun,
             ),
             self.limits.refund_call(member),
             *self.history.calls(history),
@@ -389,7 +390,7 @@ class PairingSessionService:
         reply: dict[str, Any],
         *,
         outcome: Literal["", "failure", "success"] = "",
-        allowlisted: bool = False,
+        begun: Begin | None = None,
         history: list[PairingHistoryEntry] | None = None,
         before: Sequence[Call] = (),
         after: Sequence[Call] = (),
@@ -402,7 +403,8 @@ class PairingSessionService:
             rid,
             reply=json.dumps(reply),
             outcome=outcome,
-            allowlisted=allowlisted,
+            allowlisted=begun is not None and begun.allowlisted,
+            begun=begun,
         )
         res = await self.store.batch([*before, finish, *after, *self.history.calls(records)])
         penalty_s, _strikes = self.store.parse_finish(res[len(before)])

@@ -109,28 +109,24 @@ class KeySchema:
         return f"{self.prefix}:session:{{session:{session_id}}}"
 
     def limit(self, kind: str, ident: str) -> str:
-        """Hash: penalty strikes, last penalty and penalty end (ms)."""
+        """Hash: admin ban, allowlist, penalty, and the logs of requests and failed guesses.
+
+        One HMGET of it answers a request's ban, penalty and rate checks; fields and TTL
+        are described in store/lua/_prelude.lua (`limit_keep`).
+        """
         return f"{self.prefix}:limit:{{{kind}:{ident}}}"
 
     def limit_failures(self, kind: str, ident: str) -> str:
-        """Sorted set: failed guesses in the sliding window (score: ms)."""
-        return f"{self.prefix}:limit:{{{kind}:{ident}}}:fail"
+        """Not a key of its own any more (the failure log is the limit hash's `fl`).
 
-    def limit_requests(self, kind: str, ident: str) -> str:
-        """Sorted set: requests in the sliding window (score: ms)."""
-        return f"{self.prefix}:limit:{{{kind}:{ident}}}:req"
+        A key of the identity's tag that `finish_request` is given and leaves alone, for
+        the callers that still pass it (`app_index_call`).
+        """
+        return f"{self.prefix}:limit:{{{kind}:{ident}}}:fail"
 
     def budget(self, shard: int) -> str:
         """Sorted set: reserved units of the global failure budget (score: ms)."""
         return f"{self.prefix}:budget:{{global:{shard}}}"
-
-    def ban(self, kind: str, ident: str) -> str:
-        """Hash: reason, by, at_ms, until_ms (no TTL when permanent)."""
-        return f"{self.prefix}:ban:{{{kind}:{ident}}}"
-
-    def allow(self, kind: str, ident: str) -> str:
-        """String: present while the identity is allowlisted (no automatic penalties)."""
-        return f"{self.prefix}:allow:{{{kind}:{ident}}}"
 
     def dedupe(self, kind: str, ident: str, op: str, request_id: str) -> str:
         """Hash: payload hash, state (pending/done), lease, remembered reply."""

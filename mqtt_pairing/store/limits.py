@@ -30,6 +30,8 @@ class Begin:
     allowlisted: bool
     now_ms: int
     takeover: bool
+    failures: bool = True
+    """The identity's failure log may hold a guess (a success then has one to clear)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +89,6 @@ class LimitStore(Transport):
         request_id: str,
         payload_hash: str,
         *,
-        member: str,
         lease_s: int,
         dedupe_ttl_s: int,
         check_ban: bool,
@@ -102,13 +103,7 @@ class LimitStore(Transport):
         k = self.keys
         return ScriptCall(
             "begin_request",
-            (
-                k.dedupe(kind, ident, op, request_id),
-                k.ban(kind, ident),
-                k.allow(kind, ident),
-                k.limit(kind, ident),
-                k.limit_requests(kind, ident),
-            ),
+            (k.dedupe(kind, ident, op, request_id), k.limit(kind, ident)),
             (
                 payload_hash,
                 lease_s * MS_PER_S,
@@ -117,7 +112,6 @@ class LimitStore(Transport):
                 int(check_penalty),
                 request_limit,
                 request_window_s * MS_PER_S,
-                member,
             ),
         )
 
@@ -131,7 +125,12 @@ class LimitStore(Transport):
         """
         status = res[0]
         if status == "ok":
-            return Begin(allowlisted=bool(res[1]), now_ms=int(res[2]), takeover=bool(res[3]))
+            return Begin(
+                allowlisted=bool(res[1]),
+                now_ms=int(res[2]),
+                takeover=bool(res[3]),
+                failures=bool(res[4]) if len(res) > 4 else True,
+            )
         if status == "replay":
             return Replay(reply=res[1])
         if status == "pending":
@@ -180,14 +179,17 @@ class LimitStore(Transport):
         penalty_s: int = 300,
         penalty_max_s: int = 86_400,
         penalty_memory_s: int = 86_400,
-        member: str = "",
+        now_ms: int = 0,
+        failures: bool = True,
         idle_ttl_s: int = 2_592_000,
     ) -> ScriptCall:
         """The `finish_request` call: remember the reply and record the outcome.
 
         Drops the pending mark instead when `reply` is None; records a failed guess (with
-        the doubling penalty) or clears the failure window after a success. (The same
-        script indexes a session under its app: `app_index_call`.)
+        the doubling penalty) or clears the failure log after a success. `now_ms` is the
+        Redis time that `begin_request` read for this request (`Begin.now_ms`; 0: the
+        script reads it), and `failures` False (`Begin.failures`) says there is no failure
+        log to clear. (The same script indexes a session under its app: `app_index_call`.)
 
         Its result goes to `parse_finish`.
         """
@@ -197,7 +199,7 @@ class LimitStore(Transport):
             (
                 k.dedupe(kind, ident, op, request_id),
                 k.limit(kind, ident),
-                k.limit_failures(kind, ident),
+                k.limit(kind, ident),  # unused by these modes
                 # Only an app has a session index; a runner passes a key of its own tag
                 # that the script leaves alone (it writes the index only for a session).
                 k.app_sessions(ident) if kind == "app" else k.limit(kind, ident),
@@ -213,11 +215,12 @@ class LimitStore(Transport):
                 penalty_s * MS_PER_S,
                 penalty_max_s * MS_PER_S,
                 penalty_memory_s * MS_PER_S,
-                member,
+                now_ms or "",
                 "",  # the app index: see app_index_call
                 "",
                 "",
                 session_keys_ttl_ms(idle_ttl_s),
+                int(failures),
             ),
         )
 
@@ -284,23 +287,41 @@ class LimitStore(Transport):
         await self._guard(self.client.zrem(self.keys.budget(shard), member))
 
     # ---- bans and allowlist -----------------------------------------------------------
+    # They live in the identity's limit hash with its penalty and logs (set_ban.lua); the
+    # ban itself, which also cancels a runner's code, is `PairingStore.set_ban`.
+
+    async def lift_ban(self, kind: Kind, ident: str, *, penalty: bool) -> tuple[bool, bool]:
+        """Lift an admin ban and, with `penalty`, the automatic penalty.
+
+        Lifting the penalty also forgets its strikes and the failure log.
+
+        Returns:
+            (an admin ban was in force, an automatic penalty was in force).
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        k = self.keys.limit(kind, ident)
+        had_ban, had_penalty = await self._run("set_ban", [k, k], ["unban", int(penalty)])
+        return bool(int(had_ban)), bool(int(had_penalty))
 
     async def remove_ban(self, kind: Kind, ident: str) -> bool:
-        """Lift an admin ban; True if there was one.
+        """Lift an admin ban; True if there was one in force.
 
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        return bool(await self._guard(self.client.delete(self.keys.ban(kind, ident))))
+        return (await self.lift_ban(kind, ident, penalty=False))[0]
 
-    async def set_allowed(self, kind: Kind, ident: str, allowed: bool) -> None:
+    async def set_allowed(self, kind: Kind, ident: str, allowed: bool) -> bool:
         """Add to (or remove from) the allowlist exempt from automatic penalties.
 
+        Returns:
+            Whether anything changed.
+
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        key = self.keys.allow(kind, ident)
-        if allowed:
-            await self._guard(self.client.set(key, "1"))
-        else:
-            await self._guard(self.client.delete(key))
+        k = self.keys.limit(kind, ident)
+        op = "allow" if allowed else "disallow"
+        return bool(int(await self._run("set_ban", [k, k], [op])))

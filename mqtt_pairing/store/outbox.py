@@ -12,7 +12,12 @@ from typing import Any, Literal
 
 from mqtt_pairing import policy
 from mqtt_pairing.models import PairingSession
-from mqtt_pairing.store.keys import MS_PER_S, glob_escape, session_keys_ttl_ms
+from mqtt_pairing.store.keys import (
+    MS_PER_S,
+    SESSION_KEYS_MARGIN_S,
+    glob_escape,
+    session_keys_ttl_ms,
+)
 from mqtt_pairing.store.transport import (
     Call,
     RawCall,
@@ -27,6 +32,13 @@ PRESENCE_ANNOUNCE_WINDOW_S = 60
 
 OUTBOX_DUE_TTL_S = 86_400
 """TTL of an outbox-due set, refreshed by every mark (marks are handled within seconds)."""
+
+
+HEARTBEAT_RENEW_MS = SESSION_KEYS_MARGIN_S * MS_PER_S // 2
+"""A heartbeat renews the TTLs of its runner's keys only when it has not for this long: they
+still outlive the idle deadline of the sessions it refreshes by half the margin
+(`SESSION_KEYS_MARGIN_S`), and a runner that beats every few seconds renews them twice a
+day instead of with every beat."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +132,7 @@ class OutboxStore(Transport):
                 heartbeat_online_s * MS_PER_S,
                 announce_max,
                 announce_window_s * MS_PER_S,
+                HEARTBEAT_RENEW_MS,
             ],
         )
         return parse_outbox(runner_id, res[1])

@@ -114,11 +114,13 @@ class PairingStore(LimitStore, CodeStore, SessionStore, OutboxStore, HistoryStor
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        other = self.keys.runner(ident) if kind == "runner" else self.keys.allow(kind, ident)
+        limit = self.keys.limit(kind, ident)
+        other = self.keys.runner(ident) if kind == "runner" else limit
         old = await self._run(
             "set_ban",
-            [self.keys.ban(kind, ident), other],
+            [limit, other],
             [
+                "ban",
                 reason,
                 by,
                 -1 if duration_s is None else duration_s * MS_PER_S,

@@ -396,12 +396,13 @@ def app_sessions(client: redis.Redis, keys: KeySchema, app_id: str) -> dict[str,
 def exempt_from_ttl(prefix: str, key: str, client: redis.Redis) -> bool:
     """Keys docs/design.md lets live without a TTL ("Redis keys" and the issue's list)."""
     rest = key.removeprefix(f"{prefix}:")
-    if rest.startswith("ban:"):
-        until = client.hget(key, "until_ms")
-        return until is None or int(str(until)) < 0  # permanent bans only
+    if rest.startswith("limit:") and rest.endswith("}"):
+        # a permanent ban or the allowlist keeps the identity's limit hash
+        ban_until, allow = client.hmget(key, ["ban_until_ms", "allow"])  # type: ignore[misc]
+        return ban_until == "-1" or allow == "1"
     return rest.startswith(
         (
-            "allow:",
+            "budget:{global:",
             "expiry:{global:",
             "outbox-due:{global:",
             "outbox:{runner:",

@@ -70,6 +70,12 @@ class RoundTrips:
         monkeypatch.setattr(store, "batch", counted_batch)
 
 
+async def failures_logged(store: PairingStore, kind: Kind, ident: str) -> int:
+    """Failed guesses in the identity's failure log (the limit hash's `fl`, any age)."""
+    log = await store.client.hget(store.keys.limit(kind, ident), "fl")
+    return len((log or "").split())
+
+
 async def redis_now_ms(client: aioredis.Redis) -> int:
     secs, micros = await client.time()
     return int(secs) * 1000 + int(micros) // 1000

@@ -11,16 +11,17 @@ from mqtt_pairing.store.redis_store import SESSION_KEYS_MARGIN_S
 from mqtt_pairing.tombstones import KEEP_MARGIN_MS
 from tests.store.helpers import Api, all_keys, dump_key, full_flow
 
-# docs/design.md: every key has a TTL except permanent bans, the allowlist, the expiry sets
-# and the outbox.
-_NO_TTL_FAMILIES = re.compile(r":(allow|expiry|outbox):\{")
+# docs/design.md: every key has a TTL except the limit hash of an identity under a permanent
+# ban or on the allowlist, the budget shards, the expiry sets and the outbox.
+_NO_TTL_FAMILIES = re.compile(r":(budget|expiry|outbox):\{")
 
 
 async def _exempt(store: PairingStore, key: str) -> bool:
     if _NO_TTL_FAMILIES.search(key):
         return True
-    if ":ban:{" in key:
-        return await store.client.hget(key, "until_ms") == "-1"
+    if re.search(r":limit:\{[^}]*\}$", key):
+        ban_until, allow = await store.client.hmget(key, ["ban_until_ms", "allow"])
+        return ban_until == "-1" or allow == "1"
     return False
 
 
@@ -43,12 +44,10 @@ async def test_every_key_has_a_ttl_except_those_design_exempts(
         "app:{}:sessions",
         "session:{}",
         "limit:{}",
-        "limit:{}:fail",
-        "limit:{}:req",
         "budget:{}",
-        "ban:{}",
-        "allow:{}",
     } <= families
+    # ban, allowlist, penalty and the request and failure logs share the limit hash
+    assert not {"limit:{}:fail", "limit:{}:req", "ban:{}", "allow:{}"} & families
     assert any(k.startswith(f"{prefix}:dedupe:") for k in keys)
     without_ttl = []
     for key in keys:
@@ -59,10 +58,11 @@ async def test_every_key_has_a_ttl_except_those_design_exempts(
             without_ttl.append(key)
     assert without_ttl == []
     # and the exempt ones are what docs/design.md says
-    assert await store.client.pttl(store.keys.ban("app", "banned-for-good")) == -1
-    assert await store.client.pttl(store.keys.ban("runner", "r-banned-for-good")) == -1
-    assert await store.client.pttl(store.keys.allow("app", "vip")) == -1
-    assert await store.client.pttl(store.keys.ban("app", "banned-for-a-while")) > 0
+    assert await store.client.pttl(store.keys.limit("app", "banned-for-good")) == -1
+    assert await store.client.pttl(store.keys.limit("runner", "r-banned-for-good")) == -1
+    assert await store.client.pttl(store.keys.limit("app", "vip")) == -1
+    # a ban of an hour keeps the hash an hour
+    assert await store.client.pttl(store.keys.limit("app", "banned-for-a-while")) > 3_500_000
 
 
 async def _pttl_after_flow(api: Api, store: PairingStore, key: str) -> int:

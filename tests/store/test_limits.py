@@ -7,7 +7,7 @@ from typing import Any
 
 from mqtt_pairing.store import PairingStore
 from mqtt_pairing.topics import Kind
-from tests.store.helpers import Api, error_code
+from tests.store.helpers import Api, error_code, failures_logged
 
 WRONG = "ZZZ-ZZZ-ZZZ"
 
@@ -99,8 +99,8 @@ async def test_allowlisted_app_gets_no_automatic_penalty(
     api = _penalty_api(make_api)
     await store.set_allowed("app", "vip", True)
     await _fail(api, "vip", 3 * api.settings.pairing_fail_limit)
-    assert not await store.client.exists(store.keys.limit("app", "vip"))
-    assert not await store.client.exists(store.keys.limit_failures("app", "vip"))
+    assert await store.client.hget(store.keys.limit("app", "vip"), "strikes") is None
+    assert await failures_logged(store, "app", "vip") == 0
     # off the allowlist, failures count again
     await store.set_allowed("app", "vip", False)
     await _fail(api, "vip", api.settings.pairing_fail_limit)
@@ -125,7 +125,7 @@ async def test_a_success_clears_the_failure_window_but_not_the_doubling(
     limit = api.settings.pairing_fail_limit
     await _fail(api, "a1", limit - 1)
     await api.pair_ok("a1", await api.code("r1"))
-    assert not await api.store.client.exists(api.store.keys.limit_failures("app", "a1"))
+    assert await failures_logged(api.store, "app", "a1") == 0
     await _fail(api, "a1", limit - 1)
     await api.pair_ok("a1", await api.code("r2"))  # not limited
     # the doubling stays: a penalty, a success, then another penalty is doubled
@@ -179,7 +179,7 @@ async def test_global_budget_holds_everyone_including_a_valid_code(
         assert 1 <= retry <= 30
     assert (await api.code_hash(code))["uses_left"] == "1"
     # no app was penalised by the budget, and no failure was counted for it
-    assert not await store.client.exists(store.keys.limit_failures("app", "innocent"))
+    assert await failures_logged(store, "app", "innocent") == 0
 
 
 async def test_a_success_gives_its_budget_unit_back(
@@ -209,7 +209,7 @@ async def test_admin_ban_of_an_app(api: Api, store: PairingStore) -> None:
     assert error_code(reply) == "BANNED"
     assert reply["error"]["retry_after_s"] == 120
     # a ban is no failed guess
-    assert not await store.client.exists(store.keys.limit_failures("app", "a1"))
+    assert await failures_logged(store, "app", "a1") == 0
     await store.set_ban("app", "a1", reason="abuse", by="tests", duration_s=None)
     reply = await api.pair("a1", code)
     assert error_code(reply) == "BANNED"
