@@ -110,8 +110,11 @@ class OutboxStore(Transport):
         heartbeat_online_s: int,
         announce_max: int = PRESENCE_ANNOUNCE_MAX,
         announce_window_s: int = PRESENCE_ANNOUNCE_WINDOW_S,
+        renew_ms: int = HEARTBEAT_RENEW_MS,
     ) -> list[OutboxEntry]:
         """Record a runner heartbeat and refresh its sessions.
+
+        The TTLs of the runner's keys are renewed only if no heartbeat did for `renew_ms`.
 
         A change is announced only within `announce_max` per `announce_window_s` per
         runner (docs/protocol.md "Events"); one held back is announced by a later
@@ -132,7 +135,7 @@ class OutboxStore(Transport):
                 heartbeat_online_s * MS_PER_S,
                 announce_max,
                 announce_window_s * MS_PER_S,
-                HEARTBEAT_RENEW_MS,
+                renew_ms,
             ],
         )
         return parse_outbox(runner_id, res[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -252,3 +253,87 @@ async def test_requests_refused_by_the_app_slot_spend_no_budget(
     # docs/protocol.md: a guess reserves a unit "before the lookup"; none of these got there
     for i in range(3):
         assert error_code(await api.pair(f"innocent{i}", WRONG)) == "CODE_NOT_FOUND"
+
+
+async def test_the_limit_hash_outlives_its_request_log(
+    make_api: Callable[..., Api], store: PairingStore
+) -> None:
+    """The request log lives in the limit hash: the hash lasts at least the window after the
+    last counted request, so the rate holds across it (real 1 s window)."""
+    api = make_api(
+        pairing_app_request_limit=2, pairing_app_request_window_s=1, pairing_fail_window_s=1
+    )
+    key = store.keys.limit("app", "a1")
+    await _fail(api, "a1", 1)
+    assert 1_000 - 100 < await store.client.pttl(key) <= 2_000
+    await _fail(api, "a1", 1)
+    assert _retry_after(await api.pair("a1", WRONG)) == 1
+    await asyncio.sleep(1.1)
+    assert error_code(await api.pair("a1", WRONG)) == "CODE_NOT_FOUND"
+    # the log holds only what is in the window (and never more than the limit)
+    assert len((await store.client.hget(key, "rq") or "").split()) == 1
+
+
+async def test_a_permanent_ban_or_the_allowlist_keeps_the_limit_hash(
+    api: Api, store: PairingStore
+) -> None:
+    key = store.keys.limit("app", "a1")
+    await _fail(api, "a1", 1)
+    assert await store.client.pttl(key) > 0
+    await store.set_ban("app", "a1", reason="test", by="tests", duration_s=None)
+    assert await store.client.pttl(key) == -1
+    assert await store.set_allowed("app", "a1", True)
+    assert not await store.set_allowed("app", "a1", True)  # nothing changed
+    assert await store.lift_ban("app", "a1", penalty=True) == (True, False)
+    assert await store.client.pttl(key) == -1  # still allowlisted
+    assert await store.lift_ban("app", "a1", penalty=True) == (False, False)
+    assert await store.set_allowed("app", "a1", False)
+    # back to the TTL of what it holds: the failure and request logs
+    s = api.settings
+    longest_ms = 2 * max(s.pairing_app_request_window_s, s.pairing_fail_window_s) * 1000
+    assert 0 < await store.client.pttl(key) <= longest_ms
+    assert await failures_logged(store, "app", "a1") == 1
+
+
+async def test_a_ban_of_a_while_runs_out_by_itself(
+    make_api: Callable[..., Api], store: PairingStore
+) -> None:
+    api = make_api()
+    code = await api.code("r1")
+    await store.set_ban("app", "a1", reason="test", by="tests", duration_s=1)
+    reply = await api.pair("a1", code)
+    assert error_code(reply) == "BANNED"
+    assert reply["error"]["retry_after_s"] == 1
+    await asyncio.sleep(1.1)
+    assert (await api.pair("a1", code))["ok"]
+    # it ran out: there is nothing to lift
+    assert await store.lift_ban("app", "a1", penalty=True) == (False, False)
+
+
+async def test_lifting_a_penalty_forgets_its_strikes_and_failures(
+    make_api: Callable[..., Api], store: PairingStore
+) -> None:
+    api = _penalty_api(make_api)
+    await _fail(api, "a1", api.settings.pairing_fail_limit)
+    assert _retry_after(await api.pair("a1", WRONG)) == 2
+    assert await store.lift_ban("app", "a1", penalty=True) == (False, True)
+    assert await store.client.hget(store.keys.limit("app", "a1"), "strikes") is None
+    assert await failures_logged(store, "app", "a1") == 0
+    assert error_code(await api.pair("a1", WRONG)) == "CODE_NOT_FOUND"
+
+
+async def test_the_budget_set_stays_within_its_share(
+    make_api: Callable[..., Api], store: PairingStore
+) -> None:
+    """The budget shard has no TTL: units past the window are trimmed whenever it is full,
+    so it never holds more than its share (real 1 s window)."""
+    api = make_api(pairing_global_fail_limit=3, pairing_global_fail_window_s=1)
+    budget = store.keys.budget(0)
+    for i in range(3):
+        assert error_code(await api.pair(f"g{i}", WRONG)) == "CODE_NOT_FOUND"
+    assert _retry_after(await api.pair("g9", WRONG)) == 1
+    await asyncio.sleep(1.1)
+    for i in range(3, 6):
+        assert error_code(await api.pair(f"g{i}", WRONG)) == "CODE_NOT_FOUND"
+    assert await store.client.zcard(budget) == 3
+    assert await store.client.pttl(budget) == -1

@@ -11,7 +11,10 @@ tests see exactly what each request would have published.
 
 from __future__ import annotations
 
+import asyncio
+
 from mqtt_pairing.services.outcome import Handled
+from mqtt_pairing.store.keys import SESSION_KEYS_MARGIN_S
 from mqtt_pairing.store.redis_store import OutboxEntry
 from mqtt_pairing.topics import Kind
 from tests.store.helpers import Api, new_id
@@ -100,3 +103,23 @@ async def test_a_heartbeat_right_after_an_offline_status_makes_the_runner_online
             "r1", idle_ttl_s=3600, heartbeat_online_s=30, announce_max=unbounded
         )
         assert [e.type for e in back] == ["runner.online"]
+
+
+async def test_a_heartbeat_renews_the_runner_keys_ttls_only_now_and_then(api: Api) -> None:
+    """The keys' TTLs are renewed when no heartbeat did for `renew_ms` (real 300 ms here):
+    in between, a beat writes its time and the sessions' last_seen_at only."""
+    code = await api.code("r1")
+    await _pair(api, "a1", code)
+    store, ttl_ms = api.store, (3600 + SESSION_KEYS_MARGIN_S) * 1000
+    keys = (store.keys.runner("r1"), store.keys.runner_sessions("r1"))
+    await store.heartbeat("r1", idle_ttl_s=3600, heartbeat_online_s=30, renew_ms=300)
+    first = [await store.client.pttl(k) for k in keys]
+    assert all(ttl_ms - 1_000 < t <= ttl_ms for t in first)
+    await asyncio.sleep(0.1)
+    await store.heartbeat("r1", idle_ttl_s=3600, heartbeat_online_s=30, renew_ms=300)
+    second = [await store.client.pttl(k) for k in keys]
+    assert all(0 < t <= f - 90 for t, f in zip(second, first, strict=True))
+    await asyncio.sleep(0.25)
+    await store.heartbeat("r1", idle_ttl_s=3600, heartbeat_online_s=30, renew_ms=300)
+    third = [await store.client.pttl(k) for k in keys]
+    assert all(ttl_ms - 50 < t <= ttl_ms for t in third)
