@@ -168,8 +168,11 @@ class Dispatcher:
                 req = model.model_validate(obj)
             except ValidationError:
                 raise InvalidRequest(_validation_message(model)) from None
-            phash = payload_hash(obj)
-            if (identity.kind.value, op) in _WRAPPED:
+            # Only the ops with effects compare copies of a request (heartbeats, listings
+            # and messages skip the hash: a heartbeat's cost is mostly its round trip).
+            key = (identity.kind.value, op)
+            phash = payload_hash(obj) if key in IDEMPOTENT_OPS else ""
+            if key in _WRAPPED:
                 assert request_id is not None  # noqa: S101 - checked above
                 handled = await self._attempt(
                     identity,
@@ -177,7 +180,7 @@ class Dispatcher:
                     request_id,
                     self._idempotent(identity, op, request_id, phash, req, handler),
                 )
-            elif (identity.kind.value, op) in IDEMPOTENT_OPS and request_id is not None:
+            elif key in IDEMPOTENT_OPS and request_id is not None:
                 handled = await self._attempt(
                     identity, op, request_id, handler(identity, req, None, phash)
                 )

@@ -7,6 +7,7 @@ records that answer CODE_EXPIRED.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from mqtt_pairing.errors import (
     CodeExpired,
     CodeNotFound,
 )
-from mqtt_pairing.store.keys import MS_PER_S, session_keys_ttl_ms
+from mqtt_pairing.store.keys import MS_PER_S, KeySchema, session_keys_ttl_ms
 from mqtt_pairing.store.transport import (
     ScriptCall,
     Transport,
@@ -59,6 +60,19 @@ CODES_SCRIPTS = (
     "settle_claim",
 )
 """The Lua scripts (store/lua/) of this aggregate."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _tombstone_keys(
+    keys: KeySchema, group: str, bucket: int, start: int, stop: int
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The strings of a lookup and their windows (cached).
+
+    Every claim carries them (a miss reads them in the same script, with one MGET), and
+    they change only once a window.
+    """
+    windows = tuple(range(start, stop))
+    return tuple(keys.tombstones(group, w, bucket) for w in windows), windows
 
 
 class CodeStore(Transport):
@@ -113,11 +127,11 @@ class CodeStore(Transport):
         `now_ms` is this process's clock: which windows to read; the script decides with
         Redis time.
         """
-        group, windows = code_group(digest), layout.lookup_windows(now_ms)
-        bucket = layout.bucket(digest)
-        keys = tuple(self.keys.tombstones(group, w, bucket) for w in windows)
-        args = (digest[FINGERPRINT_HEX], layout.window_ms, layout.tombstone_ms, *windows)
-        return keys, args
+        windows = layout.lookup_windows(now_ms)
+        keys, names = _tombstone_keys(
+            self.keys, code_group(digest), layout.bucket(digest), windows.start, windows.stop
+        )
+        return keys, (digest[FINGERPRINT_HEX], layout.window_ms, layout.tombstone_ms, *names)
 
     def find_tombstone_call(self, layout: TombstoneLayout, digest: str, now_ms: int) -> ScriptCall:
         """The `find_tombstone` call for a code whose hash may be gone; see `parse_tombstone`.
