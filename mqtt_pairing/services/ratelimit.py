@@ -121,6 +121,7 @@ class RateLimitService:
             penalty_memory_s=s.pairing_penalty_memory_s,
             now_ms=begun.now_ms if begun is not None else 0,
             failures=begun.failures if begun is not None else True,
+            payload_hash=begun.payload_hash if begun is not None else "",
             idle_ttl_s=s.pairing_session_idle_ttl_s,
         )
 

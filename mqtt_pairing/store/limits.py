@@ -32,6 +32,8 @@ class Begin:
     takeover: bool
     failures: bool = True
     """The identity's failure log may hold a guess (a success then has one to clear)."""
+    payload_hash: str = ""
+    """The request's payload hash, for `finish_call` (its dedupe record holds it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,7 @@ class LimitStore(Transport):
                 now_ms=int(res[2]),
                 takeover=bool(res[3]),
                 failures=bool(res[4]) if len(res) > 4 else True,
+                payload_hash=str(res[5]) if len(res) > 5 else "",
             )
         if status == "replay":
             return Replay(reply=res[1])
@@ -181,6 +184,7 @@ class LimitStore(Transport):
         penalty_memory_s: int = 86_400,
         now_ms: int = 0,
         failures: bool = True,
+        payload_hash: str = "",
         idle_ttl_s: int = 2_592_000,
     ) -> ScriptCall:
         """The `finish_request` call: remember the reply and record the outcome.
@@ -188,8 +192,10 @@ class LimitStore(Transport):
         Drops the pending mark instead when `reply` is None; records a failed guess (with
         the doubling penalty) or clears the failure log after a success. `now_ms` is the
         Redis time that `begin_request` read for this request (`Begin.now_ms`; 0: the
-        script reads it), and `failures` False (`Begin.failures`) says there is no failure
-        log to clear. (The same script indexes a session under its app: `app_index_call`.)
+        script reads it), `failures` False (`Begin.failures`) says there is no failure
+        log to clear, and `payload_hash` (`Begin.payload_hash`; '': the script reads it
+        from the record) goes into the remembered record. (The same script indexes a
+        session under its app: `app_index_call`.)
 
         Its result goes to `parse_finish`.
         """
@@ -221,6 +227,7 @@ class LimitStore(Transport):
                 "",
                 session_keys_ttl_ms(idle_ttl_s),
                 int(failures),
+                payload_hash,
             ),
         )
 

@@ -12,7 +12,7 @@ from mqtt_pairing.dispatcher import payload_hash
 from mqtt_pairing.errors import PairingErrorCode
 from mqtt_pairing.models import error_reply
 from mqtt_pairing.store import PairingStore
-from mqtt_pairing.store.redis_store import Begin
+from mqtt_pairing.store.redis_store import Begin, Mismatch, Replay
 from mqtt_pairing.topics import Kind
 from tests.store.helpers import Api, error_code, failures_logged, new_id
 
@@ -76,9 +76,11 @@ async def test_code_replay_is_identical_and_stored_sealed(api: Api) -> None:
     assert await client.hget(keys.runner("r1"), "code") == api.digest(code)
     assert len([k async for k in client.scan_iter(match=f"{keys.prefix}:code:*")]) == 1
     # the remembered reply is sealed: no code in it, in any form
-    stored = await client.hgetall(keys.dedupe("runner", "r1", "code", "c1"))
-    assert stored["reply"].startswith("v1.")
-    dump = json.dumps(stored).upper()
+    stored = await client.get(keys.dedupe("runner", "r1", "code", "c1"))
+    state, _hash, _lease, reply = stored.split("\n", 3)
+    assert state == "d"
+    assert reply.startswith("v1.")
+    dump = stored.upper()
     assert code not in dump
     assert code.replace("-", "") not in dump
     # another payload under the same request_id
@@ -147,8 +149,9 @@ async def _begin_and_claim(
 async def _end_lease(api: Api, app_id: str, request_id: str) -> None:
     """The crashed instance's pending lease runs out."""
     key = api.store.keys.dedupe("app", app_id, "pair", request_id)
-    assert await api.store.client.hget(key, "st") == "pending"
-    await api.store.client.hset(key, "lease", 0)
+    state, phash, _lease, reply = (await api.store.client.get(key)).split("\n", 3)
+    assert state == "p"
+    await api.store.client.set(key, f"p\n{phash}\n0\n{reply}", keepttl=True)
 
 
 async def test_crash_after_claim_retry_ends_with_the_same_session(
@@ -265,3 +268,47 @@ async def test_a_copy_waiting_for_a_refused_first_copy_takes_no_use(
     )
     assert await copy2 == refusal
     assert (await api.code_hash(code))["uses_left"] == "2"
+
+
+async def test_a_record_made_once_keeps_its_ttl_and_one_outliving_it_gets_one(
+    store: PairingStore,
+) -> None:
+    """The pending mark's SET sets the dedupe TTL once; remembering the reply keeps it. A
+    request that outlived its record still leaves one with a TTL (real 1 s TTL)."""
+    options = {"lease_s": 10, "check_ban": True, "check_penalty": True}
+    key = store.keys.dedupe("app", "a1", "pair", "p1")
+    begun = await store.begin_request(
+        "app", "a1", "pair", "p1", "ab" * 32, dedupe_ttl_s=600, **options
+    )
+    assert isinstance(begun, Begin)
+    assert begun.payload_hash == "ab" * 32
+    first = await store.client.pttl(key)
+    assert 590_000 < first <= 600_000
+    await asyncio.sleep(0.05)
+    await store.finish_request(
+        "app",
+        "a1",
+        "pair",
+        "p1",
+        reply='{"ok": true}',
+        dedupe_ttl_s=600,
+        payload_hash=begun.payload_hash,
+    )
+    assert await store.client.pttl(key) <= first - 40
+    replay = await store.begin_request(
+        "app", "a1", "pair", "p1", "ab" * 32, dedupe_ttl_s=600, **options
+    )
+    assert replay == Replay(reply='{"ok": true}')
+    mismatch = await store.begin_request(
+        "app", "a1", "pair", "p1", "cd" * 32, dedupe_ttl_s=600, **options
+    )
+    assert isinstance(mismatch, Mismatch)
+
+    key = store.keys.dedupe("app", "a1", "pair", "p2")
+    begun = await store.begin_request(
+        "app", "a1", "pair", "p2", "ab" * 32, dedupe_ttl_s=1, **options
+    )
+    await asyncio.sleep(1.1)
+    assert not await store.client.exists(key)
+    await store.finish_request("app", "a1", "pair", "p2", reply='{"ok": false}', dedupe_ttl_s=1)
+    assert 0 < await store.client.pttl(key) <= 1_000

@@ -166,3 +166,30 @@ local function limit_ttl(key, keep, persistent)
     redis.call('DEL', key)
   end
 end
+
+-- The dedupe record of a request (docs/design.md "Redis keys"), a string:
+-- state ('p' pending, 'd' done), payload hash, lease (ms, while pending) and the
+-- remembered reply, separated by newlines (the reply, last, may hold any byte).
+local function dedupe_value(st, h, lease, reply)
+  return st .. '\n' .. h .. '\n' .. lease .. '\n' .. reply
+end
+
+-- st, h, lease (a number, or nil), reply of a dedupe record.
+local function dedupe_parse(v)
+  local st, h, lease, reply = string.match(v, '^(%a)\n([^\n]*)\n(%d*)\n(.*)$')
+  return st, h, tonumber(lease), reply
+end
+
+-- Remember the reply of a request under its record (KEEPTTL: the TTL was set when the
+-- pending mark was made); `h` is the payload hash, nil: the record's own. A record gone
+-- meanwhile (the request outlived the dedupe TTL) is written anew with `ttl_ms`.
+local function dedupe_remember(key, h, reply, ttl_ms)
+  if not h or h == '' then
+    local v = redis.call('GET', key)
+    h = v and select(2, dedupe_parse(v)) or ''
+  end
+  local value = dedupe_value('d', h, '', reply)
+  if not redis.call('SET', key, value, 'XX', 'KEEPTTL') then
+    redis.call('SET', key, value, 'PX', ttl_ms)
+  end
+end

@@ -1,12 +1,13 @@
 -- begin_request: replay check, admin ban, penalty and request rate of one identity, and
 -- the pending mark of the request (docs/protocol.md "Idempotency", "App pair" checks 1-3).
 -- All keys carry the identity's tag ({app:<id>} or {runner:<id>}).
--- KEYS[1] - dedupe hash of (kind, id, op, request_id)
+-- KEYS[1] - dedupe record of (kind, id, op, request_id) (dedupe_value in _prelude.lua)
 -- KEYS[2] - limit hash of the identity: ban, allowlist, penalty, request and failure logs
 --           (see limit_keep in _prelude.lua), read with one HMGET
 -- ARGV[1] - payload hash (hex)
 -- ARGV[2] - pending lease, ms (a copy arriving later waits this long before taking over)
 -- ARGV[3] - dedupe TTL, ms (0: the op has no idempotency); set once, when the mark is made
+--           (one SET NX GET reads the record and makes the mark)
 -- ARGV[4] - '1' to check the admin ban
 -- ARGV[5] - '1' to check the automatic penalty
 -- ARGV[6] - request limit in the window (0: none)
@@ -14,36 +15,48 @@
 -- returns {'replay', reply} | {'pending'} | {'mismatch'} | {'banned', retry_ms (-1: permanent)}
 --       | {'limited', retry_ms}
 --       | {'ok', allowlisted (0/1), now_ms, takeover (0/1), failures (0/1: the failure log
---          may hold a guess, for finish_request)}
+--          may hold a guess, for finish_request), payload hash (for finish_request)}
 local now = now_ms()
 local dedupe_ttl = tonumber(ARGV[3])
-local takeover = 0
+local takeover, marked = 0, false
+local mark = ''
 if dedupe_ttl > 0 then
-  local d = redis.call('HMGET', KEYS[1], 'h', 'st', 'lease', 'reply')
-  if d[1] then
-    if d[1] ~= ARGV[1] then return {'mismatch'} end
-    if d[2] == 'done' then return {'replay', d[4]} end
-    if tonumber(d[3]) > now then return {'pending'} end
+  mark = dedupe_value('p', ARGV[1], now + tonumber(ARGV[2]), '')
+  local old = redis.call('SET', KEYS[1], mark, 'NX', 'PX', dedupe_ttl, 'GET')
+  if old then
+    local st, h, lease, reply = dedupe_parse(old)
+    if h ~= ARGV[1] then return {'mismatch'} end
+    if st == 'd' then return {'replay', reply} end
+    if (lease or 0) > now then return {'pending'} end
     takeover = 1
+  else
+    marked = true
   end
+end
+-- A refusal below takes back the mark this call made.
+local function refuse(reply)
+  if marked then redis.call('DEL', KEYS[1]) end
+  return reply
 end
 local g = redis.call('HMGET', KEYS[2], 'ban_until_ms', 'allow', 'penalty_until_ms', 'rq', 'fl',
   'keep')
 if ARGV[4] == '1' and g[1] then
   local u = tonumber(g[1])
-  if u < 0 then return {'banned', -1} end
-  if u > now then return {'banned', u - now} end
+  if u < 0 then return refuse({'banned', -1}) end
+  if u > now then return refuse({'banned', u - now}) end
 end
 if takeover == 0 then
   if ARGV[5] == '1' then
     local pu = tonumber(g[3] or '0')
-    if pu > now then return {'limited', pu - now} end
+    if pu > now then return refuse({'limited', pu - now}) end
   end
   local lim = tonumber(ARGV[6])
   if lim > 0 then
     local win = tonumber(ARGV[7])
     local log = log_since(g[4], now - win)
-    if #log >= lim then return {'limited', tonumber(log[#log - lim + 1]) + win - now} end
+    if #log >= lim then
+      return refuse({'limited', tonumber(log[#log - lim + 1]) + win - now})
+    end
     log[#log + 1] = tostring(now)
     local keep = limit_keep(g[6], now + win, win)
     if keep then
@@ -54,13 +67,6 @@ if takeover == 0 then
     end
   end
 end
-if dedupe_ttl > 0 then
-  if takeover == 1 then
-    -- the mark of a copy that died: same payload, still pending, TTL set when it was made
-    redis.call('HSET', KEYS[1], 'lease', now + tonumber(ARGV[2]))
-  else
-    redis.call('HSET', KEYS[1], 'h', ARGV[1], 'st', 'pending', 'lease', now + tonumber(ARGV[2]))
-    redis.call('PEXPIRE', KEYS[1], dedupe_ttl)
-  end
-end
-return {'ok', g[2] == '1' and 1 or 0, now, takeover, g[5] and 1 or 0}
+-- the mark of a copy that died: same payload, still pending, TTL set when it was made
+if takeover == 1 then redis.call('SET', KEYS[1], mark, 'XX', 'KEEPTTL') end
+return {'ok', g[2] == '1' and 1 or 0, now, takeover, g[5] and 1 or 0, ARGV[1]}

@@ -1,7 +1,7 @@
 -- finish_request: remember (or forget) the reply of a request, record the outcome of a
 -- guess (failure log, doubling penalty) and index a new session of the app.
 -- All keys carry the identity's tag.
--- KEYS[1] - dedupe hash of the request
+-- KEYS[1] - dedupe record of the request (dedupe_value in _prelude.lua)
 -- KEYS[2] - limit hash of the identity (see limit_keep in _prelude.lua)
 -- KEYS[3] - unused (any key of the tag)
 -- KEYS[4] - session index hash of the app (session_id -> runner_id)
@@ -22,12 +22,10 @@
 -- ARGV[14] - session_id to drop from the index ('' none)
 -- ARGV[15] - session idle TTL, ms
 -- ARGV[16] - '0' when begin_request saw no failure log (a success then clears nothing)
+-- ARGV[17] - payload hash of the request ('' or absent: read from the record)
 -- returns {penalty_ms (0: none), strikes}
 if ARGV[1] == 'remember' then
-  -- 2 new fields: the mark had expired (the request outlived the dedupe TTL)
-  if redis.call('HSET', KEYS[1], 'st', 'done', 'reply', ARGV[2]) == 2 then
-    redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-  end
+  dedupe_remember(KEYS[1], ARGV[17], ARGV[2], tonumber(ARGV[3]))
 elseif ARGV[1] == 'forget' then
   redis.call('DEL', KEYS[1])
 end

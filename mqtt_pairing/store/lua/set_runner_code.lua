@@ -1,7 +1,7 @@
 -- set_runner_code: make a code the runner's active one (replacing any earlier code), keep
 -- its name, public key and metadata, and remember the sealed reply.
 -- KEYS[1] - runner hash ({runner:<id>})
--- KEYS[2] - dedupe hash of the request
+-- KEYS[2] - dedupe record of the request (dedupe_value in _prelude.lua)
 -- ARGV[1] - digest of the new code
 -- ARGV[2] - its expiry, ms since the epoch
 -- ARGV[3] - TTL of the runner hash, ms (outlives the code and the idle TTL by a margin)
@@ -32,7 +32,6 @@ for i, f in ipairs(fields) do
   end
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-redis.call('HSET', KEYS[2], 'st', 'done', 'reply', ARGV[4])
-redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[5]))
+dedupe_remember(KEYS[2], nil, ARGV[4], tonumber(ARGV[5]))
 if old == ARGV[1] then return '' end
 return old
