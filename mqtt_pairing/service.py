@@ -138,6 +138,13 @@ async def _open_store(settings: Settings) -> tuple[PairingStore, str, InMemoryRe
         log.info("in-memory store (fakeredis); for admin commands: REDIS_URL=%s", url)
     else:
         log.info("Redis: %s", redact_url(url))
+        try:
+            moved = await store.migrate_legacy_limits()
+        except PairingError:  # tried again at the next start
+            log.warning("could not move the bans of an earlier version: Redis unreachable")
+        else:
+            if moved:
+                log.info("moved %d bans and allowlist entries of an earlier version", moved)
     return store, url, memory
 
 

@@ -14,6 +14,8 @@ This module also keeps the names other modules import from the store.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from mqtt_pairing.store.codes import (
     CLAIM_IN_FLIGHT_S,
     CODES_SCRIPTS,
@@ -22,7 +24,12 @@ from mqtt_pairing.store.codes import (
     CodeStore,
 )
 from mqtt_pairing.store.history import HISTORY_SCRIPTS, HistoryStore
-from mqtt_pairing.store.keys import MS_PER_S, SESSION_KEYS_MARGIN_S, session_keys_ttl_ms
+from mqtt_pairing.store.keys import (
+    MS_PER_S,
+    SESSION_KEYS_MARGIN_S,
+    glob_escape,
+    session_keys_ttl_ms,
+)
 from mqtt_pairing.store.limits import (
     LIMITS_SCRIPTS,
     Begin,
@@ -129,3 +136,53 @@ class PairingStore(LimitStore, CodeStore, SessionStore, OutboxStore, HistoryStor
         )
         if old:
             await self.end_code(old, ident, "cancelled")
+
+    async def migrate_legacy_limits(self) -> int:
+        """Move the bans and allowlist entries of earlier versions into the limit hash.
+
+        Versions before the limit hash kept a ban in `ban:{<kind>:<id>}` (hash: reason,
+        by, at_ms, until_ms) and the allowlist in `allow:{<kind>:<id>}`; they are no longer
+        read, so the service moves them at start (docs/operations.md "Upgrading"): each
+        becomes the same ban (for what is left of it) or allowlist entry, then the old key
+        is deleted. A ban that ran out is only deleted. Idempotent; run by `serve`.
+
+        Returns:
+            How many old keys were moved or deleted.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable.
+        """
+        moved = 0
+        prefix = glob_escape(self.keys.prefix)
+        for family in ("ban", "allow"):
+            pattern = f"{prefix}:{family}:{{*}}"
+            found: list[str] = await self._guard(_scan_all(self.client, pattern))
+            for key in found:
+                tag = key[len(f"{self.keys.prefix}:{family}:{{") : -1]
+                kind, _, ident = tag.partition(":")
+                if kind not in ("app", "runner") or not ident:
+                    continue
+                kind_ = cast(Kind, kind)
+                if family == "allow":
+                    await self.set_allowed(kind_, ident, True)
+                else:
+                    old: dict[str, str] = await self._guard(self.client.hgetall(key))  # type: ignore[arg-type]
+                    until = int(old.get("until_ms") or -1)
+                    secs, micros = await self._guard(self.client.time())
+                    now = int(secs) * MS_PER_S + int(micros) // MS_PER_S
+                    if until < 0 or until > now:
+                        await self.set_ban(
+                            kind_,
+                            ident,
+                            reason=old.get("reason", ""),
+                            by=old.get("by", ""),
+                            duration_s=None if until < 0 else -(-(until - now) // MS_PER_S),
+                        )
+                await self._guard(self.client.delete(key))
+                moved += 1
+        return moved
+
+
+async def _scan_all(client: Any, pattern: str) -> list[str]:  # noqa: ANN401 - Redis or RedisCluster
+    """Every key matching `pattern` (SCAN, on every master of a cluster)."""
+    return [str(key) async for key in client.scan_iter(match=pattern, count=1000)]

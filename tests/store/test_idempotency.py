@@ -312,3 +312,41 @@ async def test_a_record_made_once_keeps_its_ttl_and_one_outliving_it_gets_one(
     assert not await store.client.exists(key)
     await store.finish_request("app", "a1", "pair", "p2", reply='{"ok": false}', dedupe_ttl_s=1)
     assert 0 < await store.client.pttl(key) <= 1_000
+
+
+async def test_records_of_the_earlier_hash_form_are_read_after_an_upgrade(api: Api) -> None:
+    """Dedupe records written before they became strings (a hash: h, st, lease, reply)
+    still answer a retry within their TTL: the remembered reply, a mismatch, or a takeover."""
+    code = await api.code("r1", max_uses=3)
+    first = await api.handle(Kind.APP, "a1", "pair", {"request_id": "p1", "code": code})
+    assert first.reply is not None
+    assert first.reply["ok"]
+    key = api.store.keys.dedupe("app", "a1", "pair", "p1")
+    phash = (await api.store.client.get(key)).split("\n", 3)[1]
+    await api.store.client.delete(key)
+    await api.store.client.hset(
+        key, mapping={"h": phash, "st": "done", "lease": "0", "reply": json.dumps(first.reply)}
+    )
+    await api.store.client.pexpire(key, 120_000)
+    again = await api.handle(Kind.APP, "a1", "pair", {"request_id": "p1", "code": code})
+    assert again.reply == first.reply
+    assert (await api.code_hash(code))["uses_left"] == "2"
+    assert 0 < await api.store.client.pttl(key) <= 120_000  # now a string, same TTL
+    assert (await api.store.client.get(key)).startswith("d\n")
+    # another payload under an old record is still a mismatch
+    other = api.store.keys.dedupe("app", "a1", "pair", "p2")
+    await api.store.client.hset(other, mapping={"h": "0" * 64, "st": "done", "reply": "{}"})
+    await api.store.client.pexpire(other, 60_000)
+    reply = await api.pair("a1", code, request_id="p2")
+    assert error_code(reply) == "INVALID_REQUEST"
+    # a pending one whose lease ran out is taken over
+    pending = api.store.keys.dedupe("app", "a2", "pair", "p3")
+    payload = {"request_id": "p3", "code": code}
+    await api.store.client.hset(
+        pending,
+        mapping={"h": payload_hash(payload), "st": "pending", "lease": "1"},
+    )
+    await api.store.client.pexpire(pending, 60_000)
+    taken = await api.handle(Kind.APP, "a2", "pair", payload)
+    assert taken.reply is not None
+    assert taken.reply["ok"], taken.reply

@@ -8,7 +8,7 @@ from typing import Any
 
 from mqtt_pairing.store import PairingStore
 from mqtt_pairing.topics import Kind
-from tests.store.helpers import Api, error_code, failures_logged
+from tests.store.helpers import Api, error_code, failures_logged, redis_now_ms
 
 WRONG = "ZZZ-ZZZ-ZZZ"
 
@@ -337,3 +337,39 @@ async def test_the_budget_set_stays_within_its_share(
         assert error_code(await api.pair(f"g{i}", WRONG)) == "CODE_NOT_FOUND"
     assert await store.client.zcard(budget) == 3
     assert await store.client.pttl(budget) == -1
+
+
+async def test_bans_and_allowlist_of_an_earlier_version_are_moved_at_start(
+    api: Api, store: PairingStore, prefix: str
+) -> None:
+    """Before the limit hash, a ban was `ban:{kind:id}` and the allowlist `allow:{kind:id}`:
+    `migrate_legacy_limits` (run by `serve`) makes them the same ban or entry again."""
+    client = store.client
+    now = await redis_now_ms(client)
+    await client.hset(
+        f"{prefix}:ban:{{app:forever}}", mapping={"reason": "abuse", "by": "ops", "until_ms": -1}
+    )
+    await client.hset(
+        f"{prefix}:ban:{{runner:r-hour}}",
+        mapping={"reason": "spam", "by": "ops", "until_ms": now + 3_600_000},
+    )
+    await client.hset(
+        f"{prefix}:ban:{{app:over}}", mapping={"reason": "x", "by": "y", "until_ms": now - 1}
+    )
+    await client.set(f"{prefix}:allow:{{app:vip}}", "1")
+    assert await store.migrate_legacy_limits() == 4
+    assert await store.migrate_legacy_limits() == 0  # nothing left to move
+    assert not await client.exists(
+        f"{prefix}:ban:{{app:forever}}",
+        f"{prefix}:ban:{{runner:r-hour}}",
+        f"{prefix}:ban:{{app:over}}",
+        f"{prefix}:allow:{{app:vip}}",
+    )
+    code = await api.code("r-free")
+    assert error_code(await api.pair("forever", code)) == "BANNED"
+    assert error_code(await api.pair("over", code)) is None
+    reply = await api.request("runner", "r-hour", "code")
+    assert error_code(reply) == "BANNED"
+    assert 0 < reply["error"]["retry_after_s"] <= 3600
+    limit = await client.hgetall(store.keys.limit("app", "vip"))
+    assert limit.get("allow") == "1"

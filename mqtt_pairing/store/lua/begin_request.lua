@@ -22,7 +22,22 @@ local takeover, marked = 0, false
 local mark = ''
 if dedupe_ttl > 0 then
   mark = dedupe_value('p', ARGV[1], now + tonumber(ARGV[2]), '')
-  local old = redis.call('SET', KEYS[1], mark, 'NX', 'PX', dedupe_ttl, 'GET')
+  local old = redis.pcall('SET', KEYS[1], mark, 'NX', 'PX', dedupe_ttl, 'GET')
+  if type(old) == 'table' and old.err then
+    -- A record of an earlier version (a hash with h, st, lease, reply), within its TTL
+    -- after an upgrade: read as it was, then replaced by a record of this version.
+    local d = redis.call('HMGET', KEYS[1], 'h', 'st', 'lease', 'reply')
+    local left = redis.call('PTTL', KEYS[1])
+    redis.call('DEL', KEYS[1])
+    if not d[1] then
+      old = false
+    else
+      local st = d[2] == 'done' and 'd' or 'p'
+      old = dedupe_value(st, d[1], st == 'd' and '' or (d[3] or '0'), d[4] or '')
+      redis.call('SET', KEYS[1], old, 'PX', left > 0 and left or dedupe_ttl)
+    end
+    if not old then redis.call('SET', KEYS[1], mark, 'PX', dedupe_ttl) end
+  end
   if old then
     local st, h, lease, reply = dedupe_parse(old)
     if h ~= ARGV[1] then return {'mismatch'} end
