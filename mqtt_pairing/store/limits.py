@@ -291,7 +291,7 @@ class LimitStore(Transport):
             StoreUnavailable: Redis is unreachable.
         """
         shard = self.keys.budget_shard(member, shards)
-        await self._guard(self.client.zrem(self.keys.budget(shard), member))
+        await self.call(RawCall(("ZREM", self.keys.budget(shard), member)))
 
     # ---- bans and allowlist -----------------------------------------------------------
     # They live in the identity's limit hash with its penalty and logs (set_ban.lua); the

@@ -194,12 +194,12 @@ class OutboxStore(Transport):
         """
         if not runner_ids:
             return {}
-        secs, micros = await self._guard(self.client.time())
+        fields = ("status", "status_ms", "hb_ms")
+        calls = [RawCall(("HMGET", self.keys.runner(r), *fields)) for r in runner_ids]
+        # Redis time in the same round trip (a record a little newer than it is recent)
+        res = await self.batch([*calls, RawCall(("TIME",))])
+        secs, micros = res.pop()
         now = int(secs) * MS_PER_S + int(micros) // MS_PER_S
-        pipe = self.client.pipeline(transaction=False)
-        for runner_id in runner_ids:
-            pipe.hmget(self.keys.runner(runner_id), ["status", "status_ms", "hb_ms"])
-        res = await self._guard(pipe.execute())
         out: dict[str, bool | None] = {}
         for runner_id, (status, status_ms, hb_ms) in zip(runner_ids, res, strict=True):
             out[runner_id] = policy.presence(
@@ -219,8 +219,8 @@ class OutboxStore(Transport):
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        raw: Any = await self._guard(
-            self.client.xrange(self.keys.outbox(runner_id), "-", "+", count=200)
+        raw: Any = await self.call(
+            RawCall(("XRANGE", self.keys.outbox(runner_id), "-", "+", "COUNT", 200))
         )
         return parse_outbox(runner_id, raw or [])
 

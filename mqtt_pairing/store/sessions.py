@@ -244,7 +244,7 @@ class SessionStore(Transport):
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        raw = await self._guard(self.client.get(self.keys.session(session_id)))
+        raw = await self.call(RawCall(("GET", self.keys.session(session_id))))
         if raw is None:
             return None
         data = json.loads(raw)
@@ -256,7 +256,7 @@ class SessionStore(Transport):
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        runner = await self._guard(self.client.hget(self.keys.app_sessions(app_id), session_id))
+        runner = await self.call(RawCall(("HGET", self.keys.app_sessions(app_id), session_id)))
         return str(runner) if runner is not None else None
 
     async def active_session(
@@ -296,8 +296,8 @@ class SessionStore(Transport):
         Raises:
             StoreUnavailable: Redis is unreachable.
         """
-        index: dict[str, str] = await self._guard(
-            self.client.hgetall(self.keys.app_sessions(app_id))  # type: ignore[arg-type]
+        index: dict[str, str] = await self.call(
+            RawCall(("HGETALL", self.keys.app_sessions(app_id)))
         )
         found: list[PairingSession] = []
         for runner_id in sorted(set(index.values())):
@@ -307,11 +307,10 @@ class SessionStore(Transport):
         live = {s.session_id for s in found}
         stale = [sid for sid in index if sid not in live]
         if stale:
-            await self._guard(self.client.hdel(self.keys.app_sessions(app_id), *stale))
+            await self.call(RawCall(("HDEL", self.keys.app_sessions(app_id), *stale)))
         if found:
-            await self._guard(
-                self.client.pexpire(self.keys.app_sessions(app_id), session_keys_ttl_ms(idle_ttl_s))
-            )
+            ttl_ms = session_keys_ttl_ms(idle_ttl_s)
+            await self.call(RawCall(("PEXPIRE", self.keys.app_sessions(app_id), ttl_ms)))
         return sorted(found, key=lambda s: s.created_at_ms)
 
     def expiry_call(self, session: PairingSession, *, idle_ttl_s: int, shards: int) -> ScriptCall:
@@ -396,7 +395,7 @@ class SessionStore(Transport):
                 ]
             )
             return None, []
-        await self._guard(self.client.zrem(key, member))
+        await self.call(RawCall(("ZREM", key, member)))
         if res[0] == "gone":
             return None, []
         closed = parse_session(res[1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -267,6 +268,36 @@ class RawCall:
 Call = ScriptCall | RawCall
 
 
+UNREACHABLE_LOG_S = 1.0
+"""While Redis is away, one `redis unreachable` line per this many seconds, not per call."""
+
+
+class WarnEvery:
+    """A warning logged at most once per `interval_s`, saying how many it stands for.
+
+    An outage fails every call in flight; one line per call would flood the log (one per
+    request, thousands a second).
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._held = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        """Log `message % args` unless one was logged less than `interval_s` ago."""
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        if self._held:
+            log.warning(message + " (and %d more like it)", *args, self._held)
+        else:
+            log.warning(message, *args)
+        self._held = 0
+        self._next = now + self.interval_s
+
+
 class Transport:
     """Round trips to Redis for the store's aggregates: calls, batches, scripts, errors.
 
@@ -296,6 +327,7 @@ class Transport:
         # redis-py's cluster nodes raise MaxConnectionsError instead of waiting: no more
         # calls run at once than a node holds connections (a call uses one at a time).
         self._slots = asyncio.Semaphore(max_connections) if self._cluster else None
+        self._unreachable = WarnEvery(UNREACHABLE_LOG_S)
         self.pipeline = Coalescer(self._exchange)
         """Where the batches of concurrent requests share round trips (single Redis)."""
 
@@ -323,13 +355,13 @@ class Transport:
                 async with self._slots:
                     return await awaitable
         except _UNAVAILABLE as exc:  # TimeoutError (the deadline) is an OSError
-            log.warning("redis unreachable: %s", type(exc).__name__)
+            self._unreachable.warn("redis unreachable: %s", type(exc).__name__)
             raise StoreUnavailable(retry_after_s=UNAVAILABLE_RETRY_S) from None
         except RedisClusterException as exc:
             if "slot" in str(exc):  # keys of several slots in one call: a bug, not an outage
                 log.error("redis cluster refused a call: %s", exc)  # noqa: TRY400
                 raise InternalError from None
-            log.warning("redis cluster unreachable: %s", type(exc).__name__)
+            self._unreachable.warn("redis cluster unreachable: %s", type(exc).__name__)
             raise StoreUnavailable(retry_after_s=UNAVAILABLE_RETRY_S) from None
         except RedisError as exc:
             log.error("redis error: %s", type(exc).__name__)  # noqa: TRY400 - no traceback in logs
@@ -340,7 +372,7 @@ class Transport:
             # redis-py's cluster client, during a failover, now and then reads a
             # connection another task has just reset ('NoneType' object has no
             # attribute ...): the node is going away, not a bug of the call.
-            log.warning("redis cluster unreachable: AttributeError in redis-py")
+            self._unreachable.warn("redis cluster unreachable: %s", "AttributeError in redis-py")
             raise StoreUnavailable(retry_after_s=UNAVAILABLE_RETRY_S) from None
         finally:
             if inspect.iscoroutine(awaitable):
@@ -357,7 +389,11 @@ class Transport:
             try:
                 return await self._one(("EVALSHA", script.sha, len(keys), *keys, *args))
             except NoScriptError:
-                pass  # not loaded (restart, failover, SCRIPT FLUSH): as on a cluster
+                # Not loaded (restart, failover, SCRIPT FLUSH): EVAL sends the source, and
+                # Redis keeps it for the next EVALSHA. In the shared exchange like every
+                # call: a burst that finds the cache empty takes no extra connections.
+                source = cast(str, script.script)
+                return await self._one(("EVAL", source, len(keys), *keys, *args))
         try:
             # redis-py loads the script after a NOSCRIPT and runs EVALSHA once more
             return await script(keys=list(keys), args=list(args))

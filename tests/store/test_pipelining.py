@@ -20,6 +20,7 @@ from mqtt_pairing.errors import StoreUnavailable
 from mqtt_pairing.store import KeySchema, PairingStore, connect_redis
 from mqtt_pairing.store.pipelining import Coalescer, Command
 from mqtt_pairing.store.redis_store import RawCall
+from tests.harness.servers import StoreBackend
 
 
 class FakeRedis:
@@ -181,5 +182,54 @@ async def test_batches_sharing_an_exchange_with_no_redis_fail_as_unavailable() -
         )
         assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
         assert store.pipeline.exchanges <= 2
+    finally:
+        await store.aclose()
+
+
+async def test_a_burst_after_script_flush_takes_no_extra_connections(
+    store_backend: StoreBackend, prefix: str
+) -> None:
+    """Scripts missing from Redis (a restart, SCRIPT FLUSH) are sent with EVAL in the
+    shared exchanges, not by a fresh connection per waiting call."""
+    client = connect_redis(store_backend.url, timeout_s=5.0, cluster=store_backend.cluster)
+    store = PairingStore(client, KeySchema(prefix))
+    made = 0
+    if not store._cluster:
+        pool = client.connection_pool
+        make = pool.make_connection
+
+        def counted() -> Any:
+            nonlocal made
+            made += 1
+            return make()
+
+        pool.make_connection = counted  # type: ignore[method-assign]
+    try:
+        await store.ping()
+        await store.client.script_flush()
+        results = await asyncio.gather(
+            *(store.mark_outbox_due(f"r{i}", delay_s=1, shards=4) for i in range(300))
+        )
+        assert results == [None] * 300
+        assert await store.client.zcard(store.keys.outbox_due(store.keys.shard_of("r1", 4))) > 0
+        if not store._cluster:
+            assert made <= 3  # the ping's, and at most 2 exchanges on the wire
+    finally:
+        await store.aclose()
+
+
+async def test_an_outage_logs_one_line_a_second_not_one_per_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = PairingStore(connect_redis("redis://127.0.0.1:1", timeout_s=0.5), KeySchema("dead"))
+    try:
+        with caplog.at_level("WARNING", logger="mqtt_pairing.store.transport"):
+            for _ in range(3):
+                await asyncio.gather(
+                    *(store.call(RawCall(("GET", f"k{i}"))) for i in range(50)),
+                    return_exceptions=True,
+                )
+        lines = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+        assert 1 <= len(lines) <= 2, lines
     finally:
         await store.aclose()
