@@ -30,9 +30,6 @@ PRESENCE_ANNOUNCE_MAX = 4
 PRESENCE_ANNOUNCE_WINDOW_S = 60
 """That window, s (`PAIRING_PRESENCE_ANNOUNCE_WINDOW_S`)."""
 
-OUTBOX_DUE_TTL_S = 86_400
-"""TTL of an outbox-due set, refreshed by every mark (marks are handled within seconds)."""
-
 
 HEARTBEAT_RENEW_MS = SESSION_KEYS_MARGIN_S * MS_PER_S // 2
 """A heartbeat renews the TTLs of its runner's keys only when it has not for this long: they
@@ -88,7 +85,15 @@ def parse_session(raw: str) -> PairingSession:
     return PairingSession.model_validate_json(raw)
 
 
-OUTBOX_SCRIPTS = ("heartbeat", "record_status", "ack_outbox", "mark_due", "claim_due", "hold_lease")
+OUTBOX_SCRIPTS = (
+    "heartbeat",
+    "record_status",
+    "ack_outbox",
+    "mark_due",
+    "mark_open",
+    "claim_due",
+    "hold_lease",
+)
 """The Lua scripts (store/lua/) of this aggregate."""
 
 
@@ -269,8 +274,30 @@ class OutboxStore(Transport):
     def outbox_due_call(self, runner_id: str, *, delay_s: float, shards: int) -> ScriptCall:
         """The `mark_due` call of a runner's outbox (see `mark_outbox_due`)."""
         key = self.keys.outbox_due(self.keys.shard_of(runner_id, shards))
-        ttl_ms = OUTBOX_DUE_TTL_S * MS_PER_S
-        return ScriptCall("mark_due", (key,), (runner_id, int(delay_s * MS_PER_S), "", 0, ttl_ms))
+        return ScriptCall("mark_due", (key,), (runner_id, int(delay_s * MS_PER_S), "", 0))
+
+    def open_marks_call(
+        self, runner_id: str, session_id: str, *, lease_s: float, idle_ttl_s: int, shards: int
+    ) -> ScriptCall:
+        """The `mark_open` call: a pair's outbox due mark and its session's idle deadline.
+
+        Both sets are in the runner's index shard (one slot), so one script writes both;
+        it runs before the open in its batch (a crash after the open leaves nothing
+        undelivered and nothing that never expires). The deadline is now + idle TTL +
+        the lease (see mark_open.lua); a refused open removes it
+        (`unschedule_expiry_call`), the sweep drops one whose session does not exist.
+        """
+        shard = self.keys.shard_of(runner_id, shards)
+        return ScriptCall(
+            "mark_open",
+            (self.keys.outbox_due(shard), self.keys.expiry(shard)),
+            (
+                runner_id,
+                int(lease_s * MS_PER_S),
+                f"{runner_id}\n{session_id}",
+                idle_ttl_s * MS_PER_S,
+            ),
+        )
 
     async def mark_outbox_due(self, runner_id: str, *, delay_s: float, shards: int) -> None:
         """Note that a runner's outbox must be drained `delay_s` seconds from now at the latest.
