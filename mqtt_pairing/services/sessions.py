@@ -265,7 +265,7 @@ class PairingSessionService:
         # cleans up). A refused open removes the indexes; readers and the sweep skip
         # entries whose session is not open.
         before: list[Call] = [
-            self.store.open_marks_call(
+            *self.store.open_marks_calls(
                 runner_id,
                 sid,
                 lease_s=s.pairing_outbox_lease_s,

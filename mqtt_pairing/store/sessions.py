@@ -82,6 +82,7 @@ class SessionStore(Transport):
         code_mask: str = "",
         history_max_len: int = 10_000,
         history_retention_s: int = 30 * 86_400,
+        now_ms: int | None = None,
     ) -> ScriptCall:
         """The `open_session` call; its result goes to `parse_open`.
 
@@ -90,7 +91,8 @@ class SessionStore(Transport):
         when idle for `history_retention_s`; the global and app records are the caller's
         (`PairingHistoryService.calls` with `streams=("global", "app")`). Its one outbox
         entry, `session.opened`, carries `uses_left` (the relay renders `code.used` from
-        it) and `code_mask`.
+        it) and `code_mask`. `now_ms`: a Redis time read earlier in the same request (the
+        session's created_at), to save the script its TIME; None reads it.
         """
         extra = {
             "app_public_key": app_public_key,
@@ -118,6 +120,7 @@ class SessionStore(Transport):
                 code_mask,
                 history_max_len,
                 history_retention_s * MS_PER_S,
+                "" if now_ms is None else now_ms,
             ),
         )
 

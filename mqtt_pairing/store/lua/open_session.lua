@@ -25,6 +25,7 @@
 -- ARGV[10] - most records kept in the runner's history stream (approximate)
 -- ARGV[11] - history retention, ms (the stream expires when idle this long; records older
 --            are trimmed on about one open in 16, and never shown: admin.py)
+-- ARGV[12] - now, ms: a Redis time read earlier in the same request ('' or absent: TIME)
 -- returns {'ok', session_json, replaced_json or '', runner_name, public_key, metadata_json,
 --          repeat (0/1), the outbox entries this call wrote (with a replaced session:
 --          see outbox_closing)} (absent values as '')
@@ -44,7 +45,8 @@ if r[1] ~= ARGV[1] then return {'code_gone'} end
 if r[5] == 'offline' and tonumber(r[6] or '0') >= tonumber(r[7] or '0') then
   return {'offline'}
 end
-local now = now_ms()
+local now
+if ARGV[12] and ARGV[12] ~= '' then now = tonumber(ARGV[12]) else now = now_ms() end
 local count, replaced_id, replaced = 0, nil, nil
 for i = 1, #all, 2 do
   local s = cjson.decode(all[i + 1])
