@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 
 from mqtt_pairing.models import PairingHistoryEntry
+from mqtt_pairing.services.events import Event
+from mqtt_pairing.services.outbox import OutboxRelay
 from mqtt_pairing.store import PairingStore
 from mqtt_pairing.store.redis_store import RawCall, ScriptCall
 from tests.store.helpers import Api, redis_now_ms
@@ -124,3 +126,22 @@ async def test_a_pair_writes_its_runner_record_in_the_open_once(api: Api) -> Non
     assert pairs[0]["code_mask"].startswith(code[0])
     assert "session.opened" not in [f["event"] for f in runner]
     assert await store.client.pttl(store.keys.history("runner", "r1")) > 0
+
+
+async def test_the_sweep_trims_the_global_shards_about_once_a_minute(api: Api) -> None:
+    async def publish(_events: list[Event]) -> None:
+        return None
+
+    # A retention of 1 s (below what settings accept: only the model's copy takes it).
+    settings = api.settings.model_copy(update={"pairing_history_retention_s": 1})
+    relay = OutboxRelay(api.store, settings, publish, api.d.history)
+    store = api.store
+    key = store.keys.history_global(0)
+    await store.batch(store.history_calls([_entry("pair.failed", "old")], **LIMITS))
+    await asyncio.sleep(1.1)
+    await relay.sweep_once()
+    assert await _events(store, key) == []
+    await store.batch(store.history_calls([_entry("pair.failed", "later")], **LIMITS))
+    await asyncio.sleep(1.1)
+    await relay.sweep_once()  # within the minute: not trimmed again yet
+    assert await _events(store, key) == [("pair.failed", "later")]
