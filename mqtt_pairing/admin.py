@@ -819,6 +819,10 @@ class AdminService:
             parse_cursor(before)
         wanted = set(events)
         batch = min(max(limit + 1, 100), _HISTORY_BATCH_MAX)
+        # Records older than the retention are trimmed off the request path (a sample of
+        # writes, the sweep), so some may still be stored: never shown.
+        oldest = await self.now_ms() - self.settings.pairing_history_retention_s * MS_PER_S
+        since_ms = oldest if since_ms is None else max(since_ms, oldest)
         readers = self._readers(
             self._history_streams(runner_id, app_id),
             since_ms=since_ms,
@@ -857,8 +861,8 @@ class AdminService:
             StoreUnavailable: Redis is unreachable.
         """
         now = await self.now_ms()
-        since = now - window_s * MS_PER_S
         s = self.settings
+        since = now - min(window_s, s.pairing_history_retention_s) * MS_PER_S
         out = Stats(window_s=window_s, from_ms=since, to_ms=now)
         streams = [(self.keys.history_global(n), n) for n in range(s.pairing_index_shards)]
         readers = [

@@ -36,17 +36,23 @@ log = logging.getLogger(__name__)
 Publish = Callable[[list[Event]], Awaitable[None]]
 
 _CLAIM_BATCH = 100
+HISTORY_TRIM_INTERVAL_S = 60.0
+"""How often the sweep trims the global history shards by age (docs/design.md "History")."""
 
 
 def render(entry: OutboxEntry) -> list[Event]:
     """The wire events of one outbox entry (docs/protocol.md payloads)."""
     s = entry.session
     if entry.type == "session.opened" and s is not None:
-        return events.session_opened(
+        opened = events.session_opened(
             s,
             app_public_key=entry.extra.get("app_public_key"),
             app_metadata=entry.extra.get("app_metadata"),
         )
+        if "uses_left" not in entry.extra:  # written before code.used rode along
+            return opened
+        uses_left = int(entry.extra["uses_left"])
+        return [*opened, events.code_used(s.runner_id, s.session_id, uses_left, s.created_at_ms)]
     if entry.type == "session.closed" and s is not None:
         return events.session_closed(s)
     if entry.type == "code.used" and s is not None:
@@ -89,6 +95,7 @@ class OutboxRelay:
         self.settings = settings
         self.publish = publish
         self.history = history
+        self._trimmed_at: float | None = None
 
     async def _acknowledge(
         self,
@@ -96,8 +103,15 @@ class OutboxRelay:
         entries: Sequence[OutboxEntry],
         also: Sequence[Call] = (),
         recorded: Collection[str] = (),
+        *,
+        orphans: bool = False,
     ) -> None:
         """Delete published entries and drop the due mark, with `also`, in one round trip.
+
+        `orphans`: the entries are a drain's (the sweep's, after their writer's lease ran
+        out): the `pair.succeeded` of a `session.opened` among them is recorded here, as
+        its pair did not finish (a request's close that hands over a slow pair's entry
+        leaves that record to the pair).
 
         The history records of the deleted `session.opened` / `session.closed` entries
         follow in a second round trip (only the entries this call deleted are recorded,
@@ -115,24 +129,47 @@ class OutboxRelay:
             lease_s=self.settings.pairing_outbox_lease_s,
             also=also,
         )
-        records = self._records(
-            [e for e in entries if e.stream_id in deleted and e.type not in recorded]
-        )
-        if records and self.history is not None:
+        mine = [e for e in entries if e.stream_id in deleted and e.type not in recorded]
+        if self.history is None:
+            return
+        calls = [
+            *self.history.calls(self._records(mine, "session.closed")),
+            # open_session wrote the runner's record of a pair
+            *self.history.calls(
+                self._records(mine if orphans else [], "session.opened"),
+                streams=("global", "app"),
+            ),
+        ]
+        if calls:
             try:
-                await self.store.batch(self.history.calls(records))
+                await self.store.batch(calls)
             except PairingError as exc:
-                log.warning("history of closed sessions not written: %s", exc.message)
+                log.warning("history of delivered events not written: %s", exc.message)
 
     @staticmethod
-    def _records(entries: Sequence[OutboxEntry]) -> list[PairingHistoryEntry]:
+    def _records(entries: Sequence[OutboxEntry], kind: str) -> list[PairingHistoryEntry]:
+        """The history records of deleted entries of one type.
+
+        The delivery that deleted an entry writes them (exactly one does: `ack_outbox`):
+        `session.closed`, and the `pair.succeeded` of a `session.opened` entry whose pair
+        did not finish (a crash: `orphans`; the pair's own finish writes it otherwise).
+        """
         records = []
         for entry in entries:
             s = entry.session
-            # session.opened is recorded by the pair itself too (with pair.succeeded), and
-            # by the delivery that deleted it (after a crash, or when another request
-            # delivered it first); append_history keeps the first of the two.
-            if s is None or entry.type not in ("session.opened", "session.closed"):
+            if s is None or entry.type != kind:
+                continue
+            if kind == "session.opened":
+                records.append(
+                    PairingHistoryEntry(
+                        event="pair.succeeded",
+                        at_ms=entry.at_ms,
+                        runner_id=s.runner_id,
+                        app_id=s.app_id,
+                        session_id=s.session_id,
+                        code_mask=entry.extra.get("code_mask") or None,
+                    )
+                )
                 continue
             reason = s.closed_reason.value if s.closed_reason else None
             records.append(
@@ -209,7 +246,7 @@ class OutboxRelay:
         entries = await self.store.read_outbox(runner_id)
         if entries:
             await self.publish([e for entry in entries for e in render(entry)])
-        await self._acknowledge(runner_id, entries)
+        await self._acknowledge(runner_id, entries, orphans=True)
         return len(entries)
 
     async def recover(self) -> int:
@@ -235,6 +272,7 @@ class OutboxRelay:
         """
         s = self.settings
         lease = s.pairing_outbox_lease_s
+        await self._trim_history()
         for shard in range(self._shards):
             for runner_id in await self.store.claim_due_outboxes(
                 shard, limit=_CLAIM_BATCH, lease_s=lease
@@ -252,6 +290,25 @@ class OutboxRelay:
                 if closed is not None:
                     log.info("session expired runner=%s session=%s", runner_id, session_id)
                     await self.deliver(outbox)
+
+    async def _trim_history(self) -> None:
+        """Trim the global history shards by age, at most every `HISTORY_TRIM_INTERVAL_S`.
+
+        Off the request path (a pair's `XADD` trims by count only): a record older than
+        `PAIRING_HISTORY_RETENTION_S` stays at most about a minute longer while any
+        instance runs, and the admin commands never show it (admin.py).
+        """
+        clock = asyncio.get_running_loop().time()
+        if self._trimmed_at is not None and clock - self._trimmed_at < HISTORY_TRIM_INTERVAL_S:
+            return
+        self._trimmed_at = clock
+        retention_s = self.settings.pairing_history_retention_s
+        await self.store.batch(
+            [
+                self.store.trim_history_call(shard, retention_s=retention_s)
+                for shard in range(self._shards)
+            ]
+        )
 
     async def run(self, connected: asyncio.Event, stopping: asyncio.Event) -> None:
         """Sweep every `PAIRING_SWEEP_INTERVAL_S` while connected, until `stopping`."""

@@ -265,7 +265,13 @@ class PairingSessionService:
         # cleans up). A refused open removes the indexes; readers and the sweep skip
         # entries whose session is not open.
         before: list[Call] = [
-            self.store.outbox_due_call(runner_id, delay_s=s.pairing_outbox_lease_s, shards=shards),
+            *self.store.open_marks_calls(
+                runner_id,
+                sid,
+                lease_s=s.pairing_outbox_lease_s,
+                idle_ttl_s=idle_ttl_s,
+                shards=shards,
+            ),
             self.store.app_index_call(app_id, sid, runner_id, idle_ttl_s=idle_ttl_s),
             self.store.by_id_call(sid, runner_id, app_id, idle_ttl_s=idle_ttl_s),
         ]
@@ -280,14 +286,14 @@ class PairingSessionService:
             uses_left=claim.uses_left,
             app_public_key=req.public_key,
             app_metadata=req.metadata,
+            code_mask=masked,
+            history_max_len=s.pairing_history_identity_max_len,
+            history_retention_s=s.pairing_history_retention_s,
         )
-        # The idle deadline comes after the open in the batch, so that it is not before
-        # last_seen_at + idle TTL (its clock reading is the later one).
-        expiry = self.store.expiry_call_by_id(runner_id, sid, idle_ttl_s=idle_ttl_s, shards=shards)
-        res = await self.store.batch([*before, open_call, expiry])
+        res = await self.store.batch([*before, open_call])
         try:
             try:
-                opened = self.store.parse_open(runner_id, res[-2])
+                opened = self.store.parse_open(runner_id, res[-1])
             except RunnerOffline:
                 # Known offline, perhaps from a stale record (the presence connection
                 # reconciling after a restart): once it is fresh, the same batch again
@@ -295,8 +301,8 @@ class PairingSessionService:
                 if not await self.presence.refreshed(runner_id):
                     raise
                 log.info("pair tried again app=%s runner=%s: presence refreshed", app_id, runner_id)
-                res = await self.store.batch([*before, open_call, expiry])
-                opened = self.store.parse_open(runner_id, res[-2])
+                res = await self.store.batch([*before, open_call])
+                opened = self.store.parse_open(runner_id, res[-1])
         except (CodeAlreadyUsed, RunnerOffline, SessionLimitReached) as exc:
             log.info("pair refused app=%s code=%s error=%s", app_id, masked, exc.code)
             history = [_failed(app_id, runner_id, masked, exc)]
@@ -330,20 +336,24 @@ class PairingSessionService:
             "runner_metadata": opened.runner_metadata,
         }
         reply = ok_reply(rid, result)
-        # Recorded once, with the reply: not again by a retry that finds the session
-        # open, and not by the outbox delivery (it records closes only).
+        # One record, pair.succeeded (the session opened): open_session wrote it to the
+        # runner's stream; the global and app streams get it with the finish, once: not
+        # by a retry that finds the session open, and not by the outbox delivery of this
+        # request (`recorded`); a delivery by another (the sweep after a crash) writes it
+        # from the outbox entry.
         history = [
             PairingHistoryEntry(
-                event=event,
+                event="pair.succeeded",
                 at_ms=session.created_at_ms,
                 runner_id=session.runner_id,
                 app_id=app_id,
                 session_id=session.session_id,
-                code_mask=masked if event == "pair.succeeded" else None,
+                code_mask=masked,
             )
-            for event in ("pair.succeeded", "session.opened")
-            if not opened.repeat
         ]
+        history_calls = self.history.calls(
+            history, streams=("global", "app"), now_ms=session.created_at_ms
+        )
         # What finishes the pair once the reply is out: the caller runs it in the round
         # trip that deletes the outbox entries (Handled.after). A retry meanwhile finds
         # the request pending and waits for the remembered reply.
@@ -359,7 +369,7 @@ class PairingSessionService:
                 begun=begun,
             ),
             self.limits.refund_call(member),
-            *self.history.calls(history),
+            *([] if opened.repeat else history_calls),
         ]
         if opened.replaced is not None:
             after.extend(self.store.drop_index_calls([opened.replaced]))

@@ -30,9 +30,6 @@ PRESENCE_ANNOUNCE_MAX = 4
 PRESENCE_ANNOUNCE_WINDOW_S = 60
 """That window, s (`PAIRING_PRESENCE_ANNOUNCE_WINDOW_S`)."""
 
-OUTBOX_DUE_TTL_S = 86_400
-"""TTL of an outbox-due set, refreshed by every mark (marks are handled within seconds)."""
-
 
 HEARTBEAT_RENEW_MS = SESSION_KEYS_MARGIN_S * MS_PER_S // 2
 """A heartbeat renews the TTLs of its runner's keys only when it has not for this long: they
@@ -88,7 +85,15 @@ def parse_session(raw: str) -> PairingSession:
     return PairingSession.model_validate_json(raw)
 
 
-OUTBOX_SCRIPTS = ("heartbeat", "record_status", "ack_outbox", "mark_due", "claim_due", "hold_lease")
+OUTBOX_SCRIPTS = (
+    "heartbeat",
+    "record_status",
+    "ack_outbox",
+    "mark_due",
+    "mark_open",
+    "claim_due",
+    "hold_lease",
+)
 """The Lua scripts (store/lua/) of this aggregate."""
 
 
@@ -269,8 +274,48 @@ class OutboxStore(Transport):
     def outbox_due_call(self, runner_id: str, *, delay_s: float, shards: int) -> ScriptCall:
         """The `mark_due` call of a runner's outbox (see `mark_outbox_due`)."""
         key = self.keys.outbox_due(self.keys.shard_of(runner_id, shards))
-        ttl_ms = OUTBOX_DUE_TTL_S * MS_PER_S
-        return ScriptCall("mark_due", (key,), (runner_id, int(delay_s * MS_PER_S), "", 0, ttl_ms))
+        return ScriptCall("mark_due", (key,), (runner_id, int(delay_s * MS_PER_S), "", 0))
+
+    def open_marks_calls(
+        self,
+        runner_id: str,
+        session_id: str,
+        *,
+        lease_s: float,
+        idle_ttl_s: int,
+        shards: int,
+        now_ms: int | None = None,
+    ) -> list[Call]:
+        """A pair's outbox due mark and its session's idle deadline, written before the open.
+
+        Both sets are in the runner's index shard (one slot). They run before the open in
+        its batch (a crash after the open leaves nothing undelivered and nothing that
+        never expires). The due time is now + the lease (an earlier one is kept: `ZADD
+        LT`), the deadline now + idle TTL + the lease (see mark_open.lua); a refused open
+        removes the deadline (`unschedule_expiry_call`), and the sweep drops one whose
+        session does not exist.
+
+        Args:
+            runner_id: the runner.
+            session_id: the session about to open.
+            lease_s: the outbox lease of the instance that publishes right away.
+            idle_ttl_s: the session idle TTL.
+            shards: index shards.
+            now_ms: a Redis time read earlier in the same request: then two plain `ZADD`s
+                (no script, no TIME); None: the `mark_open` script, which reads it.
+        """
+        shard = self.keys.shard_of(runner_id, shards)
+        due_key, expiry_key = self.keys.outbox_due(shard), self.keys.expiry(shard)
+        lease_ms, idle_ms = int(lease_s * MS_PER_S), idle_ttl_s * MS_PER_S
+        member = f"{runner_id}\n{session_id}"
+        if now_ms is not None:
+            return [
+                RawCall(("ZADD", due_key, "LT", now_ms + lease_ms, runner_id)),
+                RawCall(("ZADD", expiry_key, now_ms + idle_ms + lease_ms, member)),
+            ]
+        return [
+            ScriptCall("mark_open", (due_key, expiry_key), (runner_id, lease_ms, member, idle_ms))
+        ]
 
     async def mark_outbox_due(self, runner_id: str, *, delay_s: float, shards: int) -> None:
         """Note that a runner's outbox must be drained `delay_s` seconds from now at the latest.

@@ -39,7 +39,6 @@ from mqtt_pairing.store.limits import (
     Replay,
 )
 from mqtt_pairing.store.outbox import (
-    OUTBOX_DUE_TTL_S,
     OUTBOX_SCRIPTS,
     PRESENCE_ANNOUNCE_MAX,
     PRESENCE_ANNOUNCE_WINDOW_S,
@@ -66,7 +65,6 @@ from mqtt_pairing.store.transport import (
 __all__ = [
     "CLAIM_IN_FLIGHT_S",
     "DEFAULT_MAX_INFLIGHT",
-    "OUTBOX_DUE_TTL_S",
     "PRESENCE_ANNOUNCE_MAX",
     "PRESENCE_ANNOUNCE_WINDOW_S",
     "RESERVED_CONNECTIONS",

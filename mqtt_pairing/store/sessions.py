@@ -79,14 +79,34 @@ class SessionStore(Transport):
         uses_left: int = 0,
         app_public_key: str | None = None,
         app_metadata: dict[str, Any] | None = None,
+        code_mask: str = "",
+        history_max_len: int = 10_000,
+        history_retention_s: int = 30 * 86_400,
+        now_ms: int | None = None,
     ) -> ScriptCall:
-        """The `open_session` call; its result goes to `parse_open`."""
+        """The `open_session` call; its result goes to `parse_open`.
+
+        The script also writes the pair's record (`pair.succeeded`, with `code_mask`) to
+        the runner's history stream, kept to about `history_max_len` records and expiring
+        when idle for `history_retention_s`; the global and app records are the caller's
+        (`PairingHistoryService.calls` with `streams=("global", "app")`). Its one outbox
+        entry, `session.opened`, carries `uses_left` (the relay renders `code.used` from
+        it) and `code_mask`. `now_ms`: a Redis time read earlier in the same request (the
+        session's created_at), to save the script its TIME; None reads it.
+        """
+        extra = {
+            "app_public_key": app_public_key,
+            "app_metadata": app_metadata,
+            "uses_left": uses_left,
+            "code_mask": code_mask,
+        }
         return ScriptCall(
             "open_session",
             (
                 self.keys.runner(runner_id),
                 self.keys.runner_sessions(runner_id),
                 self.keys.outbox(runner_id),
+                self.keys.history("runner", runner_id),
             ),
             (
                 digest,
@@ -96,8 +116,11 @@ class SessionStore(Transport):
                 app_name or "",
                 session_keys_ttl_ms(idle_ttl_s),
                 max_sessions,
-                json.dumps({"app_public_key": app_public_key, "app_metadata": app_metadata}),
-                uses_left,
+                json.dumps(extra),
+                code_mask,
+                history_max_len,
+                history_retention_s * MS_PER_S,
+                "" if now_ms is None else now_ms,
             ),
         )
 
@@ -316,7 +339,7 @@ class SessionStore(Transport):
     def expiry_call(self, session: PairingSession, *, idle_ttl_s: int, shards: int) -> ScriptCall:
         """The `mark_due` call that puts a session in the expiry sets at its deadline."""
         member = f"{session.runner_id}\n{session.session_id}"
-        key = self.keys.expiry(self.keys.shard_of(session.session_id, shards))
+        key = self.keys.expiry(self.keys.shard_of(session.runner_id, shards))
         deadline = session.last_seen_at_ms + idle_ttl_s * MS_PER_S
         return ScriptCall("mark_due", (key,), (member, 0, deadline, 1))
 
@@ -329,12 +352,12 @@ class SessionStore(Transport):
         exist, which the sweep drops); `expire_session` checks `last_seen_at` anyway.
         """
         member = f"{runner_id}\n{session_id}"
-        key = self.keys.expiry(self.keys.shard_of(session_id, shards))
+        key = self.keys.expiry(self.keys.shard_of(runner_id, shards))
         return ScriptCall("mark_due", (key,), (member, idle_ttl_s * MS_PER_S, "", 1))
 
     def unschedule_expiry_call(self, runner_id: str, session_id: str, *, shards: int) -> RawCall:
         """The `ZREM` of a session's idle deadline (a refused open's, see above)."""
-        key = self.keys.expiry(self.keys.shard_of(session_id, shards))
+        key = self.keys.expiry(self.keys.shard_of(runner_id, shards))
         return RawCall(("ZREM", key, f"{runner_id}\n{session_id}"))
 
     async def schedule_expiry(
@@ -380,8 +403,12 @@ class SessionStore(Transport):
             [self.keys.runner_sessions(runner_id), self.keys.outbox(runner_id)],
             [session_id, idle_ttl_s * MS_PER_S],
         )
-        key = self.keys.expiry(self.keys.shard_of(session_id, shards))
+        # Deadlines are kept in the runner's shard; one written before they were (in the
+        # session's shard) is moved there when it comes due.
+        key = self.keys.expiry(self.keys.shard_of(runner_id, shards))
+        legacy = self.keys.expiry(self.keys.shard_of(session_id, shards))
         member = f"{runner_id}\n{session_id}"
+        drop: list[Call] = [RawCall(("ZREM", legacy, member))] if legacy != key else []
         if res[0] == "alive":
             # Runner traffic kept it alive: move its deadline, and keep the app's index
             # and the by-id lookup (other slots, with plain TTLs) alive as long.
@@ -392,10 +419,11 @@ class SessionStore(Transport):
                     ScriptCall("mark_due", (key,), (member, 0, deadline_ms, 1)),
                     RawCall(("EXPIRE", self.keys.app_sessions(app_id), ttl_s)),
                     RawCall(("EXPIRE", self.keys.session(session_id), ttl_s)),
+                    *drop,
                 ]
             )
             return None, []
-        await self.call(RawCall(("ZREM", key, member)))
+        await self.batch([RawCall(("ZREM", key, member)), *drop])
         if res[0] == "gone":
             return None, []
         closed = parse_session(res[1])

@@ -157,7 +157,6 @@ async def test_the_whole_pair_flow_on_the_cluster(
                 return {r.entry.event for r in page.records} >= {
                     "code.issued",
                     "pair.succeeded",
-                    "session.opened",
                     "session.closed",
                 }
 

@@ -114,13 +114,14 @@ def expiry_member(runner_id: str, session_id: str) -> str:
     return f"{runner_id}\n{session_id}"
 
 
-def expiry_key(keys: KeySchema, session_id: str, shards: int = 1) -> str:
-    return keys.expiry(keys.shard_of(session_id, shards))
+def expiry_key(keys: KeySchema, runner_id: str, shards: int = 1) -> str:
+    """The expiry set of a runner's sessions: in the runner's index shard."""
+    return keys.expiry(keys.shard_of(runner_id, shards))
 
 
 def make_expiry_due(rdb: redis.Redis, keys: KeySchema, runner_id: str, session_id: str) -> None:
     """Make a session's idle deadline in the expiry set come due now."""
-    key = expiry_key(keys, session_id)
+    key = expiry_key(keys, runner_id)
     member = expiry_member(runner_id, session_id)
     assert rdb.zscore(key, member) is not None, "the session is not in the expiry set"
     rdb.zadd(key, {member: redis_now_ms(rdb) - 1})

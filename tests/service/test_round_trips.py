@@ -94,7 +94,11 @@ async def test_a_successful_pair_makes_three_round_trips_and_a_failed_guess_two(
     assert list(claims.values()) == [session_id]  # settled: no in-flight timestamp
     assert not await store.client.exists(store.keys.outbox("r1"))
     page = await AdminService(store, running_service.settings).history(app_id="a1")
-    assert [r.entry.event for r in page.records] == ["session.opened", "pair.succeeded"]
+    # One record per pair in each stream (the runner's written with the open).
+    assert [r.entry.event for r in page.records] == ["pair.succeeded"]
+    runner_page = await AdminService(store, running_service.settings).history(runner_id="r1")
+    paired = [r.entry for r in runner_page.records if r.entry.event == "pair.succeeded"]
+    assert [e.session_id for e in paired if e.app_id == "a1"] == [session_id]
 
 
 async def test_the_app_lists_its_session_as_soon_as_it_has_the_reply(

@@ -12,8 +12,10 @@ from mqtt_pairing.tombstones import KEEP_MARGIN_MS
 from tests.store.helpers import Api, all_keys, dump_key, full_flow
 
 # docs/design.md: every key has a TTL except the limit hash of an identity under a permanent
-# ban or on the allowlist, the budget shards, the expiry sets and the outbox.
-_NO_TTL_FAMILIES = re.compile(r":(budget|expiry|outbox):\{")
+# ban or on the allowlist, the budget shards, the expiry sets, the outbox and its due marks
+# (each bounded by what live sessions or in-flight outboxes put there), and the global
+# history shards (trimmed by count as written, by age by the sweep).
+_NO_TTL_FAMILIES = re.compile(r":(budget|expiry|outbox|outbox-due):\{|:history:\{global:")
 
 
 async def _exempt(store: PairingStore, key: str) -> bool:
@@ -71,12 +73,24 @@ async def _pttl_after_flow(api: Api, store: PairingStore, key: str) -> int:
     return int(await store.client.pttl(key))
 
 
-async def test_the_global_history_stream_has_a_ttl(api: Api, store: PairingStore) -> None:
-    assert await _pttl_after_flow(api, store, store.keys.history_global(0)) > 0
+async def test_the_global_history_stream_has_no_ttl_and_is_trimmed_by_age(
+    api: Api, store: PairingStore
+) -> None:
+    # docs/design.md "History": trimmed by count as written and by age by the sweep
+    # (tests/store/test_history_append.py), so it needs no TTL, and none is refreshed.
+    assert await _pttl_after_flow(api, store, store.keys.history_global(0)) == -1
 
 
-async def test_the_outbox_due_set_has_a_ttl(api: Api, store: PairingStore) -> None:
-    assert await _pttl_after_flow(api, store, store.keys.outbox_due(0)) > 0
+async def test_the_outbox_due_set_is_emptied_by_the_acknowledgement(
+    api: Api, store: PairingStore
+) -> None:
+    # No TTL (none is refreshed on the request path): each mark is removed by whoever
+    # delivers the outbox, so the set holds only outboxes in flight.
+    assert await _pttl_after_flow(api, store, store.keys.outbox_due(0)) == -1
+    for runner_id in await store.client.zrange(store.keys.outbox_due(0), 0, -1):
+        entries = await store.read_outbox(runner_id)
+        await store.ack_outbox(runner_id, [e.stream_id for e in entries], shards=1, lease_s=5)
+    assert not await store.client.exists(store.keys.outbox_due(0))
 
 
 async def test_key_ttls_are_bounded_by_their_settings(

@@ -23,7 +23,16 @@ from tests.store.helpers import TAG_PATTERN, Api, full_flow
 # Scripts that no op of the Dispatcher runs: runner presence, the outbox relay, the expiry
 # sweep and leases (tests/cluster/test_slots.py runs them all, on the cluster).
 NOT_RUN_BY_DISPATCHER_OPS = frozenset(
-    {"record_status", "expire_session", "ack_outbox", "claim_due", "hold_lease", "find_tombstone"}
+    {
+        "record_status",
+        "expire_session",
+        "ack_outbox",
+        "claim_due",
+        "hold_lease",
+        "find_tombstone",
+        "mark_due",  # the relay's own marks and the sweep's (a pair's: mark_open)
+        "trim_history",  # the sweep's
+    }
 )
 # Scripts that the ops of the Dispatcher run (full_flow must reach every one of them): a
 # script added to the store is one of them unless it is listed above.
