@@ -41,7 +41,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Any, Literal
 
 import aiomqtt
@@ -97,6 +97,11 @@ _MAX_STRUCK = 4096
 class TokenBuckets:
     """One token bucket per client, in memory (loop time), bounded in number.
 
+    The buckets are kept in least-recently-used order: past `_MAX_FLOOD_STATE` clients the
+    least recently seen is forgotten (a forgotten client starts again with a full bucket,
+    which it would have had after `capacity / rate` s idle anyway). O(1) per take however
+    many clients there are (a runner fleet heartbeating is tens of thousands).
+
     Args:
         rate: tokens added per second.
         capacity: tokens held at most (a full bucket after `capacity / rate` s idle).
@@ -105,23 +110,20 @@ class TokenBuckets:
     def __init__(self, rate: float, capacity: float) -> None:
         self.rate = rate
         self.capacity = max(1.0, capacity)
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     def take(self, client: str) -> bool:
         """Take a token from `client`'s bucket: False when it is empty."""
         now = asyncio.get_running_loop().time()
-        tokens, since = self._buckets.get(client, (self.capacity, now))
+        buckets = self._buckets
+        tokens, since = buckets.pop(client, (self.capacity, now))
         tokens = min(self.capacity, tokens + (now - since) * self.rate)
         taken = tokens >= 1.0
         if taken:
             tokens -= 1.0
-        if client not in self._buckets and len(self._buckets) >= _MAX_FLOOD_STATE:
-            # Buckets that are full again are as good as forgotten.
-            full_after = self.capacity / self.rate
-            self._buckets = {
-                c: (t, at) for c, (t, at) in self._buckets.items() if now - at < full_after
-            }
-        self._buckets[client] = (tokens, now)
+        buckets[client] = (tokens, now)
+        if len(buckets) > _MAX_FLOOD_STATE:
+            buckets.popitem(last=False)
         return taken
 
 
