@@ -212,6 +212,9 @@ class PairingSessionService:
         member = self.limits.budget_member(app_id, rid)
         if code is None:
             return await self._finish(identity, rid, _error(rid, InvalidCodeFormat()))
+        # The first batch's Redis time serves the open while it is fresh: a claim taken
+        # in that batch (not one asked again while another settled, up to 2 s later).
+        now_ms: int | None = begun.now_ms if claim is not None else None
         if claim is None and claim_error is None:  # busy: a claim in flight decides
             try:
                 claim = await self.store.claim_code(
@@ -232,7 +235,7 @@ class PairingSessionService:
                 history=[_failed(app_id, None, guessed, claim_error)],
             )
         fault_point("after_claim")
-        return await self._open(identity, req, begun, digest, claim, member)
+        return await self._open(identity, req, begun, digest, claim, member, now_ms)
 
     def _parse_claim(self, res: Any) -> tuple[Claim | None, PairingError | None]:  # noqa: ANN401
         """The claim of the first batch: (claim, None) or (None, lookup error).
@@ -254,43 +257,54 @@ class PairingSessionService:
         digest: str,
         claim: Claim,
         member: str,
+        now_ms: int | None,
     ) -> Handled:
         app_id, rid, s = identity.id, req.request_id, self.settings
         masked = mask_code(claim.first_char, digest)
         idle_ttl_s, shards = s.pairing_session_idle_ttl_s, s.pairing_index_shards
         sid, runner_id = claim.session_id, claim.runner_id
+
         # Written with the open, before it: the due mark (a crash after the open leaves
         # nothing undelivered), the app's indexes (the app finds the session as soon as
         # it has the reply) and the idle deadline (nothing is left that only a retry
         # cleans up). A refused open removes the indexes; readers and the sweep skip
         # entries whose session is not open.
-        before: list[Call] = [
-            *self.store.open_marks_calls(
-                runner_id,
-                sid,
-                lease_s=s.pairing_outbox_lease_s,
+        # `now`: Redis time read by this request's first batch (the marks are then plain
+        # ZADDs and the open reads no TIME), or None: each script reads it.
+        def plan(now: int | None) -> list[Call]:
+            return [
+                *self.store.open_marks_calls(
+                    runner_id,
+                    sid,
+                    lease_s=s.pairing_outbox_lease_s,
+                    idle_ttl_s=idle_ttl_s,
+                    shards=shards,
+                    now_ms=now,
+                ),
+                self.store.app_index_call(app_id, sid, runner_id, idle_ttl_s=idle_ttl_s),
+                self.store.by_id_call(sid, runner_id, app_id, idle_ttl_s=idle_ttl_s),
+                open_call(now),
+            ]
+
+        def open_call(now: int | None) -> Call:
+            return self.store.open_call(
+                digest=digest,
+                session_id=sid,
+                runner_id=runner_id,
+                app_id=app_id,
+                app_name=req.app_name,
                 idle_ttl_s=idle_ttl_s,
-                shards=shards,
-            ),
-            self.store.app_index_call(app_id, sid, runner_id, idle_ttl_s=idle_ttl_s),
-            self.store.by_id_call(sid, runner_id, app_id, idle_ttl_s=idle_ttl_s),
-        ]
-        open_call = self.store.open_call(
-            digest=digest,
-            session_id=sid,
-            runner_id=runner_id,
-            app_id=app_id,
-            app_name=req.app_name,
-            idle_ttl_s=idle_ttl_s,
-            max_sessions=s.pairing_max_sessions_per_runner,
-            uses_left=claim.uses_left,
-            app_public_key=req.public_key,
-            app_metadata=req.metadata,
-            code_mask=masked,
-            history_max_len=s.pairing_history_identity_max_len,
-            history_retention_s=s.pairing_history_retention_s,
-        )
-        res = await self.store.batch([*before, open_call])
+                max_sessions=s.pairing_max_sessions_per_runner,
+                uses_left=claim.uses_left,
+                app_public_key=req.public_key,
+                app_metadata=req.metadata,
+                code_mask=masked,
+                history_max_len=s.pairing_history_identity_max_len,
+                history_retention_s=s.pairing_history_retention_s,
+                now_ms=now,
+            )
+
+        res = await self.store.batch(plan(now_ms))
         try:
             try:
                 opened = self.store.parse_open(runner_id, res[-1])
@@ -301,7 +315,7 @@ class PairingSessionService:
                 if not await self.presence.refreshed(runner_id):
                     raise
                 log.info("pair tried again app=%s runner=%s: presence refreshed", app_id, runner_id)
-                res = await self.store.batch([*before, open_call])
+                res = await self.store.batch(plan(None))  # seconds later: Redis time anew
                 opened = self.store.parse_open(runner_id, res[-1])
         except (CodeAlreadyUsed, RunnerOffline, SessionLimitReached) as exc:
             log.info("pair refused app=%s code=%s error=%s", app_id, masked, exc.code)

@@ -32,6 +32,9 @@ NOT_RUN_BY_DISPATCHER_OPS = frozenset(
         "find_tombstone",
         "mark_due",  # the relay's own marks and the sweep's (a pair's: mark_open)
         "trim_history",  # the sweep's
+        # a pair's marks are two ZADDs with its first batch's Redis time; the script only
+        # when that time is old (a claim asked again, an open tried again after presence)
+        "mark_open",
     }
 )
 # Scripts that the ops of the Dispatcher run (full_flow must reach every one of them): a
