@@ -169,13 +169,16 @@ class PairingStore(LimitStore, CodeStore, SessionStore, OutboxStore, HistoryStor
                     secs, micros = await self._guard(self.client.time())
                     now = int(secs) * MS_PER_S + int(micros) // MS_PER_S
                     if until < 0 or until > now:
-                        await self.set_ban(
-                            kind_,
-                            ident,
-                            reason=old.get("reason", ""),
-                            by=old.get("by", ""),
-                            duration_s=None if until < 0 else -(-(until - now) // MS_PER_S),
-                        )
+                        # The same ban to the ms, and when it was made: not a new one.
+                        limit = self.keys.limit(kind_, ident)
+                        length_ms = -1 if until < 0 else until - now
+                        args: list[str | int] = ["ban", old.get("reason", ""), old.get("by", "")]
+                        args += [length_ms, 0]
+                        await self._run("set_ban", [limit, limit], args)
+                        exact: list[str | int] = ["ban_until_ms", until]
+                        if old.get("at_ms"):
+                            exact += ["ban_at_ms", old["at_ms"]]
+                        await self.call(RawCall(("HSET", limit, *exact)))
                 await self._guard(self.client.delete(key))
                 moved += 1
         return moved

@@ -351,7 +351,7 @@ async def test_bans_and_allowlist_of_an_earlier_version_are_moved_at_start(
     )
     await client.hset(
         f"{prefix}:ban:{{runner:r-hour}}",
-        mapping={"reason": "spam", "by": "ops", "until_ms": now + 3_600_000},
+        mapping={"reason": "spam", "by": "ops", "at_ms": now - 5000, "until_ms": now + 3_600_000},
     )
     await client.hset(
         f"{prefix}:ban:{{app:over}}", mapping={"reason": "x", "by": "y", "until_ms": now - 1}
@@ -373,3 +373,7 @@ async def test_bans_and_allowlist_of_an_earlier_version_are_moved_at_start(
     assert 0 < reply["error"]["retry_after_s"] <= 3600
     limit = await client.hgetall(store.keys.limit("app", "vip"))
     assert limit.get("allow") == "1"
+    # the same ban: its time and its end to the ms, not a new one from the move
+    moved = await client.hgetall(store.keys.limit("runner", "r-hour"))
+    assert moved["ban_at_ms"] == str(now - 5000)
+    assert moved["ban_until_ms"] == str(now + 3_600_000)
