@@ -55,9 +55,10 @@ class RateLimitService:
         Replay check, then (for `pair` and `code`) ban, penalty and request rate.
         """
         s = self.settings
-        limit, window = 0, 60
+        limit, window, guesses = 0, 60, 0
         if identity.kind is Kind.APP and op == "pair":
             limit, window = s.pairing_app_request_limit, s.pairing_app_request_window_s
+            guesses = s.pairing_fail_limit
         elif identity.kind is Kind.RUNNER and op == "code":
             limit, window = s.pairing_runner_code_limit, s.pairing_runner_code_window_s
         return self.store.begin_call(
@@ -72,6 +73,8 @@ class RateLimitService:
             check_penalty=op == "pair",
             request_limit=limit,
             request_window_s=window,
+            guess_limit=guesses,
+            guess_window_s=s.pairing_fail_window_s,
         )
 
     async def begin(
@@ -122,6 +125,7 @@ class RateLimitService:
             now_ms=begun.now_ms if begun is not None else 0,
             failures=begun.failures if begun is not None else True,
             payload_hash=begun.payload_hash if begun is not None else "",
+            guessing=begun.guessing if begun is not None else False,
             idle_ttl_s=s.pairing_session_idle_ttl_s,
         )
 

@@ -186,7 +186,9 @@ class PairingSessionService:
                 return Handled(json.loads(begun.reply), remember=False)
             raise InvalidRequest("request_id was used with another payload")
         if budget_refused is not None:
-            await self._give_back(digest, identity, rid, claim_new, budget=None, forget=True)
+            await self._give_back(
+                digest, identity, rid, claim_new, budget=None, forget=True, begun=begun
+            )
             raise budget_refused
         try:
             return await self._after_begin(identity, req, begun, code, digest, claim, claim_error)
@@ -195,7 +197,7 @@ class PairingSessionService:
             # retry_after_s) is not held back behind this dead attempt; the steps are
             # idempotent, so the retry ends the same way.
             with contextlib.suppress(PairingError):
-                await self.limits.finish(identity, "pair", rid, reply=None)
+                await self.limits.finish(identity, "pair", rid, reply=None, begun=begun)
             raise
 
     async def _after_begin(
@@ -211,7 +213,7 @@ class PairingSessionService:
         app_id, rid = identity.id, req.request_id
         member = self.limits.budget_member(app_id, rid)
         if code is None:
-            return await self._finish(identity, rid, _error(rid, InvalidCodeFormat()))
+            return await self._finish(identity, rid, _error(rid, InvalidCodeFormat()), begun=begun)
         # The first batch's Redis time serves the open while it is fresh: a claim taken
         # in that batch (not one asked again while another settled, up to 2 s later).
         now_ms: int | None = begun.now_ms if claim is not None else None
@@ -328,9 +330,8 @@ class PairingSessionService:
             if not isinstance(exc, CodeAlreadyUsed):
                 undo.append(self.limits.refund_call(member))  # the right code: no failure
             if isinstance(exc, RunnerOffline):
-                await self.store.batch(
-                    [*undo, self.limits.finish_call(identity, "pair", rid, reply=None)]
-                )
+                forget = self.limits.finish_call(identity, "pair", rid, reply=None, begun=begun)
+                await self.store.batch([*undo, forget])
                 await self.history.record(history)
                 raise
             outcome: Literal["", "failure"] = "failure" if isinstance(exc, CodeAlreadyUsed) else ""
@@ -453,15 +454,19 @@ class PairingSessionService:
         *,
         budget: str | None,
         forget: bool = False,
+        begun: Begin | None = None,
     ) -> None:
-        """Undo the speculative steps of a refused request (it learns nothing of them)."""
+        """Undo the speculative steps of a refused request (it learns nothing of them).
+
+        `forget` drops its pending mark (and, with `begun`, its guess in flight).
+        """
         undo: list[Call] = []
         if claim_new:
             undo.append(self.store.unclaim_call(digest, identity.id, rid))
         if budget is not None:
             undo.append(self.limits.refund_call(budget))
         if forget:
-            undo.append(self.limits.finish_call(identity, "pair", rid, reply=None))
+            undo.append(self.limits.finish_call(identity, "pair", rid, reply=None, begun=begun))
         await self.store.batch(undo)
 
     async def _await_copy(

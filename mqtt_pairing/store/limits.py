@@ -34,6 +34,8 @@ class Begin:
     """The identity's failure log may hold a guess (a success then has one to clear)."""
     payload_hash: str = ""
     """The request's payload hash, for `finish_call` (its dedupe record holds it)."""
+    guessing: bool = False
+    """Noted as a guess in flight (`begin_call`'s `guess_limit`): `finish_call` takes it off."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +99,16 @@ class LimitStore(Transport):
         check_penalty: bool,
         request_limit: int = 0,
         request_window_s: int = 60,
+        guess_limit: int = 0,
+        guess_window_s: int = 60,
     ) -> ScriptCall:
         """The `begin_request` call: replay check, ban, penalty, request rate, pending mark.
 
-        Its result goes to `parse_begin`.
+        With `guess_limit` (the failed guesses allowed per `guess_window_s`, docs/protocol.md
+        "Default limits"), the request is a guess: refused (`RATE_LIMITED`, 1 s) while the
+        identity's failures in the window and its guesses in flight reach the limit, so
+        that concurrent guesses cannot overshoot it; else noted in flight until
+        `finish_call` (or the pending lease) ends it. Its result goes to `parse_begin`.
         """
         k = self.keys
         return ScriptCall(
@@ -114,6 +122,8 @@ class LimitStore(Transport):
                 int(check_penalty),
                 request_limit,
                 request_window_s * MS_PER_S,
+                guess_limit,
+                guess_window_s * MS_PER_S,
             ),
         )
 
@@ -133,6 +143,7 @@ class LimitStore(Transport):
                 takeover=bool(res[3]),
                 failures=bool(res[4]) if len(res) > 4 else True,
                 payload_hash=str(res[5]) if len(res) > 5 else "",
+                guessing=bool(int(res[6])) if len(res) > 6 else False,
             )
         if status == "replay":
             return Replay(reply=res[1])
@@ -185,6 +196,7 @@ class LimitStore(Transport):
         now_ms: int = 0,
         failures: bool = True,
         payload_hash: str = "",
+        guessing: bool = False,
         idle_ttl_s: int = 2_592_000,
     ) -> ScriptCall:
         """The `finish_request` call: remember the reply and record the outcome.
@@ -228,6 +240,7 @@ class LimitStore(Transport):
                 session_keys_ttl_ms(idle_ttl_s),
                 int(failures),
                 payload_hash,
+                int(guessing),
             ),
         )
 

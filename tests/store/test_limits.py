@@ -377,3 +377,46 @@ async def test_bans_and_allowlist_of_an_earlier_version_are_moved_at_start(
     moved = await client.hgetall(store.keys.limit("runner", "r-hour"))
     assert moved["ban_at_ms"] == str(now - 5000)
     assert moved["ban_until_ms"] == str(now + 3_600_000)
+
+
+async def test_concurrent_wrong_guesses_cannot_overshoot_the_failure_limit(
+    make_api: Callable[..., Api], store: PairingStore
+) -> None:
+    """Guesses in flight count toward the failure limit (found by an outside attack: 50
+    wrong guesses sent at once by one app looked up 15 codes with a limit of 5)."""
+    api = make_api(pairing_fail_limit=5)
+    replies = await asyncio.gather(*(api.pair("a1", WRONG) for _ in range(20)))
+    outcomes = [error_code(r) for r in replies]
+    assert outcomes.count("CODE_NOT_FOUND") == 5
+    assert outcomes.count("RATE_LIMITED") == 15
+    assert {_retry_after(r) for r in replies if error_code(r) == "RATE_LIMITED"} <= {1, 300}
+    # nothing is left in flight once they are answered
+    assert (await store.client.hget(store.keys.limit("app", "a1"), "pg")) in ("", None)
+
+
+async def test_guesses_that_end_well_or_are_refused_leave_nothing_in_flight(
+    make_api: Callable[..., Api], store: PairingStore
+) -> None:
+    api = make_api(pairing_fail_limit=3)
+    for i in range(6):  # more pairs than the limit, one after the other: all succeed
+        await api.pair_ok("a1", await api.code(f"r{i}"))
+    assert error_code(await api.pair("a1", "not a code")) == "INVALID_FORMAT"
+    await api.pair_ok("a1", await api.code("r-last"))
+    assert (await store.client.hget(store.keys.limit("app", "a1"), "pg")) in ("", None)
+    # concurrent right guesses with two failures logged: one may be in flight at a time
+    # (on one Redis they arrive together; on a cluster one may end before the next)
+    await _fail(api, "a1", 2)
+    codes = [await api.code(f"rc{i}") for i in range(3)]
+    replies = await asyncio.gather(*(api.pair("a1", c) for c in codes))
+    assert all(r["ok"] or error_code(r) == "RATE_LIMITED" for r in replies)
+    assert sum(1 for r in replies if r["ok"]) >= 1
+    assert (await store.client.hget(store.keys.limit("app", "a1"), "pg")) in ("", None)
+
+
+async def test_an_allowlisted_app_is_not_held_by_its_guesses_in_flight(
+    make_api: Callable[..., Api], store: PairingStore
+) -> None:
+    api = make_api(pairing_fail_limit=2)
+    assert await store.set_allowed("app", "vip", True)
+    replies = await asyncio.gather(*(api.pair("vip", WRONG) for _ in range(6)))
+    assert [error_code(r) for r in replies] == ["CODE_NOT_FOUND"] * 6
