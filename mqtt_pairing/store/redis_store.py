@@ -140,9 +140,10 @@ class PairingStore(LimitStore, CodeStore, SessionStore, OutboxStore, HistoryStor
 
         Versions before the limit hash kept a ban in `ban:{<kind>:<id>}` (hash: reason,
         by, at_ms, until_ms) and the allowlist in `allow:{<kind>:<id>}`; they are no longer
-        read, so the service moves them at start (docs/operations.md "Upgrading"): each
-        becomes the same ban (for what is left of it) or allowlist entry, then the old key
-        is deleted. A ban that ran out is only deleted. Idempotent; run by `serve`.
+        read, so the service moves them at start (docs/operations.md
+        "Upgrading: bans and the allowlist moved"): each becomes the same ban (its time
+        and its end kept) or allowlist entry, then the old key is deleted. A ban that ran
+        out is only deleted. Idempotent; run by `serve`.
 
         Returns:
             How many old keys were moved or deleted.

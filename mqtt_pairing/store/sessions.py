@@ -1,6 +1,7 @@
 """Sessions: open, close, list, indexes, by-id lookup and the idle expiry sweep.
 
-See docs/design.md "A pair across slots" and "Expiry".
+See docs/design.md "A pair across slots" and docs/operations.md
+"`unpair` (app or runner), admin revoke, idle expiry".
 """
 
 from __future__ import annotations

@@ -64,6 +64,10 @@ async def test_every_script_call_of_a_full_flow_keeps_to_one_slot(
         # the outbox relay: recovery scan, due marks, the sweep
         assert await relay.recover() >= 1
         await store.mark_outbox_due("r5", delay_s=0, shards=SHARDS)
+        # a pair's marks by script (when its first batch's Redis time is too old)
+        await store.batch(
+            store.open_marks_calls("r5", "s-marks", lease_s=1, idle_ttl_s=idle, shards=SHARDS)
+        )
         await relay.sweep_once()
         # expiry: a session still alive moves its deadline; an idle one is closed
         code = await api.code("r6", max_uses=2)
