@@ -864,9 +864,12 @@ class _Report:
             f"{_f(cpu['evalsha']['batch_of_1_us'], 0)} µs; each further command in the "
             f"batch {_f(cpu['get']['per_command_us'], 1)} µs (GET) or {_f(per_cmd, 1)} µs "
             f"(EVALSHA). So a round trip costs about {_f(fixed, 0)} µs before its commands "
-            "(the pool, the write, the event loop's wake-ups, a timeout per reply read), and "
+            "(the queue, the pool, the write, the event loop's wake-ups), and "
             f"a successful pair's {_f(n_rt, 0)} round trips with {_f(n_cmd, 0)} commands "
-            f"about **{_f(redis_us, 0)} µs** of client CPU."
+            f"about **{_f(redis_us, 0)} µs** of client CPU when it is alone. These batches "
+            "go one at a time; under load the batches of concurrent requests share "
+            'exchanges (auto-pipelining, docs/design.md "Redis connections"), so the '
+            "fixed part is spread over them."
         )
         cpu_ms = self._cpu_per_request_ms()
         if cpu_ms:
