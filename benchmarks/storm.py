@@ -22,6 +22,8 @@ from typing import Any
 
 import redis
 
+from tests.harness.mqtt_wire import varint
+
 ONLINE = b'{"state":"online"}'
 OFFLINE = b'{"state":"offline"}'
 _PINGREQ = b"\xc0\x00"
@@ -41,15 +43,6 @@ return {ok, missing, wrong}
 """
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _s(b: bytes) -> bytes:
     return struct.pack("!H", len(b)) + b
 
@@ -63,13 +56,13 @@ def connect_packet(client_id: str, will: tuple[str, bytes] | None = None) -> byt
         payload += _s(will[0].encode()) + _s(will[1])
     var = _s(b"MQTT") + bytes([4, flags]) + struct.pack("!H", 60)
     body = var + payload
-    return b"\x10" + _varint(len(body)) + body
+    return b"\x10" + varint(len(body)) + body
 
 
 def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
     """PUBLISH, QoS 1, retained."""
     body = _s(topic.encode()) + struct.pack("!H", packet_id) + payload
-    return bytes([0x30 | 0x02 | 0x01]) + _varint(len(body)) + body
+    return bytes([0x30 | 0x02 | 0x01]) + varint(len(body)) + body
 
 
 def _read_exact(sock: socket.socket, n: int) -> bytes:

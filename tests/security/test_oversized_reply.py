@@ -28,6 +28,7 @@ from paho.mqtt.properties import Properties
 
 from mqtt_pairing import gateway as gateway_module
 from mqtt_pairing.gateway import PairingGateway
+from tests.harness.mqtt_wire import varint
 from tests.harness.servers import RedisServer
 from tests.harness.waiting import wait_until
 from tests.security.attacks import legit_traffic, peers
@@ -51,16 +52,7 @@ def publish_packet_bytes(topic: str, body: bytes, props: Properties, *, v5: bool
     """Size of a QoS 1 MQTT 5 PUBLISH: fixed header, topic, packet id, properties, body."""
     assert v5
     remaining = 2 + len(topic.encode()) + 2 + len(props.pack()) + len(body)  # type: ignore[no-untyped-call]
-    return 1 + len(_varint(remaining)) + remaining
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+    return 1 + len(varint(remaining)) + remaining
 
 
 def _props(response_topic: str | None, correlation: bytes | None) -> Properties:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.harness.mqtt_wire import varint
 from tests.harness.servers import RedisServer
 from tests.harness.waiting import wait_until
 from tests.security.harness import SecureBroker, Sniffer, app_client, runner_client, running_service
@@ -27,22 +28,13 @@ SERVICE_LIMIT_BYTES = 4096
 BROKER_LIMIT_BYTES = int(global_option(MOSQUITTO_CONF.read_text(), "max_packet_size") or 0)
 
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _utf8(text: str) -> bytes:
     data = text.encode()
     return struct.pack("!H", len(data)) + data
 
 
 def _packet(first_byte: int, body: bytes) -> bytes:
-    return bytes([first_byte]) + _remaining_length(len(body)) + body
+    return bytes([first_byte]) + varint(len(body)) + body
 
 
 def send_oversized_publish(
